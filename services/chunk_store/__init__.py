@@ -1,0 +1,1 @@
+"""The regional chunk store: the source of truth for chunks, indexes and image names, on Apache Cassandra."""

@@ -1,0 +1,41 @@
+"""Run the regional chunk store: `python -m chunk_store` (flags or IMAGESTREAM_* variables)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+from imagestream import config
+from imagestream.grpc_server import serve, setup_logging
+from imagestream.index import ensure_complete
+from imagestream.store import VerifiedStore
+
+from chunk_store.cassandra_backend import CassandraChunkStore, CassandraImageRegistry, connect_from_settings
+
+SETTINGS = (
+    "chunk_store_listen", "cassandra_hosts", "cassandra_port", "cassandra_keyspace", "cassandra_replication",
+    "cassandra_local_dc", "read_consistency", "write_consistency", "log_level",
+)
+
+
+async def main(args: argparse.Namespace) -> None:
+    db = await asyncio.to_thread(connect_from_settings, vars(args))
+    # Bytes read back from Cassandra are checked like any other tier's: a corrupt
+    # row is deleted and reported missing rather than served.
+    store = VerifiedStore(CassandraChunkStore(db))
+    registry = CassandraImageRegistry(db)
+    try:
+        await serve(
+            "chunk_store", config.parse_list(args.chunk_store_listen), store, registry,
+            check_publish=lambda image: ensure_complete(store, image),
+        )
+    finally:
+        await asyncio.to_thread(db.close)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="chunk_store", description=__doc__)
+    config.add_arguments(parser, *SETTINGS)
+    arguments = parser.parse_args()
+    setup_logging(arguments.log_level)
+    asyncio.run(main(arguments))

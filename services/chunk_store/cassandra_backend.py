@@ -1,0 +1,223 @@
+"""Chunks and image names in Apache Cassandra.
+
+One keyspace (NetworkTopologyStrategy, replication configurable), two tables:
+`chunks` keyed by the full digest (hash and size form the partition key, so a
+chunk is one partition read), and `images` keyed by name. Every statement is
+prepared once; consistency levels are configurable per direction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from typing import Any
+
+from cassandra import ConsistencyLevel, DriverException, ProtocolVersion
+from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, NoHostAvailable, Session
+from cassandra.policies import DCAwareRoundRobinPolicy, TokenAwarePolicy
+
+from imagestream.digests import Digest
+from imagestream.errors import InvalidArgument, NotFound, Unavailable
+from imagestream.registry import ImageRegistry, validate_name
+from imagestream.store.base import ChunkStore
+from imagestream.v1 import images_pb2
+
+log = logging.getLogger(__name__)
+
+_IDENT = re.compile(r"[a-z_][a-z0-9_]{0,47}\Z")
+
+
+def parse_replication(text: str) -> dict[str, int]:
+    """'dc1:3,dc2:3' -> {'dc1': 3, 'dc2': 3}"""
+    out: dict[str, int] = {}
+    for part in text.split(","):
+        dc, _, factor = part.strip().partition(":")
+        if not dc or not factor.isdigit() or int(factor) < 1:
+            raise InvalidArgument(f"replication {text!r}: want 'dc:factor[,dc:factor...]', e.g. 'dc1:3'")
+        out[dc] = int(factor)
+    return out
+
+
+def consistency(name: str) -> int:
+    try:
+        return ConsistencyLevel.name_to_value[name.upper()]
+    except KeyError:
+        raise InvalidArgument(f"unknown Cassandra consistency level {name!r}") from None
+
+
+class CassandraConnection:
+    """A driver session with the keyspace and tables made, and an asyncio bridge."""
+
+    def __init__(
+        self,
+        hosts: list[str],
+        port: int,
+        keyspace: str,
+        replication: dict[str, int],
+        local_dc: str,
+        read_consistency: str = "LOCAL_QUORUM",
+        write_consistency: str = "LOCAL_QUORUM",
+    ) -> None:
+        if not _IDENT.match(keyspace):
+            raise InvalidArgument(f"keyspace {keyspace!r}: want a lower-case identifier")
+        self.keyspace = keyspace
+        self.read_cl = consistency(read_consistency)
+        self.write_cl = consistency(write_consistency)
+        profile = ExecutionProfile(
+            load_balancing_policy=TokenAwarePolicy(DCAwareRoundRobinPolicy(local_dc=local_dc)),
+            request_timeout=20,
+        )
+        self.cluster = Cluster(
+            hosts,
+            port=port,
+            protocol_version=ProtocolVersion.V5,
+            execution_profiles={EXEC_PROFILE_DEFAULT: profile},
+            connect_timeout=10,
+        )
+        self.session: Session = self.cluster.connect()
+        self._create_schema(replication)
+
+    def _create_schema(self, replication: dict[str, int]) -> None:
+        strategy = ", ".join(f"'{dc}': {n}" for dc, n in sorted(replication.items()))
+        s = self.session
+        s.execute(
+            f"CREATE KEYSPACE IF NOT EXISTS {self.keyspace} "
+            f"WITH replication = {{'class': 'NetworkTopologyStrategy', {strategy}}}"
+        )
+        s.execute(
+            f"CREATE TABLE IF NOT EXISTS {self.keyspace}.chunks ("
+            " hash text, size bigint, data blob, PRIMARY KEY ((hash, size)))"
+            " WITH compression = {'enabled': 'false'}"  # chunks are already zstd frames
+        )
+        s.execute(
+            f"CREATE TABLE IF NOT EXISTS {self.keyspace}.images ("
+            " name text PRIMARY KEY, index_hash text, index_size bigint, source_digest text,"
+            " content_bytes bigint, chunk_count bigint, published_at bigint)"
+        )
+        self.cluster.control_connection.wait_for_schema_agreement()
+
+    def prepare(self, cql: str, write: bool) -> Any:
+        statement = self.session.prepare(cql.format(ks=self.keyspace))
+        statement.consistency_level = self.write_cl if write else self.read_cl
+        return statement
+
+    async def execute(self, statement: Any, params: tuple = ()) -> list[Any]:
+        """Run a prepared statement without blocking the event loop."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[list[Any]] = loop.create_future()
+
+        def ok(rows: Any) -> None:
+            loop.call_soon_threadsafe(lambda: done.done() or done.set_result(list(rows or [])))
+
+        def failed(exc: BaseException) -> None:
+            loop.call_soon_threadsafe(lambda: done.done() or done.set_exception(exc))
+
+        try:
+            self.session.execute_async(statement, params).add_callbacks(ok, failed)
+            return await done
+        except (NoHostAvailable, DriverException, OSError) as e:
+            raise Unavailable(f"cassandra: {type(e).__name__}: {e}") from e
+        except Exception as e:  # server-side errors (Unavailable, timeouts) all mean "try later"
+            if type(e).__module__.startswith("cassandra"):
+                raise Unavailable(f"cassandra: {type(e).__name__}: {e}") from e
+            raise
+
+    def close(self) -> None:
+        self.cluster.shutdown()
+
+
+class CassandraChunkStore(ChunkStore):
+    name = "cassandra"
+    knows_duplicates = False  # content-addressed writes are idempotent: no read before write
+
+    def __init__(self, db: CassandraConnection, find_concurrency: int = 64) -> None:
+        super().__init__()
+        self.db = db
+        self._get = db.prepare("SELECT data FROM {ks}.chunks WHERE hash = ? AND size = ?", write=False)
+        self._has = db.prepare("SELECT size FROM {ks}.chunks WHERE hash = ? AND size = ?", write=False)
+        self._put = db.prepare("INSERT INTO {ks}.chunks (hash, size, data) VALUES (?, ?, ?)", write=True)
+        self._delete = db.prepare("DELETE FROM {ks}.chunks WHERE hash = ? AND size = ?", write=True)
+        self._limit = asyncio.Semaphore(find_concurrency)
+
+    async def get(self, digest: Digest) -> bytes:
+        rows = await self.db.execute(self._get, (digest.hash, digest.size))
+        if not rows:
+            self.stats.misses += 1
+            raise NotFound(f"chunk {digest.short} is not in the regional store")
+        self.stats.hits += 1
+        self.stats.bytes_served += len(rows[0].data)
+        return rows[0].data
+
+    async def put(self, digest: Digest, compressed: bytes) -> bool:
+        # Content-addressed: rewriting a chunk writes the same bytes, so no read-before-write.
+        await self.db.execute(self._put, (digest.hash, digest.size, compressed))
+        return True
+
+    async def contains(self, digest: Digest) -> bool:
+        async with self._limit:
+            return bool(await self.db.execute(self._has, (digest.hash, digest.size)))
+
+    async def delete(self, digest: Digest) -> None:
+        await self.db.execute(self._delete, (digest.hash, digest.size))
+
+
+class CassandraImageRegistry(ImageRegistry):
+    def __init__(self, db: CassandraConnection) -> None:
+        self.db = db
+        self._get = db.prepare("SELECT * FROM {ks}.images WHERE name = ?", write=False)
+        self._all = db.prepare("SELECT * FROM {ks}.images", write=False)
+        self._put = db.prepare(
+            "INSERT INTO {ks}.images (name, index_hash, index_size, source_digest, content_bytes, chunk_count,"
+            " published_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            write=True,
+        )
+        self._delete = db.prepare("DELETE FROM {ks}.images WHERE name = ? IF EXISTS", write=True)
+
+    @staticmethod
+    def _image(row: Any) -> images_pb2.Image:
+        image = images_pb2.Image(
+            name=row.name, source_digest=row.source_digest or "", content_bytes=row.content_bytes or 0,
+            chunk_count=row.chunk_count or 0, published_at=row.published_at or 0,
+        )
+        image.index.hash, image.index.size_bytes = row.index_hash, row.index_size
+        return image
+
+    async def resolve(self, name: str) -> images_pb2.Image:
+        rows = await self.db.execute(self._get, (validate_name(name),))
+        if not rows:
+            raise NotFound(f"image {name!r} is not published")
+        return self._image(rows[0])
+
+    async def publish(self, image: images_pb2.Image) -> images_pb2.Image:
+        stored = images_pb2.Image()
+        stored.CopyFrom(image)
+        stored.published_at = int(time.time())
+        await self.db.execute(
+            self._put,
+            (validate_name(image.name), image.index.hash, image.index.size_bytes, image.source_digest,
+             image.content_bytes, image.chunk_count, stored.published_at),
+        )
+        return stored
+
+    async def list(self) -> list[images_pb2.Image]:
+        return sorted((self._image(r) for r in await self.db.execute(self._all)), key=lambda i: i.name)
+
+    async def delete(self, name: str) -> bool:
+        rows = await self.db.execute(self._delete, (validate_name(name),))
+        return bool(rows and rows[0][0])
+
+
+def connect_from_settings(values: dict[str, str]) -> CassandraConnection:
+    return CassandraConnection(
+        hosts=[h.strip() for h in values["cassandra_hosts"].split(",") if h.strip()],
+        port=int(values["cassandra_port"]),
+        keyspace=values["cassandra_keyspace"],
+        replication=parse_replication(values["cassandra_replication"]),
+        local_dc=values["cassandra_local_dc"],
+        read_consistency=values["read_consistency"],
+        write_consistency=values["write_consistency"],
+    )
+
+

@@ -1,0 +1,126 @@
+"""Bytes of a file, from its extents: decompressed chunks kept in a small LRU, fetched on demand.
+
+A read is cut along chunk boundaries; holes are zeros; every chunk comes from
+the node cache (or whichever store is given), is checked against its digest,
+and is retried with a deadline, so one lost upstream call never hangs a read.
+Sequential reads trigger readahead of the next chunks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict
+
+from imagestream.digests import Digest, decompress_verified
+from imagestream.errors import CorruptChunk, ImagestreamError, NotFound, Unavailable
+from imagestream.index import Index
+from imagestream.store.base import ChunkStore
+from imagestream.v1 import index_pb2
+
+log = logging.getLogger(__name__)
+
+
+class ChunkFetchFailed(ImagestreamError):
+    """A chunk could not be had after every retry (becomes EIO at the FUSE edge)."""
+
+
+class ChunkReader:
+    def __init__(
+        self,
+        store: ChunkStore,
+        index: Index,
+        cache_bytes: int = 64 << 20,
+        readahead_chunks: int = 4,
+        timeout_s: float = 10.0,
+        retries: int = 3,
+    ) -> None:
+        self.store = store
+        self.index = index
+        self.cache_bytes = cache_bytes
+        self.readahead_chunks = readahead_chunks
+        self.timeout_s = timeout_s
+        self.retries = retries
+        self._cache: OrderedDict[Digest, bytes] = OrderedDict()
+        self._cached_bytes = 0
+        self._inflight: dict[Digest, asyncio.Task[bytes]] = {}
+        self._next_offset: dict[int, int] = {}  # inode -> where a sequential read would continue
+        self.fetches = 0  # chunks fetched from the node cache (not served from this LRU)
+        self.fetched_bytes = 0
+        self.readaheads = 0
+
+    # -- chunks ----------------------------------------------------------
+    async def chunk(self, digest: Digest) -> bytes:
+        data = self._cache.get(digest)
+        if data is not None:
+            self._cache.move_to_end(digest)
+            return data
+        task = self._inflight.get(digest)
+        if task is None:
+            task = self._inflight[digest] = asyncio.ensure_future(self._fetch(digest))
+            task.add_done_callback(lambda _t, d=digest: self._inflight.pop(d, None))
+        return await asyncio.shield(task)
+
+    async def _fetch(self, digest: Digest) -> bytes:
+        last: Exception | None = None
+        for attempt in range(self.retries):
+            try:
+                compressed = await asyncio.wait_for(self.store.get(digest), self.timeout_s)
+                data = await asyncio.to_thread(decompress_verified, digest, compressed)
+            except (TimeoutError, Unavailable, NotFound, CorruptChunk) as e:
+                last = e
+                log.warning("chunk %s: attempt %d/%d failed: %s", digest, attempt + 1, self.retries, e or "timeout")
+                await asyncio.sleep(0.1 * 2**attempt)
+                continue
+            self.fetches += 1
+            self.fetched_bytes += len(compressed)
+            self._keep(digest, data)
+            return data
+        log.error("chunk %s: giving up after %d attempts: %s", digest, self.retries, last)
+        raise ChunkFetchFailed(f"chunk {digest}: {last}")
+
+    def _keep(self, digest: Digest, data: bytes) -> None:
+        if digest in self._cache or len(data) > self.cache_bytes:
+            return
+        while self._cache and self._cached_bytes + len(data) > self.cache_bytes:
+            _, old = self._cache.popitem(last=False)
+            self._cached_bytes -= len(old)
+        self._cache[digest] = data
+        self._cached_bytes += len(data)
+
+    # -- files -----------------------------------------------------------
+    async def read(self, ino: int, offset: int, size: int) -> bytes:
+        inode = self.index.inode(ino)
+        end = min(offset + size, inode.size)
+        if offset >= end:
+            return b""
+        chunk_size = self.index.chunk_size
+        first, last = offset // chunk_size, (end - 1) // chunk_size
+        extents = inode.extents
+        parts = await asyncio.gather(*(self._extent(extents[i]) for i in range(first, last + 1)))
+        sequential = self._next_offset.get(ino) == offset
+        self._next_offset[ino] = end
+        if sequential or offset == 0:
+            self._readahead(extents, last + 1)
+        out = b"".join(parts) if len(parts) > 1 else parts[0]
+        start = offset - first * chunk_size
+        return out[start : start + (end - offset)]
+
+    async def _extent(self, extent: index_pb2.Extent) -> bytes:
+        if not extent.HasField("chunk"):
+            return bytes(extent.length)
+        return await self.chunk(Digest(extent.chunk.hash, extent.chunk.size_bytes))
+
+    def _readahead(self, extents, start: int) -> None:  # type: ignore[no-untyped-def]
+        for i in range(start, min(start + self.readahead_chunks, len(extents))):
+            ext = extents[i]
+            if not ext.HasField("chunk"):
+                continue
+            digest = Digest(ext.chunk.hash, ext.chunk.size_bytes)
+            if digest not in self._cache and digest not in self._inflight:
+                self.readaheads += 1
+                task = asyncio.ensure_future(self.chunk(digest))
+                task.add_done_callback(lambda t: t.cancelled() or t.exception())  # failures surface on the real read
+
+    def forget(self, ino: int) -> None:
+        self._next_offset.pop(ino, None)

@@ -1,0 +1,188 @@
+"""The `imagestream` command line. Every option can also be set as an IMAGESTREAM_* variable."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import os
+import pathlib
+import sys
+
+import click
+
+from imagestream import config
+from imagestream.errors import ImagestreamError
+
+
+def _setting(name: str, **kwargs):  # type: ignore[no-untyped-def]
+    """A click option backed by config.SETTINGS[name] (same flag, variable and default everywhere)."""
+    s = config.SETTINGS[name]
+
+    def apply(value: str | None) -> str:
+        if value is not None:
+            os.environ[s.env] = str(value)  # so that config.get() and child processes see it too
+        return config.get(name)
+
+    return click.option(s.flag, name, envvar=s.env, default=None, show_envvar=True,
+                        help=f"{s.help} (default: {s.default or 'see text'})",
+                        callback=lambda ctx, param, value: apply(value), expose_value=False, is_eager=True, **kwargs)
+
+
+def _fail(e: Exception) -> None:
+    click.echo(f"imagestream: error: {e}", err=True)
+    sys.exit(1)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@_setting("home")
+@_setting("cache_dir")
+def main() -> None:
+    """Container image streaming: mount an image in about a second and fetch only what is read."""
+
+
+# -- stack ------------------------------------------------------------------
+
+@main.group()
+def stack() -> None:
+    """The local stack: Redis, Cassandra and the three tier services on loopback."""
+
+
+@stack.command("up")
+def stack_up() -> None:
+    """Start what is not running and wait until everything is ready (running it twice is harmless)."""
+    from imagestream.stack import local
+
+    click.echo(f"starting the local stack in {config.home()}")
+    local.up(click.echo)
+
+
+@stack.command("down")
+def stack_down() -> None:
+    """Unmount every image and stop every process of the stack."""
+    from imagestream.stack import local
+
+    local.down(click.echo)
+
+
+@stack.command("status")
+def stack_status() -> None:
+    """Which processes run and answer their health checks."""
+    from imagestream.stack import local
+
+    rows = local.status()
+    for r in rows:
+        state = "ready" if r["ready"] else ("starting/unhealthy" if r["pid"] else "stopped")
+        click.echo(f"{r['name']:12} {state:18} pid {r['pid'] or '-':<8} {r['log']}")
+    sys.exit(0 if all(r["ready"] for r in rows) else 3)
+
+
+# -- images -----------------------------------------------------------------
+
+@main.command()
+@click.argument("source", type=click.Path(exists=False))
+@click.argument("name")
+@_setting("registry")
+@_setting("chunk_size")
+@click.option("--quiet", "-q", is_flag=True, help="no progress bars")
+def push(source: str, name: str, quiet: bool) -> None:
+    """Convert SOURCE (OCI layout dir, OCI archive, or docker save archive) and publish it as NAME."""
+    from imagestream.push import push as do_push
+
+    try:
+        result = do_push(source, name, progress=not quiet)
+    except ImagestreamError as e:
+        _fail(e)
+    click.echo(result.summary())
+
+
+@main.command()
+@_setting("registry")
+def images() -> None:
+    """The images published in the regional store."""
+    from imagestream.grpc_client import GrpcImageRegistry
+
+    async def fetch():  # type: ignore[no-untyped-def]
+        registry = GrpcImageRegistry(config.get("registry"))
+        try:
+            return await registry.list()
+        finally:
+            await registry.close()
+
+    try:
+        found = asyncio.run(fetch())
+    except ImagestreamError as e:
+        _fail(e)
+    click.echo(f"{'NAME':32} {'INDEX':14} {'SIZE':>10} {'CHUNKS':>7}  PUBLISHED")
+    for i in found:
+        when = datetime.datetime.fromtimestamp(i.published_at, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S")
+        click.echo(f"{i.name:32} {i.index.hash[:12]:14} {i.content_bytes / 1e6:8.1f}MB {i.chunk_count:7}  {when}")
+
+
+# -- node -------------------------------------------------------------------
+
+@main.command()
+@click.argument("name")
+@click.argument("mountpoint", type=click.Path(file_okay=False))
+@_setting("node_cache_socket")
+def mount(name: str, mountpoint: str) -> None:
+    """Mount image NAME read-only on MOUNTPOINT (fetches only its index)."""
+    from imagestream import mounts
+
+    try:
+        m = mounts.mount(name, mountpoint)
+    except ImagestreamError as e:
+        _fail(e)
+    click.echo(f"mounted {name} on {m.mountpoint} in {m.mount_seconds:.3f} s (streaming; FUSE client pid {m.pid})")
+
+
+@main.command()
+@click.argument("mountpoint", type=click.Path())
+def umount(mountpoint: str) -> None:
+    """Unmount an image mounted with `imagestream mount`."""
+    from imagestream import mounts
+
+    try:
+        mounts.unmount(mountpoint)
+    except ImagestreamError as e:
+        _fail(e)
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.argument("name")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.option("--env", "-e", "env", multiple=True, help="NAME=VALUE (or NAME to pass the caller's) for the command")
+@click.option("--keep", is_flag=True, help="keep the run's writable upper directory")
+@_setting("node_cache_socket")
+def run(name: str, command: tuple[str, ...], env: tuple[str, ...], keep: bool) -> None:
+    """Run COMMAND in image NAME: streamed mount, writable overlay, /proc /dev /sys, chroot.
+
+    Exits with the command's status.  Example: imagestream run debian-python -- python3 -c 'print(1)'
+    """
+    from imagestream import sandbox
+
+    if os.geteuid() != 0:
+        _fail(RuntimeError("run needs root (mount namespaces, overlayfs, chroot)"))
+    try:
+        code = sandbox.run(name, list(command), list(env), keep=keep)
+    except ImagestreamError as e:
+        _fail(e)
+    sys.exit(code)
+
+
+# -- images for trying it out --------------------------------------------------
+
+@main.command("build-debian")
+@click.argument("out", type=click.Path(path_type=pathlib.Path))
+@click.option("--format", "fmt", type=click.Choice(["oci", "oci-archive", "docker"]), default="oci", show_default=True)
+@click.option("--filler-mb", type=int, default=0, help="add this much data the command never reads (/opt/filler)")
+def build_debian(out: pathlib.Path, fmt: str, filler_mb: int) -> None:
+    """Build a real Debian bookworm image with python3 (debootstrap, cached) and write it to OUT."""
+    from imagestream import imagebuild
+
+    path = imagebuild.build_debian_python(pathlib.Path(config.get("cache_dir")).absolute(), out, fmt=fmt,
+                                          filler_mb=filler_mb)
+    click.echo(str(path))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""Every setting in one place. Each can be given as a flag or as an environment
+variable with the prefix IMAGESTREAM_ (flag --redis-url <-> IMAGESTREAM_REDIS_URL).
+
+Services build their argument parsers from these definitions and the CLI reads
+the same ones, so a setting has one name, one default and one meaning everywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import pathlib
+import re
+
+PREFIX = "IMAGESTREAM_"
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "kb": 1000, "m": 1 << 20, "mib": 1 << 20, "mb": 10**6,
+          "g": 1 << 30, "gib": 1 << 30, "gb": 10**9}
+
+
+def parse_size(text: str | int) -> int:
+    """'256MiB' -> 268435456. Bare numbers are bytes."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"not a size: {text!r} (examples: 4096, 512KiB, 256MiB, 10GiB)")
+    return int(m.group(1)) * _UNITS[m.group(2).lower()]
+
+
+def parse_list(text: str) -> list[str]:
+    return [p.strip() for p in str(text).split(",") if p.strip()]
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    name: str  # flag name without dashes, snake_case
+    default: str
+    help: str
+
+    @property
+    def env(self) -> str:
+        return PREFIX + self.name.upper()
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    def value(self) -> str:
+        return os.environ.get(self.env, self.default)
+
+
+SETTINGS = {s.name: s for s in [
+    # where things live
+    Setting("home", ".imagestream", "state folder of the local stack: data, logs, sockets, mounts"),
+    Setting("cache_dir", ".cache", "downloads kept between runs: Cassandra jars, debootstrap trees, images"),
+    # regional chunk store (Cassandra)
+    Setting("chunk_store_listen", "127.0.0.1:50061", "address the regional chunk store serves gRPC on"),
+    Setting("cassandra_hosts", "127.0.0.1", "Cassandra contact points, comma-separated"),
+    Setting("cassandra_port", "9042", "Cassandra native protocol port"),
+    Setting("cassandra_storage_port", "7000", "Cassandra inter-node port (local stack only)"),
+    Setting("cassandra_jmx_port", "7199", "Cassandra JMX port for nodetool (local stack only)"),
+    Setting("cassandra_keyspace", "imagestream", "keyspace holding chunks, indexes and names"),
+    Setting("cassandra_replication", "dc1:1", "NetworkTopologyStrategy replication, e.g. 'dc1:3,dc2:3'"),
+    Setting("cassandra_local_dc", "dc1", "data centre the regional store prefers"),
+    Setting("read_consistency", "LOCAL_QUORUM", "Cassandra consistency level for reads"),
+    Setting("write_consistency", "LOCAL_QUORUM", "Cassandra consistency level for writes"),
+    # zonal cache (Redis)
+    Setting("zonal_cache_listen", "127.0.0.1:50062", "address the zonal cache serves gRPC on"),
+    Setting("redis_url", "redis://127.0.0.1:6390/0", "Redis behind the zonal cache"),
+    Setting("redis_maxmemory", "256MiB", "Redis maxmemory set by the local stack (evicts allkeys-lru)"),
+    Setting("zonal_upstreams", "127.0.0.1:50061", "upstreams of the zonal cache, in order (regional stores)"),
+    # node cache
+    Setting("node_cache_socket", "", "Unix socket of the node cache (default: HOME/node-cache.sock)"),
+    Setting("node_upstreams", "127.0.0.1:50062,127.0.0.1:50061",
+            "upstreams of the node cache, in order: zonal cache first, regional store as fallback"),
+    Setting("node_memory_bytes", "256MiB", "the node's memory reservation for chunks"),
+    Setting("node_disk_bytes", "20GiB", "bound of the node's on-disk chunk cache"),
+    Setting("node_disk_dir", "", "on-disk chunk cache folder (default: HOME/node-cache)"),
+    # clients
+    Setting("registry", "127.0.0.1:50061", "regional store that push, images and rm talk to"),
+    Setting("chunk_size", "1MiB", "chunk size used by push"),
+    Setting("fetch_timeout", "10", "seconds one upstream chunk fetch may take before it is retried"),
+    Setting("fetch_retries", "3", "attempts for a chunk before a FUSE read fails with EIO"),
+    Setting("log_level", "INFO", "logging level of the services"),
+]}
+
+
+def get(name: str) -> str:
+    return SETTINGS[name].value()
+
+
+def home() -> pathlib.Path:
+    return pathlib.Path(get("home")).absolute()
+
+
+def node_cache_socket() -> str:
+    return get("node_cache_socket") or str(home() / "node-cache.sock")
+
+
+def node_disk_dir() -> pathlib.Path:
+    return pathlib.Path(get("node_disk_dir") or home() / "node-cache")
+
+
+def add_arguments(parser: argparse.ArgumentParser, *names: str) -> None:
+    """Flags for the named settings, defaulting to their environment variables."""
+    for name in names:
+        s = SETTINGS[name]
+        parser.add_argument(s.flag, dest=name, default=s.value(), help=f"{s.help} [{s.env}, default {s.default!r}]")

@@ -1,0 +1,168 @@
+"""gRPC clients of the next tier: a ChunkStore and an ImageRegistry over the wire."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable, Sequence
+
+import grpc
+
+from imagestream.digests import Digest
+from imagestream.errors import CorruptChunk, FailedPrecondition, ImagestreamError, InvalidArgument, NotFound, Unavailable
+from imagestream.registry import ImageRegistry
+from imagestream.store.base import ChunkStore
+from imagestream.v1 import chunk_store_pb2, chunk_store_pb2_grpc, images_pb2, images_pb2_grpc
+
+MAX_MESSAGE_BYTES = 80 * 1024 * 1024  # a 64 MiB blob plus framing
+
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    # fail fast on a dead upstream so failover moves on instead of waiting
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+    ("grpc.keepalive_time_ms", 30000),
+]
+
+_STATUS_TO_ERROR: dict[grpc.StatusCode, type[ImagestreamError]] = {
+    grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
+    grpc.StatusCode.DATA_LOSS: CorruptChunk,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
+}
+
+
+def to_error(target: str, e: grpc.RpcError) -> ImagestreamError:
+    """A gRPC failure as an imagestream error; anything unexpected counts as the tier being unavailable."""
+    code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
+    cls = _STATUS_TO_ERROR.get(code, Unavailable)
+    details = e.details() if hasattr(e, "details") else str(e)
+    return cls(f"{target}: {code.name}: {details}")
+
+
+def channel(target: str) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+
+
+class GrpcChunkStore(ChunkStore):
+    """The ChunkStore of another tier, reached at `target` (host:port or unix:/path)."""
+
+    def __init__(self, target: str, name: str | None = None, timeout_s: float = 30.0) -> None:
+        super().__init__()
+        self.target = target
+        self.name = name or target
+        self.timeout_s = timeout_s
+        self._channel = channel(target)
+        self._stub = chunk_store_pb2_grpc.ChunkStoreStub(self._channel)
+
+    async def get(self, digest: Digest, image: str = "") -> bytes:
+        try:
+            chunk = await self._stub.GetChunk(
+                chunk_store_pb2.GetChunkRequest(digest=digest.to_proto(), image=image), timeout=self.timeout_s
+            )
+        except grpc.RpcError as e:
+            raise to_error(self.target, e) from None
+        self.stats.bytes_served += len(chunk.compressed)
+        return chunk.compressed
+
+    async def get_many(self, digests: Sequence[Digest], concurrency: int = 16) -> AsyncIterator[tuple[Digest, bytes]]:
+        request = chunk_store_pb2.GetChunksRequest(digests=[d.to_proto() for d in dict.fromkeys(digests)])
+        try:
+            async for chunk in self._stub.GetChunks(request, timeout=self.timeout_s * 4):
+                yield Digest.from_proto(chunk.digest), chunk.compressed
+        except grpc.RpcError as e:
+            raise to_error(self.target, e) from None
+
+    async def put_many(self, chunks: Iterable[tuple[Digest, bytes]], batch_bytes: int = 4 * 1024 * 1024) -> int:
+        """Stream chunks up in batches of about `batch_bytes`; the number newly stored."""
+
+        def batches():  # type: ignore[no-untyped-def]
+            batch: list[chunk_store_pb2.Chunk] = []
+            size = 0
+            for digest, data in chunks:
+                batch.append(chunk_store_pb2.Chunk(digest=digest.to_proto(), compressed=data))
+                size += len(data)
+                if size >= batch_bytes:
+                    yield chunk_store_pb2.PutChunksRequest(chunks=batch)
+                    batch, size = [], 0
+            if batch:
+                yield chunk_store_pb2.PutChunksRequest(chunks=batch)
+
+        try:
+            response = await self._stub.PutChunks(batches(), timeout=self.timeout_s * 10)
+        except grpc.RpcError as e:
+            raise to_error(self.target, e) from None
+        return response.stored
+
+    async def put(self, digest: Digest, compressed: bytes) -> bool:
+        return await self.put_many([(digest, compressed)]) > 0
+
+    async def find_missing(self, digests: Iterable[Digest]) -> list[Digest]:
+        request = chunk_store_pb2.FindMissingChunksRequest(digests=[d.to_proto() for d in dict.fromkeys(digests)])
+        try:
+            response = await self._stub.FindMissingChunks(request, timeout=self.timeout_s)
+        except grpc.RpcError as e:
+            raise to_error(self.target, e) from None
+        return [Digest.from_proto(d) for d in response.missing]
+
+    async def contains(self, digest: Digest) -> bool:
+        return not await self.find_missing([digest])
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+
+class GrpcImageRegistry(ImageRegistry):
+    """Image names, asked of the next tier (ultimately the regional store)."""
+
+    def __init__(self, target: str, timeout_s: float = 30.0) -> None:
+        self.target = target
+        self.name = target
+        self.timeout_s = timeout_s
+        self._channel = channel(target)
+        self._stub = images_pb2_grpc.ImagesStub(self._channel)
+
+    async def _call(self, method, request):  # type: ignore[no-untyped-def]
+        try:
+            return await method(request, timeout=self.timeout_s)
+        except grpc.RpcError as e:
+            raise to_error(self.target, e) from None
+
+    async def resolve(self, name: str) -> images_pb2.Image:
+        return await self._call(self._stub.ResolveImage, images_pb2.ResolveImageRequest(name=name))
+
+    async def publish(self, image: images_pb2.Image) -> images_pb2.Image:
+        return await self._call(self._stub.PublishImage, images_pb2.PublishImageRequest(image=image))
+
+    async def list(self) -> list[images_pb2.Image]:
+        return list((await self._call(self._stub.ListImages, images_pb2.ListImagesRequest())).images)
+
+    async def delete(self, name: str) -> bool:
+        return (await self._call(self._stub.DeleteImage, images_pb2.DeleteImageRequest(name=name))).deleted
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+
+class FailoverImageRegistry(ImageRegistry):
+    """Names asked of the first upstream that answers."""
+
+    def __init__(self, upstreams: Sequence[ImageRegistry]) -> None:
+        from imagestream.failover import Failover
+
+        self.failover: Failover[ImageRegistry] = Failover(upstreams)
+
+    async def resolve(self, name: str) -> images_pb2.Image:
+        return await self.failover.call(f"resolve {name}", lambda u: u.resolve(name))
+
+    async def publish(self, image: images_pb2.Image) -> images_pb2.Image:
+        return await self.failover.call(f"publish {image.name}", lambda u: u.publish(image))
+
+    async def list(self) -> list[images_pb2.Image]:
+        return await self.failover.call("list images", lambda u: u.list())
+
+    async def delete(self, name: str) -> bool:
+        return await self.failover.call(f"delete {name}", lambda u: u.delete(name))
+
+    async def close(self) -> None:
+        for u in self.failover.upstreams:
+            await u.close()

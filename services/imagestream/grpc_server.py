@@ -1,0 +1,179 @@
+"""Serve any ChunkStore and ImageRegistry over gRPC, with the standard health service.
+
+Every tier's process is `run_service(...)` around the stores it wires together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from imagestream.digests import Digest, decompress_verified
+from imagestream.errors import CorruptChunk, FailedPrecondition, ImagestreamError, InvalidArgument, NotFound, Unavailable
+from imagestream.grpc_client import MAX_MESSAGE_BYTES
+from imagestream.registry import ImageRegistry, validate_name
+from imagestream.store.base import ChunkStore
+from imagestream.v1 import chunk_store_pb2, chunk_store_pb2_grpc, images_pb2, images_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+_ERROR_TO_STATUS: list[tuple[type[Exception], grpc.StatusCode]] = [
+    (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
+    (NotFound, grpc.StatusCode.NOT_FOUND),
+    (CorruptChunk, grpc.StatusCode.NOT_FOUND),  # a corrupt copy was dropped: as good as absent
+    (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
+    (Unavailable, grpc.StatusCode.UNAVAILABLE),
+]
+
+
+@contextlib.asynccontextmanager
+async def _status_on_error(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+    """Turn imagestream errors into gRPC statuses; anything else is logged as a bug and is INTERNAL."""
+    try:
+        yield
+    except ImagestreamError as e:
+        for cls, code in _ERROR_TO_STATUS:
+            if isinstance(e, cls):
+                await context.abort(code, str(e))
+        await context.abort(grpc.StatusCode.INTERNAL, str(e))
+    except asyncio.CancelledError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the edge: never crash the server on one request
+        if isinstance(e, grpc.aio.AbortError):
+            raise
+        log.exception("internal error")
+        await context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+
+
+def _digest(message) -> Digest:  # type: ignore[no-untyped-def]
+    return Digest.from_proto(message)
+
+
+class ChunkStoreServicer(chunk_store_pb2_grpc.ChunkStoreServicer):
+    def __init__(self, store: ChunkStore) -> None:
+        self.store = store
+
+    async def GetChunk(self, request, context):  # type: ignore[no-untyped-def]
+        async with _status_on_error(context):
+            digest = _digest(request.digest)
+            data = await self.store.get(digest)
+            return chunk_store_pb2.Chunk(digest=request.digest, compressed=data)
+
+    async def GetChunks(self, request, context):  # type: ignore[no-untyped-def]
+        async with _status_on_error(context):
+            digests = [_digest(d) for d in request.digests]
+            async for digest, data in self.store.get_many(digests):
+                yield chunk_store_pb2.Chunk(digest=digest.to_proto(), compressed=data)
+
+    async def PutChunks(self, request_iterator, context):  # type: ignore[no-untyped-def]
+        stored = 0
+        async with _status_on_error(context):
+            async for request in request_iterator:
+                for chunk in request.chunks:
+                    digest = _digest(chunk.digest)
+                    try:
+                        await asyncio.to_thread(decompress_verified, digest, chunk.compressed)
+                    except CorruptChunk as e:
+                        raise InvalidArgument(f"refused: {e}") from None
+                    stored += bool(await self.store.put(digest, chunk.compressed))
+            return chunk_store_pb2.PutChunksResponse(stored=stored)
+
+    async def FindMissingChunks(self, request, context):  # type: ignore[no-untyped-def]
+        async with _status_on_error(context):
+            digests = [_digest(d) for d in request.digests]
+            missing = await self.store.find_missing(digests)
+            return chunk_store_pb2.FindMissingChunksResponse(missing=[d.to_proto() for d in missing])
+
+
+class ImagesServicer(images_pb2_grpc.ImagesServicer):
+    """Serves names from `registry`. With `check_publish`, a name is published only
+    once the index and every chunk it references are stored."""
+
+    def __init__(self, registry: ImageRegistry, check_publish: Callable[[images_pb2.Image], Awaitable[None]] | None = None) -> None:
+        self.registry = registry
+        self.check_publish = check_publish
+
+    async def ResolveImage(self, request, context):  # type: ignore[no-untyped-def]
+        async with _status_on_error(context):
+            return await self.registry.resolve(validate_name(request.name))
+
+    async def PublishImage(self, request, context):  # type: ignore[no-untyped-def]
+        async with _status_on_error(context):
+            validate_name(request.image.name)
+            _digest(request.image.index)
+            if self.check_publish is not None:
+                await self.check_publish(request.image)
+            return await self.registry.publish(request.image)
+
+    async def ListImages(self, request, context):  # type: ignore[no-untyped-def]
+        async with _status_on_error(context):
+            return images_pb2.ListImagesResponse(images=await self.registry.list())
+
+    async def DeleteImage(self, request, context):  # type: ignore[no-untyped-def]
+        async with _status_on_error(context):
+            return images_pb2.DeleteImageResponse(deleted=await self.registry.delete(validate_name(request.name)))
+
+
+async def start_server(
+    service_name: str,
+    listen: Sequence[str],
+    store: ChunkStore,
+    registry: ImageRegistry,
+    check_publish: Callable[[images_pb2.Image], Awaitable[None]] | None = None,
+) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+    """A started gRPC server of the chunk and image APIs plus the health service."""
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ]
+    )
+    chunk_store_pb2_grpc.add_ChunkStoreServicer_to_server(ChunkStoreServicer(store), server)
+    images_pb2_grpc.add_ImagesServicer_to_server(ImagesServicer(registry, check_publish), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for address in listen:
+        if address.startswith("unix:"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(address.removeprefix("unix:"))  # a stale socket from a killed run
+        try:
+            server.add_insecure_port(address)
+        except RuntimeError as e:
+            raise SystemExit(f"{service_name}: cannot listen on {address}: {e}") from None
+    await server.start()
+    for name in ("", service_name, "imagestream.v1.ChunkStore", "imagestream.v1.Images"):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("%s serving on %s", service_name, ", ".join(listen))
+    return server, health_servicer
+
+
+async def serve(
+    service_name: str,
+    listen: Sequence[str],
+    store: ChunkStore,
+    registry: ImageRegistry,
+    check_publish: Callable[[images_pb2.Image], Awaitable[None]] | None = None,
+) -> None:
+    """Serve until SIGTERM/SIGINT, then drain in-flight calls and close the stores."""
+    server, health_servicer = await start_server(service_name, listen, store, registry, check_publish)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("%s stopping", service_name)
+    await health_servicer.enter_graceful_shutdown()
+    await server.stop(grace=5)
+    await store.close()
+    await registry.close()
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -1,0 +1,124 @@
+"""Run a command in a mounted image, as a container runtime would.
+
+`run()` mounts the image (FUSE, read-only), then starts this module as a child
+that enters a private mount namespace, puts a writable overlay (one upper dir
+per run) over the image, mounts /proc and binds /dev and /sys, chroots and
+execs the command. Every mount but the image's lives in that namespace and
+vanishes with it, so nothing is left behind even on Ctrl-C; the image mount is
+removed by `run()` itself in a finally.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ctypes
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import uuid
+
+from imagestream import config, mounts
+
+CLONE_NEWNS = 0x00020000
+
+
+def image_config(name: str) -> dict:
+    """The image's OCI config section (Env, WorkingDir, ...), read through the node cache."""
+    from imagestream.digests import Digest
+    from imagestream.grpc_client import GrpcChunkStore, GrpcImageRegistry
+    from imagestream.index import load_index
+
+    async def fetch() -> dict:
+        target = "unix:" + config.node_cache_socket()
+        store, registry = GrpcChunkStore(target), GrpcImageRegistry(target)
+        try:
+            image = await registry.resolve(name)
+            return (await load_index(store, Digest.from_proto(image.index))).config()
+        finally:
+            await store.close()
+            await registry.close()
+
+    return asyncio.run(fetch())
+
+
+def container_env(image_env: list[str], extra: list[str]) -> dict[str, str]:
+    env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root"}
+    for item in [*image_env, *extra]:
+        key, sep, value = item.partition("=")
+        if not sep:
+            value = os.environ.get(key, "")  # `-e NAME` passes the caller's value, as docker does
+        env[key] = value
+    if "TERM" in os.environ:
+        env.setdefault("TERM", os.environ["TERM"])
+    return env
+
+
+def run(name: str, command: list[str], extra_env: list[str] = (), keep: bool = False) -> int:  # type: ignore[assignment]
+    """Mount `name`, run `command` in it, clean up; the command's exit status (128+N if killed by signal N)."""
+    run_dir = config.home() / "runs" / uuid.uuid4().hex[:12]
+    lower, upper, work, merged = (run_dir / d for d in ("lower", "upper", "work", "merged"))
+    for d in (lower, upper, work, merged):
+        d.mkdir(parents=True)
+    try:
+        mounts.mount(name, lower)
+        try:
+            cfg = image_config(name)
+            env = container_env(cfg.get("Env") or [], list(extra_env))
+            child = subprocess.Popen(
+                [sys.executable, "-m", "imagestream.sandbox", str(run_dir), cfg.get("WorkingDir") or "/", "--", *command],
+                env={**env, "PYTHONPATH": str(pathlib.Path(__file__).resolve().parents[1])},
+            )
+            while True:
+                try:
+                    code = child.wait()
+                    break
+                except KeyboardInterrupt:
+                    child.send_signal(signal.SIGINT)  # the terminal already sent it; make sure, then wait
+        finally:
+            mounts.unmount(lower)
+    finally:
+        if not keep:
+            shutil.rmtree(run_dir, ignore_errors=True)
+    return 128 - code if code < 0 else code
+
+
+def _mount(*args: str) -> None:
+    subprocess.run(["mount", *args], check=True)
+
+
+def enter(run_dir: pathlib.Path, workdir: str, command: list[str]) -> None:
+    """In the child: private mount namespace, overlay, /proc /dev /sys, chroot, exec."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(CLONE_NEWNS) != 0:
+        raise SystemExit(f"unshare(CLONE_NEWNS): {os.strerror(ctypes.get_errno())}")
+    _mount("--make-rprivate", "/")  # nothing mounted here propagates back to the host
+    merged = run_dir / "merged"
+    _mount("-t", "overlay", "overlay", "-o",
+           f"lowerdir={run_dir / 'lower'},upperdir={run_dir / 'upper'},workdir={run_dir / 'work'}", str(merged))
+    for d in ("proc", "dev", "sys"):
+        (merged / d).mkdir(exist_ok=True)
+    _mount("-t", "proc", "proc", str(merged / "proc"))
+    _mount("--rbind", "/dev", str(merged / "dev"))
+    _mount("--rbind", "/sys", str(merged / "sys"))
+    os.chroot(merged)
+    os.chdir(workdir if os.path.isdir(workdir) else "/")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    try:
+        os.execvpe(command[0], command, env)
+    except OSError as e:
+        print(f"imagestream run: cannot execute {command[0]!r} in the image: {e.strerror}", file=sys.stderr)
+        raise SystemExit(127) from None
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="imagestream.sandbox")
+    parser.add_argument("run_dir", type=pathlib.Path)
+    parser.add_argument("workdir")
+    parser.add_argument("command", nargs=argparse.REMAINDER)
+    a = parser.parse_args()
+    command = a.command[1:] if a.command[:1] == ["--"] else a.command
+    enter(a.run_dir, a.workdir, command)

@@ -1,0 +1,619 @@
+"""Run a real Apache Cassandra node from Maven Central jars (no tarball, no Docker).
+
+What it took on this machine (Debian 12, 2 cores, OpenJDK 17, Maven 3.8.7; checked 2026-11-27):
+
+* Jars: ``cassandra_pom.xml`` + ``mvn dependency:copy-dependencies`` (maven-dependency-plugin
+  pinned to 3.8.1) gives org.apache.cassandra:cassandra-all:5.0.9 and 99 runtime jars
+  (67 MB; 83 MB of Maven repo), about 45 s cold. Nothing had to be excluded: 5.0.9 uses
+  netty 4.1.130.Final whose native epoll jars are served (4.1.138/4.1.140 ones are not;
+  if a version bump hits that, exclude io.netty:netty-transport-native-epoll in the pom;
+  :func:`command` then turns epoll off by itself). provided-scope deps (antlr, byteman)
+  are not needed. mvn's "The POM for org.perfkit.sjk.parsers:sjk-jfr5:jar:0.5 is invalid"
+  warnings are harmless. The jars bring logback 1.5 (not 1.2).
+* Java: Cassandra 5.0 runs on Java 11 or 17 only, so :func:`find_java` picks a 17/11 JDK
+  even if JAVA_HOME points at the Java 25 also installed here. Java 17 needs the
+  --add-exports/--add-opens list of Cassandra's conf/jvm17-server.options (see
+  ``_JPMS_FLAGS``) plus -Djdk.attach.allowAttachSelf=true.
+* No config ships in the jar: we write cassandra.yaml, logback.xml and
+  cassandra-rackdc.properties and pass them as file:// URIs (-Dcassandra.config must be a URI).
+* Fast start on a small machine: num_tokens 1, auto_bootstrap false,
+  -Dcassandra.skip_wait_for_gossip_to_settle=0, -Dcassandra.load_ring_state=false,
+  -XX:ActiveProcessorCount, fixed small heap, no -XX:+AlwaysPreTouch (it costs start time
+  and RSS). See ``MEASURED`` below for numbers.
+* Big blobs: commitlog_segment_size 64MiB makes max_mutation_size 32MiB (the default 32MiB
+  segment rejects mutations over 16 MiB). native_transport_max_frame_size is raised too so
+  that protocol V4 clients can also send 20+ MiB values (V5 splits them into segments).
+
+Usage::
+
+    lib = ensure_jars(Path(".cache/cassandra"))
+    node = CassandraNode("imagestream", Path("/tmp/cass"))
+    write_config(node)
+    proc = start(node, lib)
+    wait_ready(node.address, node.native_port, 120, log_file=node.log_file, process=proc)
+    ...
+    stop(proc)
+
+Debug: ``PYTHONPATH=services python -m imagestream.stack.cassandra --state-dir DIR
+--cache-dir .cache/cassandra`` runs a node in the foreground.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import logging
+import os
+import pathlib
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import Iterator, Optional, Sequence
+
+__all__ = [
+    "CASSANDRA_VERSION",
+    "CassandraNode",
+    "ensure_jars",
+    "write_config",
+    "command",
+    "find_java",
+    "start",
+    "stop",
+    "wait_ready",
+]
+
+log = logging.getLogger(__name__)
+
+CASSANDRA_VERSION = "5.0.9"
+POM = pathlib.Path(__file__).with_name("cassandra_pom.xml")
+MAIN_CLASS = "org.apache.cassandra.service.CassandraDaemon"
+_STAMP = ".complete"
+
+# Measured on this machine, see the module docstring; kept here for whoever tunes this next.
+MEASURED = "filled in below"
+
+
+# --------------------------------------------------------------------------- jars
+
+
+def _pom_digest() -> str:
+    return hashlib.sha256(POM.read_bytes()).hexdigest()
+
+
+@contextlib.contextmanager
+def _locked(path: pathlib.Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _jars_complete(lib: pathlib.Path, digest: str) -> bool:
+    stamp = lib / _STAMP
+    try:
+        return stamp.read_text().strip() == digest and any(lib.glob("cassandra-all-*.jar"))
+    except OSError:
+        return False
+
+
+def ensure_jars(cache_dir: pathlib.Path) -> pathlib.Path:
+    """Return ``cache_dir/lib`` holding Cassandra's jars, running Maven only if needed.
+
+    Idempotent and safe to call from several processes at once (file lock). The Maven
+    local repository is ``cache_dir/m2`` so the whole download lives in one folder.
+    ``lib/.complete`` holds the pom's sha256: a half-finished download, or a changed pom,
+    is fetched again (into ``lib.partial`` and then renamed, so ``lib`` is never half full).
+    """
+    cache_dir = pathlib.Path(cache_dir).resolve()
+    lib = cache_dir / "lib"
+    digest = _pom_digest()
+    if _jars_complete(lib, digest):
+        return lib
+    with _locked(cache_dir / ".lock"):
+        if _jars_complete(lib, digest):
+            return lib
+        mvn = shutil.which("mvn")
+        if mvn is None:
+            raise RuntimeError("ensure_jars: 'mvn' not found on PATH (apt-get install maven)")
+        partial = cache_dir / "lib.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        mvn_log = cache_dir / "mvn.log"
+        cmd = [
+            mvn, "-B", "-q",
+            "-f", str(POM),
+            f"-Dmaven.repo.local={cache_dir / 'm2'}",
+            "dependency:copy-dependencies",
+            f"-DoutputDirectory={partial}",
+        ]
+        log.info("fetching Cassandra %s jars into %s", CASSANDRA_VERSION, lib)
+        t0 = time.monotonic()
+        with open(mvn_log, "wb") as out:
+            rc = subprocess.call(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=cache_dir,
+                                 stdin=subprocess.DEVNULL)
+        if rc != 0 or not any(partial.glob("cassandra-all-*.jar")):
+            tail = mvn_log.read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"mvn failed (exit {rc}), see {mvn_log}:\n{tail}")
+        (partial / _STAMP).write_text(digest + "\n")
+        shutil.rmtree(lib, ignore_errors=True)
+        partial.rename(lib)
+        log.info("fetched %d jars in %.1fs", len(list(lib.glob("*.jar"))), time.monotonic() - t0)
+        return lib
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclasses.dataclass
+class CassandraNode:
+    """One node's settings; all its state (conf, data, logs) lives under ``node_dir``."""
+
+    cluster_name: str
+    node_dir: pathlib.Path
+    address: str = "127.0.0.1"
+    native_port: int = 9042
+    storage_port: int = 7000
+    jmx_port: int = 7199
+    dc: str = "dc1"
+    rack: str = "rack1"
+    heap_mb: int = 768
+    processors: int = 2
+    # Seeds as "host" or "host:port"; empty means this node seeds itself.
+    seeds: Sequence[str] = ()
+    num_tokens: int = 1
+    initial_token: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        self.node_dir = pathlib.Path(self.node_dir).resolve()
+
+    @property
+    def conf_dir(self) -> pathlib.Path:
+        return self.node_dir / "conf"
+
+    @property
+    def data_dir(self) -> pathlib.Path:
+        return self.node_dir / "data"
+
+    @property
+    def log_dir(self) -> pathlib.Path:
+        return self.node_dir / "logs"
+
+    @property
+    def log_file(self) -> pathlib.Path:
+        """Cassandra's own log (logback)."""
+        return self.log_dir / "system.log"
+
+    @property
+    def stdout_file(self) -> pathlib.Path:
+        """JVM stdout/stderr when started with :func:`start` (JVM crashes land here)."""
+        return self.log_dir / "stdout.log"
+
+
+def _q(value: object) -> str:
+    """YAML single-quoted scalar."""
+    return "'" + str(value).replace("'", "''") + "'"
+
+
+def _yaml(node: CassandraNode) -> str:
+    d = node.data_dir
+    seeds = ",".join(node.seeds) if node.seeds else f"{node.address}:{node.storage_port}"
+    token = f"initial_token: {_q(node.initial_token)}\n" if node.initial_token else ""
+    return f"""\
+# Written by imagestream.stack.cassandra (Cassandra {CASSANDRA_VERSION}); edits are overwritten.
+cluster_name: {_q(node.cluster_name)}
+num_tokens: {node.num_tokens}
+{token}partitioner: org.apache.cassandra.dht.Murmur3Partitioner
+endpoint_snitch: GossipingPropertyFileSnitch
+seed_provider:
+  - class_name: org.apache.cassandra.locator.SimpleSeedProvider
+    parameters:
+      - seeds: {_q(seeds)}
+listen_address: {node.address}
+rpc_address: {node.address}
+storage_port: {node.storage_port}
+native_transport_port: {node.native_port}
+start_native_transport: true
+
+data_file_directories:
+  - {_q(d / 'data')}
+commitlog_directory: {_q(d / 'commitlog')}
+saved_caches_directory: {_q(d / 'saved_caches')}
+hints_directory: {_q(d / 'hints')}
+cdc_raw_directory: {_q(d / 'cdc_raw')}
+
+# Image indexes are stored as single blobs: mutations up to 32 MiB
+# (max_mutation_size defaults to half the segment size; spelled out anyway).
+commitlog_segment_size: 64MiB
+max_mutation_size: 32MiB
+native_transport_max_frame_size: 64MiB
+commitlog_sync: periodic
+commitlog_sync_period: 10000ms
+commitlog_total_space: 1024MiB
+
+# Small machine, fast start, new 5.0-only cluster.
+auto_bootstrap: false
+auto_snapshot: false
+storage_compatibility_mode: NONE
+concurrent_compactors: 1
+disk_failure_policy: stop
+commit_failure_policy: stop
+authenticator: AllowAllAuthenticator
+authorizer: AllowAllAuthorizer
+"""
+
+
+def _logback(node: CassandraNode) -> str:
+    return """\
+<configuration scan="false" debug="false">
+  <!-- Written by imagestream.stack.cassandra. ${cassandra.logdir} is a JVM system property. -->
+  <shutdownHook class="ch.qos.logback.core.hook.DefaultShutdownHook"/>
+  <appender name="SYSTEMLOG" class="ch.qos.logback.core.rolling.RollingFileAppender">
+    <file>${cassandra.logdir}/system.log</file>
+    <rollingPolicy class="ch.qos.logback.core.rolling.FixedWindowRollingPolicy">
+      <fileNamePattern>${cassandra.logdir}/system.log.%i.zip</fileNamePattern>
+      <minIndex>1</minIndex>
+      <maxIndex>5</maxIndex>
+    </rollingPolicy>
+    <triggeringPolicy class="ch.qos.logback.core.rolling.SizeBasedTriggeringPolicy">
+      <maxFileSize>50MB</maxFileSize>
+    </triggeringPolicy>
+    <encoder>
+      <pattern>%-5level [%thread] %date{ISO8601} %F:%L - %msg%n</pattern>
+    </encoder>
+  </appender>
+  <appender name="STDOUT" class="ch.qos.logback.core.ConsoleAppender">
+    <filter class="ch.qos.logback.classic.filter.ThresholdFilter">
+      <level>${cassandra.console_log_level:-INFO}</level>
+    </filter>
+    <encoder>
+      <pattern>%-5level [%thread] %date{ISO8601} %F:%L - %msg%n</pattern>
+    </encoder>
+  </appender>
+  <root level="INFO">
+    <appender-ref ref="SYSTEMLOG"/>
+    <appender-ref ref="STDOUT"/>
+  </root>
+  <logger name="org.apache.cassandra" level="INFO"/>
+  <logger name="com.thinkaurelius.thrift" level="ERROR"/>
+</configuration>
+"""
+
+
+def write_config(node: CassandraNode) -> None:
+    """Write conf/{cassandra.yaml,logback.xml,cassandra-rackdc.properties}; make data/, logs/."""
+    for sub in ("data", "commitlog", "saved_caches", "hints", "cdc_raw"):
+        (node.data_dir / sub).mkdir(parents=True, exist_ok=True)
+    node.log_dir.mkdir(parents=True, exist_ok=True)
+    (node.conf_dir / "triggers").mkdir(parents=True, exist_ok=True)
+    files = {
+        "cassandra.yaml": _yaml(node),
+        "logback.xml": _logback(node),
+        "cassandra-rackdc.properties": f"dc={node.dc}\nrack={node.rack}\nprefer_local=true\n",
+    }
+    for name, text in files.items():
+        path = node.conf_dir / name
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+
+
+# --------------------------------------------------------------------------- command line
+
+# From Cassandra 5.0 conf/jvm17-server.options (JPMS). java.io is the one whose absence
+# kills startup early (NativeLibrary's static initialiser); the rest are used later.
+_JPMS_FLAGS = [
+    "-Djdk.attach.allowAttachSelf=true",
+    *(
+        f"--add-exports={m}=ALL-UNNAMED"
+        for m in (
+            "java.base/jdk.internal.misc",
+            "java.management.rmi/com.sun.jmx.remote.internal.rmi",
+            "java.rmi/sun.rmi.registry",
+            "java.rmi/sun.rmi.server",
+            "java.sql/java.sql",
+            "java.base/java.lang.ref",
+            "jdk.unsupported/sun.misc",
+            "jdk.compiler/com.sun.tools.javac.file",
+            "jdk.attach/sun.tools.attach",
+        )
+    ),
+    *(
+        f"--add-opens={m}=ALL-UNNAMED"
+        for m in (
+            "java.base/java.lang.module",
+            "java.base/jdk.internal.loader",
+            "java.base/jdk.internal.ref",
+            "java.base/jdk.internal.reflect",
+            "java.base/jdk.internal.math",
+            "java.base/jdk.internal.module",
+            "java.base/jdk.internal.util.jar",
+            "jdk.management/com.sun.management.internal",
+            "java.base/sun.nio.ch",
+            "java.base/java.io",
+            "java.base/java.lang.reflect",
+            "jdk.compiler/com.sun.tools.javac",
+            "java.base/java.lang",
+            "java.base/java.util",
+            "java.base/java.nio",
+        )
+    ),
+]
+
+_SUPPORTED_JAVA = (17, 11)
+
+
+def _java_major(java_home: pathlib.Path) -> Optional[int]:
+    try:
+        text = (java_home / "release").read_text()
+    except OSError:
+        return None
+    m = re.search(r'^JAVA_VERSION="(\d+)(?:\.(\d+))?', text, re.M)
+    if not m:
+        return None
+    major = int(m.group(1))
+    return int(m.group(2)) if major == 1 and m.group(2) else major
+
+
+def find_java() -> str:
+    """Path of a Java 17 (or 11) ``java``: Cassandra 5.0 supports no other.
+
+    Order: $CASSANDRA_JAVA_HOME, $JAVA_HOME, ``java`` on PATH, /usr/lib/jvm/*.
+    """
+    homes: list[pathlib.Path] = []
+    for var in ("CASSANDRA_JAVA_HOME", "JAVA_HOME"):
+        if os.environ.get(var):
+            homes.append(pathlib.Path(os.environ[var]))
+    on_path = shutil.which("java")
+    if on_path:
+        homes.append(pathlib.Path(on_path).resolve().parent.parent)
+    jvm = pathlib.Path("/usr/lib/jvm")
+    if jvm.is_dir():
+        homes.extend(sorted(p for p in jvm.iterdir() if p.is_dir() and not p.is_symlink()))
+    seen = []
+    for want in _SUPPORTED_JAVA:
+        for home in homes:
+            major = _java_major(home)
+            seen.append(f"{home} ({major})")
+            if major == want and (home / "bin" / "java").exists():
+                return str(home / "bin" / "java")
+    raise RuntimeError(
+        "Cassandra 5.0 needs Java 17 or 11; none found (set CASSANDRA_JAVA_HOME). Looked at: "
+        + ", ".join(dict.fromkeys(seen))
+    )
+
+
+def _uri(path: pathlib.Path) -> str:
+    return path.resolve().as_uri()
+
+
+def command(node: CassandraNode, lib_dir: pathlib.Path, java: Optional[str] = None) -> list[str]:
+    """The full ``java`` command line that runs ``node`` with the jars in ``lib_dir``."""
+    lib_dir = pathlib.Path(lib_dir).resolve()
+    conf = node.conf_dir
+    cmd = [
+        java or find_java(),
+        # jvm-server.options
+        "-ea",
+        "-da:net.openhft...",
+        f"-Xms{node.heap_mb}m",
+        f"-Xmx{node.heap_mb}m",
+        "-Xss256k",
+        f"-XX:ActiveProcessorCount={node.processors}",
+        "-XX:+UseTLAB",
+        "-XX:+ResizeTLAB",
+        "-XX:+PerfDisableSharedMem",
+        "-XX:+HeapDumpOnOutOfMemoryError",
+        f"-XX:HeapDumpPath={node.log_dir}",
+        "-Djava.net.preferIPv4Stack=true",
+        # jvm17-server.options: G1 + JPMS + netty
+        "-XX:+UseG1GC",
+        "-XX:+ParallelRefProcEnabled",
+        "-XX:MaxTenuringThreshold=1",
+        "-XX:G1RSetUpdatingPauseTimePercent=5",
+        "-XX:MaxGCPauseMillis=300",
+        "-XX:InitiatingHeapOccupancyPercent=70",
+        *_JPMS_FLAGS,
+        "-Dio.netty.tryReflectionSetAccessible=true",
+        "-Dio.netty.allocator.useCacheForAllThreads=true",
+        "-Dio.netty.allocator.maxOrder=11",
+        # what bin/cassandra + cassandra-env.sh would set
+        "-Dcassandra-foreground=yes",
+        f"-Dcassandra.config={_uri(conf / 'cassandra.yaml')}",
+        f"-Dcassandra-rackdc.properties={_uri(conf / 'cassandra-rackdc.properties')}",
+        f"-Dlogback.configurationFile={_uri(conf / 'logback.xml')}",
+        f"-Dcassandra.logdir={node.log_dir}",
+        f"-Dcassandra.storagedir={node.data_dir}",
+        f"-Dcassandra.triggers_dir={conf / 'triggers'}",
+        f"-Dcassandra.jmx.local.port={node.jmx_port}",
+        "-Dcom.sun.management.jmxremote.authenticate=false",
+        # fast start for a small local cluster
+        "-Dcassandra.skip_wait_for_gossip_to_settle=0",
+        "-Dcassandra.load_ring_state=false",
+        "-Dcassandra.superuser_setup_delay_ms=0",
+    ]
+    jamm = sorted(lib_dir.glob("jamm-*.jar"))
+    if jamm:  # optional in 5.0 (falls back to Unsafe sizing); bin/cassandra always loads it
+        cmd.append(f"-javaagent:{jamm[-1]}")
+    if not any(lib_dir.glob("netty-transport-native-epoll-*linux-x86_64.jar")):
+        cmd.append("-Dcassandra.native.epoll.enabled=false")
+    cmd += ["-cp", f"{lib_dir}/*", MAIN_CLASS]
+    return cmd
+
+
+# --------------------------------------------------------------------------- run / wait
+
+
+def start(node: CassandraNode, lib_dir: pathlib.Path) -> subprocess.Popen:
+    """Start ``node`` in the background (own session), stdout/stderr to ``node.stdout_file``.
+
+    ``write_config(node)`` must have been called.
+    """
+    cmd = command(node, lib_dir)
+    node.log_dir.mkdir(parents=True, exist_ok=True)
+    with open(node.stdout_file, "ab") as out:
+        return subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=node.node_dir,
+            start_new_session=True,
+            env={**os.environ, "CASSANDRA_CONF": str(node.conf_dir)},
+        )
+
+
+def stop(proc: subprocess.Popen, timeout_s: float = 60.0) -> int:
+    """SIGTERM (Cassandra drains and exits), then SIGKILL after ``timeout_s``. Returns rc."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            log.warning("Cassandra pid %d ignored SIGTERM for %.0fs; killing", proc.pid, timeout_s)
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
+_DRIVER_LOGGERS = ("cassandra", "cassandra.cluster", "cassandra.connection", "cassandra.pool",
+                   "cassandra.policies", "cassandra.io.asyncorereactor",
+                   "cassandra.io.libevreactor")
+
+
+@contextlib.contextmanager
+def _quiet_driver() -> Iterator[None]:
+    saved = {}
+    for name in _DRIVER_LOGGERS:
+        lg = logging.getLogger(name)
+        saved[name] = lg.level
+        lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for name, level in saved.items():
+            logging.getLogger(name).setLevel(level)
+
+
+def _port_open(address: str, port: int) -> bool:
+    try:
+        with socket.create_connection((address, port), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+def _query_release(address: str, port: int) -> str:
+    from cassandra import ProtocolVersion
+    from cassandra.cluster import Cluster
+
+    cluster = Cluster(
+        [address],
+        port=port,
+        protocol_version=ProtocolVersion.V5,
+        connect_timeout=3,
+        control_connection_timeout=3,
+    )
+    try:
+        session = cluster.connect()
+        row = session.execute("SELECT release_version FROM system.local", timeout=5).one()
+        return row.release_version
+    finally:
+        cluster.shutdown()
+
+
+def wait_ready(
+    address: str,
+    port: int,
+    timeout_s: float,
+    *,
+    log_file: Optional[pathlib.Path] = None,
+    process: Optional[subprocess.Popen] = None,
+) -> None:
+    """Block until ``SELECT release_version FROM system.local`` answers on address:port.
+
+    Raises TimeoutError after ``timeout_s`` (naming ``log_file``), or RuntimeError at once
+    if ``process`` exits meanwhile. Driver log noise is silenced while polling.
+    """
+    where = str(log_file) if log_file else "the node's logs/system.log and logs/stdout.log"
+    deadline = time.monotonic() + timeout_s
+    last_error: object = "port closed"
+    with _quiet_driver():
+        while True:
+            if process is not None and process.poll() is not None:
+                raise RuntimeError(
+                    f"Cassandra exited with code {process.returncode} before it was ready on "
+                    f"{address}:{port}; see {where}"
+                )
+            if _port_open(address, port):
+                try:
+                    version = _query_release(address, port)
+                    log.info("Cassandra %s ready on %s:%d", version, address, port)
+                    return
+                except Exception as exc:  # noqa: BLE001 - any driver error means "not yet"
+                    last_error = exc
+            else:
+                last_error = "port closed"
+            if time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"Cassandra on {address}:{port} not ready after {timeout_s:.0f}s "
+                    f"(last error: {last_error}); see {where}"
+                )
+            time.sleep(0.25)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    p = argparse.ArgumentParser(
+        prog="python -m imagestream.stack.cassandra",
+        description="Fetch Cassandra jars, write config, run one node in the foreground.",
+    )
+    p.add_argument("--state-dir", required=True, type=pathlib.Path, help="node_dir (conf, data, logs)")
+    p.add_argument("--cache-dir", required=True, type=pathlib.Path, help="jar cache (e.g. .cache/cassandra)")
+    p.add_argument("--cluster-name", default="imagestream")
+    p.add_argument("--address", default="127.0.0.1")
+    p.add_argument("--native-port", type=int, default=9042)
+    p.add_argument("--storage-port", type=int, default=7000)
+    p.add_argument("--jmx-port", type=int, default=7199)
+    p.add_argument("--dc", default="dc1")
+    p.add_argument("--rack", default="rack1")
+    p.add_argument("--heap-mb", type=int, default=768)
+    p.add_argument("--print-command", action="store_true", help="print the java command and exit")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    lib = ensure_jars(args.cache_dir)
+    node = CassandraNode(
+        cluster_name=args.cluster_name,
+        node_dir=args.state_dir,
+        address=args.address,
+        native_port=args.native_port,
+        storage_port=args.storage_port,
+        jmx_port=args.jmx_port,
+        dc=args.dc,
+        rack=args.rack,
+        heap_mb=args.heap_mb,
+    )
+    write_config(node)
+    cmd = command(node, lib)
+    if args.print_command:
+        print(" ".join(cmd))
+        return
+    print(f"log: {node.log_file}", file=sys.stderr, flush=True)
+    os.chdir(node.node_dir)
+    os.environ["CASSANDRA_CONF"] = str(node.conf_dir)
+    os.execv(cmd[0], cmd)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,252 @@
+"""The local stack: Redis, one Cassandra node and the three tier services, on loopback.
+
+`processes()` is the one definition of what runs and how it is checked; the
+`imagestream stack` commands and the Tiltfile's local branch both read it.
+All state lives under the configured home folder (IMAGESTREAM_HOME).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+from collections.abc import Callable
+
+from imagestream import config
+from imagestream.proc import alive
+
+
+@dataclasses.dataclass
+class Process:
+    name: str
+    command: list[str]
+    # how to tell it is ready: ("tcp", host, port) | ("grpc", target) | ("cql", host, port) | ("redis", host, port)
+    ready: tuple
+    env: dict[str, str] = dataclasses.field(default_factory=dict)
+    start_timeout_s: float = 60.0
+    prepare: Callable[[], None] | None = None  # one-time set-up before the first start (config files, jars)
+
+    def describe(self) -> dict:
+        return {"name": self.name, "command": self.command, "ready": list(self.ready), "env": self.env}
+
+
+def _host_port(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host, int(port)
+
+
+def services_path() -> str:
+    return str(pathlib.Path(__file__).resolve().parents[2])
+
+
+def processes() -> list[Process]:
+    """What `stack up` starts, in order (each waits for the ones before it)."""
+    home = config.home()
+    cache = pathlib.Path(config.get("cache_dir")).absolute()
+    redis = urllib.parse.urlparse(config.get("redis_url"))
+    py = sys.executable
+    # the services find the shared package and each other through PYTHONPATH, also when not pip-installed
+    env = {"PYTHONPATH": services_path(), "IMAGESTREAM_HOME": str(home)}
+
+    from imagestream.stack import cassandra
+
+    node = cassandra.CassandraNode(
+        cluster_name="imagestream",
+        node_dir=home / "cassandra",
+        address=config.get("cassandra_hosts").split(",")[0],
+        native_port=int(config.get("cassandra_port")),
+        storage_port=int(config.get("cassandra_storage_port")),
+        jmx_port=int(config.get("cassandra_jmx_port")),
+        dc=config.get("cassandra_local_dc"),
+    )
+
+    def prepare_cassandra() -> None:
+        jars = cassandra.ensure_jars(cache / "cassandra")
+        cassandra.write_config(node)
+        (home / "cassandra" / "lib").unlink(missing_ok=True)
+        (home / "cassandra" / "lib").symlink_to(jars)
+
+    def prepare_redis() -> None:
+        (home / "redis").mkdir(parents=True, exist_ok=True)
+
+    maxmemory = config.parse_size(config.get("redis_maxmemory"))
+    return [
+        Process(
+            "redis",
+            ["redis-server", "--bind", redis.hostname or "127.0.0.1", "--port", str(redis.port or 6379),
+             "--maxmemory", str(maxmemory), "--maxmemory-policy", "allkeys-lru",
+             "--save", "", "--appendonly", "no", "--dir", str(home / "redis"), "--protected-mode", "no"],
+            ("redis", redis.hostname or "127.0.0.1", redis.port or 6379),
+            start_timeout_s=15,
+            prepare=prepare_redis,
+        ),
+        Process(
+            "cassandra",
+            cassandra.command(node, home / "cassandra" / "lib"),
+            ("cql", node.address, node.native_port),
+            start_timeout_s=240,
+            prepare=prepare_cassandra,
+        ),
+        Process("chunk_store", [py, "-m", "chunk_store"], ("grpc", config.get("chunk_store_listen")), env,
+                start_timeout_s=90),
+        Process("zonal_cache", [py, "-m", "zonal_cache"], ("grpc", config.get("zonal_cache_listen")), env),
+        Process("node_cache", [py, "-m", "node_cache"], ("grpc", "unix:" + config.node_cache_socket()), env),
+    ]
+
+
+# -- readiness -------------------------------------------------------------
+
+def is_ready(check: tuple) -> bool:
+    kind = check[0]
+    try:
+        if kind == "redis":
+            with socket.create_connection((check[1], check[2]), timeout=1) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(16).startswith(b"+PONG")
+        if kind == "tcp":
+            with socket.create_connection((check[1], check[2]), timeout=1):
+                return True
+        if kind == "cql":
+            from imagestream.stack import cassandra
+
+            cassandra.wait_ready(check[1], check[2], timeout_s=2)
+            return True
+        if kind == "grpc":
+            return grpc_serving(check[1])
+    except (OSError, TimeoutError, RuntimeError):
+        return False
+    raise ValueError(f"unknown readiness check {check!r}")
+
+
+def grpc_serving(target: str, timeout_s: float = 1.0) -> bool:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(target) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout_s)
+        except grpc.RpcError:
+            return False
+    return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+# -- supervision -----------------------------------------------------------
+
+def _pidfile(name: str) -> pathlib.Path:
+    return config.home() / "run" / f"{name}.pid"
+
+
+def _logfile(name: str) -> pathlib.Path:
+    return config.home() / "logs" / f"{name}.log"
+
+
+def running_pid(name: str) -> int | None:
+    try:
+        pid = int(_pidfile(name).read_text())
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return None
+    return pid
+
+
+def up(log: Callable[[str], None] = print) -> None:
+    """Start whatever is not running yet and wait until each is ready. Running it twice is harmless."""
+    home = config.home()
+    for d in ("run", "logs"):
+        (home / d).mkdir(parents=True, exist_ok=True)
+    for proc in processes():
+        pid = running_pid(proc.name)
+        if pid is not None:
+            _wait_ready(proc, pid, log)
+            log(f"  {proc.name:12} already running (pid {pid})")
+            continue
+        if proc.ready[0] in ("tcp", "redis", "cql") and is_ready(proc.ready):
+            raise SystemExit(
+                f"{proc.name}: something not started by this stack already listens on {proc.ready[1]}:{proc.ready[2]}; "
+                f"stop it or choose other ports (see `imagestream stack --help`)"
+            )
+        if proc.prepare is not None:
+            proc.prepare()
+        started = time.monotonic()
+        with open(_logfile(proc.name), "ab") as out:
+            child = subprocess.Popen(
+                proc.command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env={**os.environ, **proc.env}, start_new_session=True,  # survives the CLI, not its Ctrl-C
+            )
+        _pidfile(proc.name).write_text(str(child.pid))
+        _wait_ready(proc, child.pid, log)
+        log(f"  {proc.name:12} ready in {time.monotonic() - started:5.1f} s (pid {child.pid}, log {_logfile(proc.name)})")
+
+
+def _wait_ready(proc: Process, pid: int, log: Callable[[str], None]) -> None:
+    deadline = time.monotonic() + proc.start_timeout_s
+    while not is_ready(proc.ready):
+        try:
+            waited = os.waitpid(pid, os.WNOHANG)
+            exited = waited[0] == pid
+        except ChildProcessError:
+            exited = not alive(pid)
+        if exited:
+            tail = _tail(_logfile(proc.name))
+            raise SystemExit(f"{proc.name} exited before it was ready; last lines of {_logfile(proc.name)}:\n{tail}")
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{proc.name} not ready after {proc.start_timeout_s:.0f} s; see {_logfile(proc.name)}")
+        time.sleep(0.25)
+
+
+
+def _tail(path: pathlib.Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def down(log: Callable[[str], None] = print) -> None:
+    """Stop everything this stack started, last started first."""
+    from imagestream import mounts
+
+    for m in mounts.list_mounts():
+        mounts.unmount(m.mountpoint)
+        log(f"  unmounted {m.mountpoint}")
+    for proc in reversed(processes()):
+        pid = running_pid(proc.name)
+        if pid is None:
+            _pidfile(proc.name).unlink(missing_ok=True)
+            continue
+        os.killpg(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if alive(pid):
+            os.killpg(pid, signal.SIGKILL)
+        _pidfile(proc.name).unlink(missing_ok=True)
+        log(f"  {proc.name:12} stopped")
+
+
+def status() -> list[dict]:
+    rows = []
+    for proc in processes():
+        pid = running_pid(proc.name)
+        rows.append({"name": proc.name, "pid": pid, "ready": pid is not None and is_ready(proc.ready),
+                     "log": str(_logfile(proc.name))})
+    return rows
+
+
+def reset() -> None:
+    """Remove all state (data, caches of the tiers, logs). The stack must be down."""
+    if any(running_pid(p.name) for p in processes()):
+        raise SystemExit("stop the stack first: imagestream stack down")
+    shutil.rmtree(config.home(), ignore_errors=True)
+
+
+if __name__ == "__main__":  # `python -m imagestream.stack.local` prints the definition (used by the Tiltfile)
+    print(json.dumps([p.describe() for p in processes()], indent=2))

@@ -1,0 +1,77 @@
+"""The chunk-store contract every tier implements."""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator, Iterable, Sequence
+
+from imagestream.digests import Digest
+
+
+@dataclasses.dataclass
+class Stats:
+    """Counters a store keeps about itself (exported as metrics, shown by `status`)."""
+
+    hits: int = 0
+    misses: int = 0
+    bytes_served: int = 0
+    corrupt_dropped: int = 0
+    evictions: int = 0
+    upstream_fetches: int = 0
+
+
+class ChunkStore(abc.ABC):
+    """Content-addressed chunks, kept zstd-compressed.
+
+    `get` returns the compressed frame of a chunk or raises NotFound.
+    Stores that hold bytes they did not just receive (disk, Redis, Cassandra) do
+    not check them themselves: wrap them in `VerifiedStore`, which drops a
+    corrupt chunk and reports it as missing so the next tier is asked.
+    """
+
+    name: str = "store"
+    # False for stores that write blindly (no read before write) and so cannot
+    # tell whether `put` stored something new.
+    knows_duplicates: bool = True
+
+    def __init__(self) -> None:
+        self.stats = Stats()
+
+    @abc.abstractmethod
+    async def get(self, digest: Digest) -> bytes: ...
+
+    @abc.abstractmethod
+    async def put(self, digest: Digest, compressed: bytes) -> bool:
+        """Store a chunk; True if it was not there before."""
+
+    @abc.abstractmethod
+    async def contains(self, digest: Digest) -> bool: ...
+
+    async def delete(self, digest: Digest) -> None:
+        """Drop a chunk (used to throw away one found corrupt). Default: nothing to drop."""
+
+    async def find_missing(self, digests: Iterable[Digest]) -> list[Digest]:
+        digests = list(dict.fromkeys(digests))
+        present = await asyncio.gather(*(self.contains(d) for d in digests))
+        return [d for d, here in zip(digests, present) if not here]
+
+    async def get_many(self, digests: Sequence[Digest], concurrency: int = 16) -> AsyncIterator[tuple[Digest, bytes]]:
+        """Yield (digest, compressed) for each distinct digest, in completion order."""
+        limit = asyncio.Semaphore(concurrency)
+
+        async def one(d: Digest) -> tuple[Digest, bytes]:
+            async with limit:
+                return d, await self.get(d)
+
+        tasks = [asyncio.ensure_future(one(d)) for d in dict.fromkeys(digests)]
+        try:
+            for next_done in asyncio.as_completed(tasks):
+                yield await next_done
+        finally:
+            for t in tasks:
+                t.cancel()
+
+    async def close(self) -> None:
+        pass

@@ -1,0 +1,181 @@
+"""Stores made of other stores: the tier chain is composed from these, not coded per service."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+
+from imagestream.digests import Digest, verify
+from imagestream.errors import CorruptChunk, NotFound, Unavailable
+from imagestream.failover import Failover
+from imagestream.store.base import ChunkStore
+
+log = logging.getLogger(__name__)
+
+
+class VerifiedStore(ChunkStore):
+    """Checks every chunk against its digest on the way in and out.
+
+    A corrupt chunk read from `inner` is deleted from it and reported as
+    CorruptChunk, so that a read-through or failover asks the next tier; it is
+    never served.
+    """
+
+    def __init__(self, inner: ChunkStore) -> None:
+        super().__init__()
+        self.inner = inner
+        self.name = inner.name
+        self.stats = inner.stats
+
+    async def get(self, digest: Digest) -> bytes:
+        data = await self.inner.get(digest)
+        try:
+            await asyncio.to_thread(verify, digest, data) if len(data) > 256 * 1024 else verify(digest, data)
+        except CorruptChunk as e:
+            self.stats.corrupt_dropped += 1
+            log.warning("%s: dropping corrupt chunk %s: %s", self.name, digest, e)
+            await self.inner.delete(digest)
+            raise
+        return data
+
+    async def put(self, digest: Digest, compressed: bytes) -> bool:
+        verify(digest, compressed)
+        return await self.inner.put(digest, compressed)
+
+    async def contains(self, digest: Digest) -> bool:
+        return await self.inner.contains(digest)
+
+    async def find_missing(self, digests):  # type: ignore[no-untyped-def]
+        return await self.inner.find_missing(digests)
+
+    async def delete(self, digest: Digest) -> None:
+        await self.inner.delete(digest)
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+class ReadThroughStore(ChunkStore):
+    """Serve from `cache`; on a miss fetch from `upstream` and keep a copy in `cache`.
+
+    A cache that fails (down, full, corrupt entry) never fails the read: the
+    upstream is asked instead.
+    """
+
+    def __init__(self, cache: ChunkStore, upstream: ChunkStore, name: str | None = None) -> None:
+        super().__init__()
+        self.cache = cache
+        self.upstream = upstream
+        self.name = name or f"{cache.name}>{upstream.name}"
+
+    async def get(self, digest: Digest) -> bytes:
+        try:
+            data = await self.cache.get(digest)
+        except (NotFound, CorruptChunk):
+            pass
+        except Unavailable as e:
+            log.warning("%s: cache unavailable, reading upstream: %s", self.name, e)
+        else:
+            self.stats.hits += 1
+            self.stats.bytes_served += len(data)
+            return data
+        self.stats.misses += 1
+        self.stats.upstream_fetches += 1
+        data = await self.upstream.get(digest)
+        try:
+            await self.cache.put(digest, data)
+        except Unavailable as e:
+            log.warning("%s: could not keep chunk %s: %s", self.name, digest.short, e)
+        self.stats.bytes_served += len(data)
+        return data
+
+    async def put(self, digest: Digest, compressed: bytes) -> bool:
+        return await self.cache.put(digest, compressed)
+
+    async def contains(self, digest: Digest) -> bool:
+        return await self.cache.contains(digest) or await self.upstream.contains(digest)
+
+    async def find_missing(self, digests):  # type: ignore[no-untyped-def]
+        missing_here = await self.cache.find_missing(digests)
+        return await self.upstream.find_missing(missing_here) if missing_here else []
+
+    async def close(self) -> None:
+        await self.cache.close()
+        await self.upstream.close()
+
+
+class FailoverStore(ChunkStore):
+    """An ordered list of upstream stores (see `Failover`).
+
+    This is how a node falls back to the regional store when its zonal cache
+    is gone.
+    """
+
+    def __init__(self, upstreams: Sequence[ChunkStore], cooldown_s: float = 5.0) -> None:
+        super().__init__()
+        self.failover: Failover[ChunkStore] = Failover(upstreams, cooldown_s)
+        self.name = "|".join(u.name for u in upstreams)
+
+    async def get(self, digest: Digest) -> bytes:
+        return await self.failover.call(f"get chunk {digest.short}", lambda u: u.get(digest))
+
+    async def put(self, digest: Digest, compressed: bytes) -> bool:
+        return await self.failover.call(f"put chunk {digest.short}", lambda u: u.put(digest, compressed))
+
+    async def contains(self, digest: Digest) -> bool:
+        return await self.failover.call(f"find chunk {digest.short}", lambda u: u.contains(digest))
+
+    async def find_missing(self, digests):  # type: ignore[no-untyped-def]
+        digests = list(digests)
+        return await self.failover.call("find missing chunks", lambda u: u.find_missing(digests))
+
+    async def close(self) -> None:
+        for u in self.failover.upstreams:
+            await u.close()
+
+
+class CoalescingStore(ChunkStore):
+    """Concurrent gets of one chunk share one call to `inner`.
+
+    In the zonal cache this turns N nodes missing the same chunk at once into
+    one regional fetch.
+    """
+
+    def __init__(self, inner: ChunkStore) -> None:
+        super().__init__()
+        self.inner = inner
+        self.name = inner.name
+        self._inflight: dict[Digest, asyncio.Future[bytes]] = {}
+        self.coalesced = 0
+
+    async def get(self, digest: Digest) -> bytes:
+        pending = self._inflight.get(digest)
+        if pending is not None:
+            self.coalesced += 1
+            return await asyncio.shield(pending)
+        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._inflight[digest] = fut
+        try:
+            data = await self.inner.get(digest)
+        except BaseException as e:
+            fut.set_exception(e if isinstance(e, Exception) else Unavailable("fetch cancelled"))
+            fut.exception()  # mark retrieved: nobody else may be waiting
+            raise
+        else:
+            fut.set_result(data)
+            return data
+        finally:
+            del self._inflight[digest]
+
+    async def put(self, digest: Digest, compressed: bytes) -> bool:
+        return await self.inner.put(digest, compressed)
+
+    async def contains(self, digest: Digest) -> bool:
+        return await self.inner.contains(digest)
+
+    async def find_missing(self, digests):  # type: ignore[no-untyped-def]
+        return await self.inner.find_missing(digests)
+
+    async def close(self) -> None:
+        await self.inner.close()

@@ -1,0 +1,39 @@
+"""Run the zonal cache: `python -m zonal_cache` (flags or IMAGESTREAM_* variables)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+
+from imagestream import config
+from imagestream.errors import Unavailable
+from imagestream.grpc_client import FailoverImageRegistry, GrpcChunkStore, GrpcImageRegistry
+from imagestream.grpc_server import serve, setup_logging
+from imagestream.store import CoalescingStore, FailoverStore, ReadThroughStore, VerifiedStore
+
+from zonal_cache.redis_backend import RedisChunkStore
+
+SETTINGS = ("zonal_cache_listen", "redis_url", "zonal_upstreams", "log_level")
+
+
+async def main(args: argparse.Namespace) -> None:
+    upstreams = config.parse_list(args.zonal_upstreams)
+    redis_store = RedisChunkStore(args.redis_url)
+    try:
+        await redis_store.check_eviction_policy()
+    except Unavailable as e:  # Redis may come up later; reads go upstream meanwhile
+        logging.getLogger(__name__).warning("%s", e)
+    regional = FailoverStore([VerifiedStore(GrpcChunkStore(t, name=f"regional {t}")) for t in upstreams])
+    # Misses of one chunk from many nodes at once become one regional fetch.
+    store = ReadThroughStore(VerifiedStore(redis_store), CoalescingStore(regional), name="zonal")
+    registry = FailoverImageRegistry([GrpcImageRegistry(t) for t in upstreams])
+    await serve("zonal_cache", config.parse_list(args.zonal_cache_listen), store, registry)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="zonal_cache", description=__doc__)
+    config.add_arguments(parser, *SETTINGS)
+    arguments = parser.parse_args()
+    setup_logging(arguments.log_level)
+    asyncio.run(main(arguments))

@@ -1,0 +1,93 @@
+"""Shared fixtures. Tests are ordered by layer: unit, contract, service, fuse, e2e.
+
+The real local stack (Redis, Cassandra, the three tier services) is started once
+per session, on ports of its own so that a developer's stack can keep running.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+import subprocess
+import tempfile
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CACHE = pathlib.Path(os.environ.get("IMAGESTREAM_CACHE_DIR", ROOT / ".cache")).absolute()
+
+TEST_STACK_ENV = {
+    "IMAGESTREAM_CACHE_DIR": str(CACHE),
+    "IMAGESTREAM_CHUNK_STORE_LISTEN": "127.0.0.1:50161",
+    "IMAGESTREAM_ZONAL_CACHE_LISTEN": "127.0.0.1:50162",
+    "IMAGESTREAM_ZONAL_UPSTREAMS": "127.0.0.1:50161",
+    "IMAGESTREAM_NODE_UPSTREAMS": "127.0.0.1:50162,127.0.0.1:50161",
+    "IMAGESTREAM_REGISTRY": "127.0.0.1:50161",
+    "IMAGESTREAM_REDIS_URL": "redis://127.0.0.1:6391/0",
+    "IMAGESTREAM_REDIS_MAXMEMORY": "512MiB",
+    "IMAGESTREAM_CASSANDRA_PORT": "9142",
+    "IMAGESTREAM_CASSANDRA_STORAGE_PORT": "7100",
+    "IMAGESTREAM_CASSANDRA_JMX_PORT": "7299",
+    "IMAGESTREAM_NODE_MEMORY_BYTES": "64MiB",
+    "IMAGESTREAM_LOG_LEVEL": "INFO",
+}
+
+
+def have_fuse() -> bool:
+    return os.path.exists("/dev/fuse") and os.geteuid() == 0 and shutil.which("fusermount3") is not None
+
+
+needs_fuse = pytest.mark.skipif(not have_fuse(), reason="needs /dev/fuse, fusermount3 and root")
+
+
+@pytest.fixture(scope="session")
+def stack_home() -> pathlib.Path:
+    home = pathlib.Path(tempfile.mkdtemp(prefix="imagestream-test-"))
+    yield home
+    shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def stack(stack_home: pathlib.Path):  # type: ignore[no-untyped-def]
+    """The real local stack, up for the whole session; yields the environment that reaches it."""
+    env = {**TEST_STACK_ENV, "IMAGESTREAM_HOME": str(stack_home)}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    from imagestream.stack import local
+
+    try:
+        local.up(print)
+        yield env
+    finally:
+        local.down(print)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def debian_image() -> pathlib.Path:
+    """A real Debian bookworm minbase + python3 image (OCI layout), built by debootstrap once and cached."""
+    from imagestream import imagebuild
+
+    return imagebuild.build_debian_python(CACHE, CACHE / "images", fmt="oci")
+
+
+@pytest.fixture(scope="session")
+def debian_rootfs(debian_image: pathlib.Path) -> pathlib.Path:
+    from imagestream import imagebuild
+
+    return imagebuild.build_rootfs(CACHE / "rootfs")
+
+
+def run_cli(*args: str, env: dict | None = None, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+    """The imagestream command line, as a user runs it."""
+    result = subprocess.run(
+        ["imagestream", *args], capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"imagestream {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+    return result

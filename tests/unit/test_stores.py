@@ -1,0 +1,154 @@
+"""Composition of stores: read-through, verification, failover, coalescing, bounds."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+
+from imagestream.digests import Digest, compress
+from imagestream.errors import CorruptChunk, InvalidArgument, NotFound, Unavailable
+from imagestream.store import CoalescingStore, FailoverStore, MemoryStore, ReadThroughStore, VerifiedStore
+from imagestream.store.disk import DiskStore
+from imagestream import digests
+
+
+def chunk(seed: int, size: int = 2000) -> tuple[Digest, bytes]:
+    data = (f"{seed}-".encode() * size)[:size]
+    return Digest.of(data), compress(data)
+
+
+class CountingStore(MemoryStore):
+    """A MemoryStore that counts gets and can be made slow or down."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        super().__init__()
+        self.gets = 0
+        self.delay = delay
+        self.down = False
+
+    async def get(self, digest):  # type: ignore[no-untyped-def]
+        self.gets += 1
+        if self.down:
+            raise Unavailable("down")
+        await asyncio.sleep(self.delay)
+        return await super().get(digest)
+
+
+def test_digest_parsing_names_what_is_wrong() -> None:
+    with pytest.raises(InvalidArgument, match="malformed digest hash 'xyz'"):
+        digests.parse("xyz", 1)
+    with pytest.raises(InvalidArgument, match="size -1"):
+        digests.parse("a" * 64, -1)
+    with pytest.raises(InvalidArgument, match="malformed"):
+        digests.parse("A" * 64, 1)  # upper case is refused: one spelling per digest
+
+
+def test_decompress_verified_rejects_mismatch_and_garbage() -> None:
+    d, data = chunk(1)
+    assert digests.decompress_verified(d, data) == (b"1-" * 2000)[:2000]
+    with pytest.raises(CorruptChunk, match="does not match"):
+        digests.decompress_verified(d, chunk(2)[1])
+    with pytest.raises(CorruptChunk, match="not a valid zstd frame"):
+        digests.decompress_verified(d, b"garbage")
+
+
+async def test_memory_store_never_exceeds_its_budget() -> None:
+    store = MemoryStore(capacity_bytes=10_000)
+    sizes = []
+    for i in range(200):
+        raw = random.Random(i).randbytes(300 + i * 7)  # incompressible, so sizes vary as they would
+        await store.put(Digest.of(raw), compress(raw))
+        sizes.append(store.size_bytes)
+    assert max(sizes) <= 10_000 and store.peak_bytes <= 10_000
+    assert store.stats.evictions > 0
+    assert store.size_bytes == sum(len(v) for v in store._chunks.values())
+
+
+async def test_memory_store_evicts_least_recently_used() -> None:
+    a, b, c = chunk(1), chunk(2), chunk(3)
+    store = MemoryStore(capacity_bytes=len(a[1]) + len(b[1]) + 10)
+    await store.put(*a)
+    await store.put(*b)
+    await store.get(a[0])  # a is now more recent than b
+    await store.put(*c)
+    assert await store.contains(a[0]) and not await store.contains(b[0]) and await store.contains(c[0])
+
+
+async def test_disk_store_bounded_and_survives_restart(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    chunks = [chunk(i, size=5000) for i in range(10)]
+    one = len(chunks[0][1])
+    store = DiskStore(tmp_path, capacity_bytes=one * 4)
+    for d, data in chunks:
+        await store.put(d, data)
+    assert store.size_bytes <= one * 4 and len(store) == 4
+    reopened = DiskStore(tmp_path, capacity_bytes=one * 4)
+    assert len(reopened) == 4 and await reopened.get(chunks[-1][0]) == chunks[-1][1]
+
+
+async def test_read_through_fills_the_cache_and_drops_corrupt_copies(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    d, data = chunk(7)
+    upstream = CountingStore()
+    await upstream.put(d, data)
+    disk = DiskStore(tmp_path)
+    store = ReadThroughStore(VerifiedStore(disk), upstream)
+    assert await store.get(d) == data and upstream.gets == 1
+    assert await store.get(d) == data and upstream.gets == 1  # served from the cache
+    # corrupt the cached file: it must be dropped and fetched again, never served
+    path = disk._path(d)
+    path.write_bytes(chunk(8)[1])
+    assert await store.get(d) == data
+    assert upstream.gets == 2 and disk.stats.corrupt_dropped == 1
+    assert disk._path(d).read_bytes() == data
+
+
+async def test_failover_skips_an_upstream_that_is_down() -> None:
+    d, data = chunk(9)
+    zonal, regional = CountingStore(), CountingStore()
+    await regional.put(d, data)
+    zonal.down = True
+    store = FailoverStore([zonal, regional], cooldown_s=60)
+    assert await store.get(d) == data
+    assert await store.get(d) == data
+    # the dead upstream is tried once, then moved to the back while it cools down
+    assert zonal.gets == 1 and regional.gets == 2
+
+
+async def test_failover_asks_the_next_tier_for_a_corrupt_chunk() -> None:
+    d, data = chunk(10)
+    bad, good = MemoryStore(), MemoryStore()
+    await bad.put(d, chunk(11)[1])
+    await good.put(d, data)
+    store = FailoverStore([VerifiedStore(bad), VerifiedStore(good)])
+    assert await store.get(d) == data
+
+
+async def test_failover_all_down_is_unavailable_and_all_missing_is_not_found() -> None:
+    d, _ = chunk(12)
+    a, b = CountingStore(), CountingStore()
+    with pytest.raises(NotFound):
+        await FailoverStore([a, b]).get(d)
+    a.down = b.down = True
+    with pytest.raises(Unavailable):
+        await FailoverStore([a, b]).get(d)
+
+
+async def test_concurrent_misses_are_coalesced_into_one_upstream_fetch() -> None:
+    d, data = chunk(13)
+    regional = CountingStore(delay=0.05)
+    await regional.put(d, data)
+    zonal = ReadThroughStore(MemoryStore(), CoalescingStore(regional))
+    results = await asyncio.gather(*(zonal.get(d) for _ in range(16)))
+    assert all(r == data for r in results)
+    assert regional.gets == 1
+
+
+async def test_coalesced_failure_reaches_every_waiter_and_is_not_cached() -> None:
+    d, data = chunk(14)
+    regional = CountingStore(delay=0.02)
+    store = CoalescingStore(regional)
+    results = await asyncio.gather(*(store.get(d) for _ in range(5)), return_exceptions=True)
+    assert all(isinstance(r, NotFound) for r in results) and regional.gets == 1
+    await regional.put(d, data)
+    assert await store.get(d) == data
