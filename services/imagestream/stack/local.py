@@ -157,12 +157,14 @@ def running_pid(name: str) -> int | None:
     return pid
 
 
-def up(log: Callable[[str], None] = print) -> None:
+def up(log: Callable[[str], None] = print, only: str | None = None) -> None:
     """Start whatever is not running yet and wait until each is ready. Running it twice is harmless."""
     home = config.home()
     for d in ("run", "logs"):
         (home / d).mkdir(parents=True, exist_ok=True)
     for proc in processes():
+        if only is not None and proc.name != only:
+            continue
         pid = running_pid(proc.name)
         if pid is not None:
             _wait_ready(proc, pid, log)
@@ -210,14 +212,17 @@ def _tail(path: pathlib.Path, lines: int = 15) -> str:
         return "(no log)"
 
 
-def down(log: Callable[[str], None] = print) -> None:
-    """Stop everything this stack started, last started first."""
+def down(log: Callable[[str], None] = print, only: str | None = None) -> None:
+    """Stop everything this stack started, last started first (or just the process named `only`)."""
     from imagestream import mounts
 
-    for m in mounts.list_mounts():
-        mounts.unmount(m.mountpoint)
-        log(f"  unmounted {m.mountpoint}")
+    if only is None:
+        for m in mounts.list_mounts():
+            mounts.unmount(m.mountpoint)
+            log(f"  unmounted {m.mountpoint}")
     for proc in reversed(processes()):
+        if only is not None and proc.name != only:
+            continue
         pid = running_pid(proc.name)
         if pid is None:
             _pidfile(proc.name).unlink(missing_ok=True)
