@@ -17,21 +17,6 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CACHE = pathlib.Path(os.environ.get("IMAGESTREAM_CACHE_DIR", ROOT / ".cache")).absolute()
 
-TEST_STACK_ENV = {
-    "IMAGESTREAM_CACHE_DIR": str(CACHE),
-    "IMAGESTREAM_CHUNK_STORE_LISTEN": "127.0.0.1:50161",
-    "IMAGESTREAM_ZONAL_CACHE_LISTEN": "127.0.0.1:50162",
-    "IMAGESTREAM_ZONAL_UPSTREAMS": "127.0.0.1:50161",
-    "IMAGESTREAM_NODE_UPSTREAMS": "127.0.0.1:50162,127.0.0.1:50161",
-    "IMAGESTREAM_REGISTRY": "127.0.0.1:50161",
-    "IMAGESTREAM_REDIS_URL": "redis://127.0.0.1:6391/0",
-    "IMAGESTREAM_REDIS_MAXMEMORY": "512MiB",
-    "IMAGESTREAM_CASSANDRA_PORT": "9142",
-    "IMAGESTREAM_CASSANDRA_STORAGE_PORT": "7100",
-    "IMAGESTREAM_CASSANDRA_JMX_PORT": "7299",
-    "IMAGESTREAM_NODE_MEMORY_BYTES": "64MiB",
-    "IMAGESTREAM_LOG_LEVEL": "INFO",
-}
 
 
 def have_fuse() -> bool:
@@ -51,10 +36,13 @@ def stack_home() -> pathlib.Path:
 @pytest.fixture(scope="session")
 def stack(stack_home: pathlib.Path):  # type: ignore[no-untyped-def]
     """The real local stack, up for the whole session; yields the environment that reaches it."""
-    env = {**TEST_STACK_ENV, "IMAGESTREAM_HOME": str(stack_home)}
+    from imagestream.stack import local
+
+    # ports of its own, so that a developer's stack on the default ports can keep running
+    env = {**local.private_env(stack_home, CACHE), "IMAGESTREAM_REDIS_MAXMEMORY": "512MiB",
+           "IMAGESTREAM_NODE_MEMORY_BYTES": "64MiB"}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    from imagestream.stack import local
 
     try:
         local.up(print)

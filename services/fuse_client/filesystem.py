@@ -41,6 +41,7 @@ class ImageFilesystem(pyfuse3.Operations):
         total_blocks = sum((i.size + 4095) // 4096 for i in index.inodes if i.type == T.REGULAR)
         self._statfs_blocks = total_blocks
         self.reads = 0
+        self.recorded: list[tuple[int, int, int]] | None = None  # (inode, offset, size) in order, when recording
 
     def _inode(self, ino: int) -> index_pb2.Inode:
         try:
@@ -111,6 +112,8 @@ class ImageFilesystem(pyfuse3.Operations):
 
     async def read(self, fh, off, size):  # type: ignore[no-untyped-def]
         self.reads += 1
+        if self.recorded is not None:
+            self.recorded.append((fh, off, size))
         try:
             return await self.reader.read(fh, off, size)
         except ChunkFetchFailed as e:

@@ -31,7 +31,7 @@ class ChunkReader:
         store: ChunkStore,
         index: Index,
         cache_bytes: int = 64 << 20,
-        readahead_chunks: int = 4,
+        readahead_chunks: int = 8,
         timeout_s: float = 10.0,
         retries: int = 3,
     ) -> None:
@@ -44,7 +44,7 @@ class ChunkReader:
         self._cache: OrderedDict[Digest, bytes] = OrderedDict()
         self._cached_bytes = 0
         self._inflight: dict[Digest, asyncio.Task[bytes]] = {}
-        self._next_offset: dict[int, int] = {}  # inode -> where a sequential read would continue
+        self._last_chunk: dict[int, int] = {}  # inode -> chunk number its last read ended in
         self.fetches = 0  # chunks fetched from the node cache (not served from this LRU)
         self.fetched_bytes = 0
         self.readaheads = 0
@@ -98,9 +98,11 @@ class ChunkReader:
         first, last = offset // chunk_size, (end - 1) // chunk_size
         extents = inode.extents
         parts = await asyncio.gather(*(self._extent(extents[i]) for i in range(first, last + 1)))
-        sequential = self._next_offset.get(ino) == offset
-        self._next_offset[ino] = end
-        if sequential or offset == 0:
+        # Sequential by chunk, not by byte: the kernel's own readahead sends several reads at once and
+        # they may arrive out of order, yet they still walk forward through the file.
+        previous = self._last_chunk.get(ino)
+        self._last_chunk[ino] = last
+        if first == 0 or (previous is not None and previous <= first <= previous + 1):
             self._readahead(extents, last + 1)
         out = b"".join(parts) if len(parts) > 1 else parts[0]
         start = offset - first * chunk_size
@@ -109,7 +111,10 @@ class ChunkReader:
     async def _extent(self, extent: index_pb2.Extent) -> bytes:
         if not extent.HasField("chunk"):
             return bytes(extent.length)
-        return await self.chunk(Digest(extent.chunk.hash, extent.chunk.size_bytes))
+        data = await self.chunk(Digest(extent.chunk.hash, extent.chunk.size_bytes))
+        if extent.chunk_offset or extent.length != len(data):  # a small file's slice of a pack
+            return data[extent.chunk_offset : extent.chunk_offset + extent.length]
+        return data
 
     def _readahead(self, extents, start: int) -> None:  # type: ignore[no-untyped-def]
         for i in range(start, min(start + self.readahead_chunks, len(extents))):
@@ -123,4 +128,4 @@ class ChunkReader:
                 task.add_done_callback(lambda t: t.cancelled() or t.exception())  # failures surface on the real read
 
     def forget(self, ino: int) -> None:
-        self._next_offset.pop(ino, None)
+        self._last_chunk.pop(ino, None)

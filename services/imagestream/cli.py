@@ -118,6 +118,28 @@ def images() -> None:
         click.echo(f"{i.name:32} {i.index.hash[:12]:14} {i.content_bytes / 1e6:8.1f}MB {i.chunk_count:7}  {when}")
 
 
+@main.command()
+@click.argument("name")
+@_setting("registry")
+def rm(name: str) -> None:
+    """Remove the name NAME from the regional store (its chunks stay; other images may share them)."""
+    from imagestream.grpc_client import GrpcImageRegistry
+
+    async def delete() -> bool:
+        registry = GrpcImageRegistry(config.get("registry"))
+        try:
+            return await registry.delete(name)
+        finally:
+            await registry.close()
+
+    try:
+        if not asyncio.run(delete()):
+            _fail(ImagestreamError(f"no image named {name!r}"))
+    except ImagestreamError as e:
+        _fail(e)
+    click.echo(f"removed {name}")
+
+
 # -- node -------------------------------------------------------------------
 
 @main.command()

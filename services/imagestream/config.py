@@ -83,6 +83,7 @@ SETTINGS = {s.name: s for s in [
     Setting("chunk_size", "1MiB", "chunk size used by push"),
     Setting("fetch_timeout", "10", "seconds one upstream chunk fetch may take before it is retried"),
     Setting("fetch_retries", "3", "attempts for a chunk before a FUSE read fails with EIO"),
+    Setting("record_reads", "", "FUSE client: write every read (inode, offset, size, path) to this file at unmount"),
     Setting("log_level", "INFO", "logging level of the services"),
 ]}
 

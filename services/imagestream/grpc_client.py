@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterable, Sequence
 
 import grpc
@@ -39,6 +40,11 @@ def to_error(target: str, e: grpc.RpcError) -> ImagestreamError:
     return cls(f"{target}: {code.name}: {details}")
 
 
+def _read_file(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
 def channel(target: str) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
 
@@ -46,23 +52,39 @@ def channel(target: str) -> grpc.aio.Channel:
 class GrpcChunkStore(ChunkStore):
     """The ChunkStore of another tier, reached at `target` (host:port or unix:/path)."""
 
-    def __init__(self, target: str, name: str | None = None, timeout_s: float = 30.0) -> None:
+    def __init__(self, target: str, name: str | None = None, timeout_s: float = 30.0,
+                 accept_local_path: bool = False) -> None:
         super().__init__()
         self.target = target
+        self.accept_local_path = accept_local_path
         self.name = name or target
         self.timeout_s = timeout_s
         self._channel = channel(target)
         self._stub = chunk_store_pb2_grpc.ChunkStoreStub(self._channel)
 
     async def get(self, digest: Digest, image: str = "") -> bytes:
+        data = None
+        if self.accept_local_path:
+            chunk = await self._get(digest, image, accept_local_path=True)
+            if chunk.local_path:
+                try:
+                    data = await asyncio.to_thread(_read_file, chunk.local_path)
+                except FileNotFoundError:  # evicted since the answer: ask for the bytes
+                    data = None
+            else:
+                data = chunk.compressed
+        if data is None:
+            data = (await self._get(digest, image, accept_local_path=False)).compressed
+        self.stats.bytes_served += len(data)
+        return data
+
+    async def _get(self, digest: Digest, image: str, accept_local_path: bool) -> chunk_store_pb2.Chunk:
+        request = chunk_store_pb2.GetChunkRequest(digest=digest.to_proto(), image=image,
+                                                  accept_local_path=accept_local_path)
         try:
-            chunk = await self._stub.GetChunk(
-                chunk_store_pb2.GetChunkRequest(digest=digest.to_proto(), image=image), timeout=self.timeout_s
-            )
+            return await self._stub.GetChunk(request, timeout=self.timeout_s)
         except grpc.RpcError as e:
             raise to_error(self.target, e) from None
-        self.stats.bytes_served += len(chunk.compressed)
-        return chunk.compressed
 
     async def get_many(self, digests: Sequence[Digest], concurrency: int = 16) -> AsyncIterator[tuple[Digest, bytes]]:
         request = chunk_store_pb2.GetChunksRequest(digests=[d.to_proto() for d in dict.fromkeys(digests)])

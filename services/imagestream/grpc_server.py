@@ -63,6 +63,10 @@ class ChunkStoreServicer(chunk_store_pb2_grpc.ChunkStoreServicer):
     async def GetChunk(self, request, context):  # type: ignore[no-untyped-def]
         async with _status_on_error(context):
             digest = _digest(request.digest)
+            if request.accept_local_path:
+                path = await self.store.local_path(digest)
+                if path is not None:
+                    return chunk_store_pb2.Chunk(digest=request.digest, local_path=path)
             data = await self.store.get(digest)
             return chunk_store_pb2.Chunk(digest=request.digest, compressed=data)
 
@@ -76,14 +80,22 @@ class ChunkStoreServicer(chunk_store_pb2_grpc.ChunkStoreServicer):
         stored = 0
         async with _status_on_error(context):
             async for request in request_iterator:
-                for chunk in request.chunks:
-                    digest = _digest(chunk.digest)
-                    try:
-                        await asyncio.to_thread(decompress_verified, digest, chunk.compressed)
-                    except CorruptChunk as e:
-                        raise InvalidArgument(f"refused: {e}") from None
-                    stored += bool(await self.store.put(digest, chunk.compressed))
+                # the chunks of one request are checked and written concurrently: a push is bound by
+                # the store's write latency otherwise (one Cassandra round trip per chunk)
+                results = await asyncio.gather(*(self._put_one(chunk) for chunk in request.chunks))
+                stored += sum(results)
             return chunk_store_pb2.PutChunksResponse(stored=stored)
+
+    async def _put_one(self, chunk: chunk_store_pb2.Chunk) -> bool:
+        digest = _digest(chunk.digest)
+        try:
+            if len(chunk.compressed) > 64 * 1024:
+                await asyncio.to_thread(decompress_verified, digest, chunk.compressed)
+            else:
+                decompress_verified(digest, chunk.compressed)
+        except CorruptChunk as e:
+            raise InvalidArgument(f"refused: {e}") from None
+        return await self.store.put_verified(digest, chunk.compressed)
 
     async def FindMissingChunks(self, request, context):  # type: ignore[no-untyped-def]
         async with _status_on_error(context):

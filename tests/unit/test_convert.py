@@ -75,7 +75,7 @@ def file_bytes(index: Index, spool, inode) -> bytes:  # type: ignore[no-untyped-
     for ext in inode.extents:
         if ext.HasField("chunk"):
             d = Digest.from_proto(ext.chunk)
-            out += decompress_verified(d, spool.read(d))
+            out += decompress_verified(d, spool.read(d))[ext.chunk_offset : ext.chunk_offset + ext.length]
         else:
             out += bytes(ext.length)
     return out
@@ -139,6 +139,25 @@ def test_contents_are_chunked_by_size_with_holes_and_dedup(tmp_path):  # type: i
     assert len(result.chunks) == 2  # `a` stored once for three uses, plus the tail
     assert file_bytes(index, spool, f) == data
     assert Digest.from_proto(f.extents[0].chunk).hash == hashlib.sha256(a).hexdigest()
+
+
+def test_small_files_are_packed_together_in_tree_order(tmp_path):  # type: ignore[no-untyped-def]
+    cs = 4096  # packs of up to 4096 bytes; files up to 256 bytes are small
+    small = {f"lib/m{i}.py": f"module {i}\n".encode() * (i + 1) for i in range(30)}
+    entries = [("dir", "lib"), *[("file", p, d) for p, d in reversed(small.items())], ("file", "lib/zeros", bytes(100)),
+               ("file", "lib/big", b"B" * 3000)]
+    index, result, spool = converted(tmp_path, [layer(tmp_path, "l1", entries)], cs)
+    paths = tree(index)
+    packs = {Digest.from_proto(paths[p].extents[0].chunk) for p in small}
+    assert 1 < len(packs) < len(small)  # several files share a chunk, and no pack exceeds the chunk size
+    assert all(d.size <= cs for d in packs)
+    for p, data in small.items():
+        assert len(paths[p].extents) == 1 and file_bytes(index, spool, paths[p]) == data
+    # neighbours in the tree are neighbours in a pack: m1 follows m0 in the same chunk
+    m0, m1 = paths["lib/m0.py"].extents[0], paths["lib/m1.py"].extents[0]
+    assert m0.chunk == m1.chunk and m1.chunk_offset == m0.chunk_offset + m0.length
+    assert not paths["lib/zeros"].extents[0].HasField("chunk")
+    assert paths["lib/big"].extents[0].chunk_offset == 0 and len(result.chunks) == len(packs) + 1
 
 
 def test_same_input_gives_the_same_index_digest(tmp_path):  # type: ignore[no-untyped-def]

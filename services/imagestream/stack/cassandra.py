@@ -1,28 +1,41 @@
 """Run a real Apache Cassandra node from Maven Central jars (no tarball, no Docker).
 
-What it took on this machine (Debian 12, 2 cores, OpenJDK 17, Maven 3.8.7; checked 2026-11-27):
+What it took on this machine (Debian 12, 2 cores, OpenJDK 17.0.15, Maven 3.8.7; 2026-11-27):
 
 * Jars: ``cassandra_pom.xml`` + ``mvn dependency:copy-dependencies`` (maven-dependency-plugin
-  pinned to 3.8.1) gives org.apache.cassandra:cassandra-all:5.0.9 and 99 runtime jars
-  (67 MB; 83 MB of Maven repo), about 45 s cold. Nothing had to be excluded: 5.0.9 uses
-  netty 4.1.130.Final whose native epoll jars are served (4.1.138/4.1.140 ones are not;
-  if a version bump hits that, exclude io.netty:netty-transport-native-epoll in the pom;
-  :func:`command` then turns epoll off by itself). provided-scope deps (antlr, byteman)
-  are not needed. mvn's "The POM for org.perfkit.sjk.parsers:sjk-jfr5:jar:0.5 is invalid"
-  warnings are harmless. The jars bring logback 1.5 (not 1.2).
-* Java: Cassandra 5.0 runs on Java 11 or 17 only, so :func:`find_java` picks a 17/11 JDK
-  even if JAVA_HOME points at the Java 25 also installed here. Java 17 needs the
-  --add-exports/--add-opens list of Cassandra's conf/jvm17-server.options (see
-  ``_JPMS_FLAGS``) plus -Djdk.attach.allowAttachSelf=true.
+  pinned to 3.8.1): org.apache.cassandra:cassandra-all:5.0.9 (newest 5.0.x served) plus its
+  runtime deps, 100 jars / 67 MB (m2 repo 83 MB), 39-44 s cold. Nothing had to be excluded:
+  5.0.9 uses netty 4.1.130.Final, whose native epoll jars ARE served (the linux-x86_64
+  ones of 4.1.138/4.1.140 are not: on a bump that hits them, exclude
+  io.netty:netty-transport-native-epoll in the pom; :func:`command` then adds
+  -Dcassandra.native.epoll.enabled=false by itself). provided-scope deps (antlr, byteman,
+  ACCP) are not copied and not needed. mvn's "The POM for
+  org.perfkit.sjk.parsers:sjk-jfr5:jar:0.5 is invalid" warnings are harmless. Logging is
+  logback 1.5 (not 1.2).
+* Java: 5.0 runs on Java 11/17 only; :func:`find_java` picks a 17 (or 11) JDK even when
+  JAVA_HOME points at the Java 25 also installed here. Java 17 needs the --add-exports /
+  --add-opens list of Cassandra's conf/jvm17-server.options (``_JPMS_FLAGS``) and
+  -Djdk.attach.allowAttachSelf=true. No jamm -javaagent (5.0 runs fine without it).
 * No config ships in the jar: we write cassandra.yaml, logback.xml and
-  cassandra-rackdc.properties and pass them as file:// URIs (-Dcassandra.config must be a URI).
-* Fast start on a small machine: num_tokens 1, auto_bootstrap false,
-  -Dcassandra.skip_wait_for_gossip_to_settle=0, -Dcassandra.load_ring_state=false,
-  -XX:ActiveProcessorCount, fixed small heap, no -XX:+AlwaysPreTouch (it costs start time
-  and RSS). See ``MEASURED`` below for numbers.
-* Big blobs: commitlog_segment_size 64MiB makes max_mutation_size 32MiB (the default 32MiB
-  segment rejects mutations over 16 MiB). native_transport_max_frame_size is raised too so
-  that protocol V4 clients can also send 20+ MiB values (V5 splits them into segments).
+  cassandra-rackdc.properties; -Dcassandra.config etc. must be file:// URIs. Don't give
+  logback a <shutdownHook>: it races Cassandra's drain and the shutdown log is lost.
+* Big blobs: commitlog_segment_size 64MiB gives max_mutation_size 32MiB (default segment
+  32MiB -> 16 MiB mutations). Also needed: native_transport_max_message_size, whose default
+  is heap/40 ("CQL Message of size 20971587 bytes exceeds allowed maximum of 20132659
+  bytes" for a 20 MiB blob at 768 MiB heap); it may not exceed
+  native_transport_max_request_data_in_flight_per_ip. Checked: 20 and 31 MiB blobs go
+  through with protocol V4 and V5; 33 MiB gets "Rejected an oversized mutation".
+* Start-up is CPU-bound (~16 s CPU on 2 cores). What helped: AppCDS archive in the jar
+  cache (-27% CPU; the first run that exits on SIGTERM writes it, its stop takes ~6 s
+  longer), -Dcassandra.memtable.row_overhead_size (skips a ~1.5 s measurement),
+  num_tokens 1, auto_bootstrap false, skip_wait_for_gossip_to_settle=0. -Xms256m: the
+  daemon mlockall()s (succeeds as root), faulting in the whole initial heap, so
+  -Xms=-Xmx=768m meant 1.17 GB RSS at start vs ~650 MB now. -XX:TieredStopAtLevel=1
+  saved CPU but no wall time, so not used. shutdown_announce_in_ms=500 trims SIGTERM stop
+  (drain) to 3-5 s. The JVM exits 143 on SIGTERM after a clean drain.
+* Measured (machine shared with other busy sessions, load 3-6): start-to-ready 7-10 s
+  with the CDS archive (fresh or existing data dir; 11 s without it, ~20 s for the run
+  that records it), RSS ~650 MB at ready, ~720 MB after 2+20 MiB blob round-trips.
 
 Usage::
 
@@ -35,7 +48,7 @@ Usage::
     stop(proc)
 
 Debug: ``PYTHONPATH=services python -m imagestream.stack.cassandra --state-dir DIR
---cache-dir .cache/cassandra`` runs a node in the foreground.
+--cache-dir .cache/cassandra`` runs a node in the foreground (exec).
 """
 
 from __future__ import annotations
@@ -75,9 +88,6 @@ CASSANDRA_VERSION = "5.0.9"
 POM = pathlib.Path(__file__).with_name("cassandra_pom.xml")
 MAIN_CLASS = "org.apache.cassandra.service.CassandraDaemon"
 _STAMP = ".complete"
-
-# Measured on this machine, see the module docstring; kept here for whoever tunes this next.
-MEASURED = "filled in below"
 
 
 # --------------------------------------------------------------------------- jars
@@ -166,7 +176,13 @@ class CassandraNode:
     dc: str = "dc1"
     rack: str = "rack1"
     heap_mb: int = 768
+    # Initial heap. Cassandra mlockall()s the JVM at start (it succeeds as root), which
+    # faults in the whole initial heap: -Xms = -Xmx would make RSS >= heap_mb at once.
+    heap_min_mb: int = 256
     processors: int = 2
+    # AppCDS archive of Cassandra's classes, made by the first run that exits cleanly
+    # (kept in the jar cache; see _cds_flags). Cuts start-up CPU by about a third.
+    class_data_sharing: bool = True
     # Seeds as "host" or "host:port"; empty means this node seeds itself.
     seeds: Sequence[str] = ()
     num_tokens: int = 1
@@ -235,6 +251,12 @@ cdc_raw_directory: {_q(d / 'cdc_raw')}
 commitlog_segment_size: 64MiB
 max_mutation_size: 32MiB
 native_transport_max_frame_size: 64MiB
+# A CQL request above max_message_size is refused ("CQL Message of size 20971587 bytes
+# exceeds allowed maximum of 20132659 bytes"); its default is the per-IP in-flight limit,
+# heap/40 (19.2 MiB at 768 MiB heap); keep it below the per-IP in-flight limit.
+native_transport_max_message_size: 48MiB
+native_transport_max_request_data_in_flight_per_ip: 96MiB
+native_transport_max_request_data_in_flight: {max(node.heap_mb // 5, 96)}MiB
 commitlog_sync: periodic
 commitlog_sync_period: 10000ms
 commitlog_total_space: 1024MiB
@@ -255,7 +277,8 @@ def _logback(node: CassandraNode) -> str:
     return """\
 <configuration scan="false" debug="false">
   <!-- Written by imagestream.stack.cassandra. ${cassandra.logdir} is a JVM system property. -->
-  <shutdownHook class="ch.qos.logback.core.hook.DefaultShutdownHook"/>
+  <!-- no <shutdownHook>: Cassandra stops logback itself after draining; a logback hook
+       would race it and lose the shutdown log lines. -->
   <appender name="SYSTEMLOG" class="ch.qos.logback.core.rolling.RollingFileAppender">
     <file>${cassandra.logdir}/system.log</file>
     <rollingPolicy class="ch.qos.logback.core.rolling.FixedWindowRollingPolicy">
@@ -395,24 +418,83 @@ def _uri(path: pathlib.Path) -> str:
     return path.resolve().as_uri()
 
 
+def _cds_key(java: str, lib_dir: pathlib.Path) -> str:
+    h = hashlib.sha256()
+    java_home = pathlib.Path(java).resolve().parent.parent
+    h.update(str(java_home).encode())
+    with contextlib.suppress(OSError):
+        h.update((java_home / "release").read_bytes())
+    for jar in sorted(lib_dir.glob("*.jar")):
+        h.update(f"{jar.name}:{jar.stat().st_size}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _cds_archive_ok(java: str, archive: pathlib.Path, lib_dir: pathlib.Path) -> bool:
+    """True if the JVM maps ``archive`` with this classpath (-Xshare:on fails otherwise)."""
+    try:
+        return subprocess.run(
+            [java, "-Xshare:on", f"-XX:SharedArchiveFile={archive}", "-cp", f"{lib_dir}/*",
+             "-version"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            timeout=60,
+        ).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def _cds_flags(java: str, lib_dir: pathlib.Path) -> list[str]:
+    """Use the AppCDS archive for (java, jars) if there is one, else ask this run to dump it.
+
+    The JVM writes a dynamic archive (-XX:ArchiveClassesAtExit, ~60 MB) when it exits
+    normally, e.g. on SIGTERM, not on SIGKILL; that stop takes a few seconds longer. Each
+    run dumps to its own file; a later call checks one with -Xshare:on before renaming it
+    into place, so a half-written or foreign archive is never used. With the default
+    -Xshare:auto a JVM that cannot map an archive just runs without it.
+    """
+    if os.environ.get("IMAGESTREAM_CASSANDRA_CDS", "1") == "0":
+        return []
+    cds_dir = lib_dir.parent / "cds"
+    key = _cds_key(java, lib_dir)
+    final = cds_dir / f"cassandra-{key}.jsa"
+    if final.is_file():
+        return [f"-XX:SharedArchiveFile={final}"]
+    try:
+        cds_dir.mkdir(parents=True, exist_ok=True)
+        for cand in sorted(cds_dir.glob(f"cassandra-{key}.*.dump")):
+            if _cds_archive_ok(java, cand, lib_dir):
+                os.replace(cand, final)
+                for rest in cds_dir.glob(f"cassandra-{key}.*.dump"):
+                    rest.unlink(missing_ok=True)
+                return [f"-XX:SharedArchiveFile={final}"]
+            if time.time() - cand.stat().st_mtime > 600:
+                cand.unlink(missing_ok=True)
+        if not os.access(cds_dir, os.W_OK):
+            return []
+    except OSError:
+        return []
+    dump = cds_dir / f"cassandra-{key}.{os.getpid()}-{time.monotonic_ns()}.dump"
+    # -Xlog: the dump prints ~200 harmless "[warning][cds] Skipping ..." lines otherwise.
+    return [f"-XX:ArchiveClassesAtExit={dump}", "-Xlog:cds=off", "-Xlog:cds+dynamic=off"]
+
+
 def command(node: CassandraNode, lib_dir: pathlib.Path, java: Optional[str] = None) -> list[str]:
     """The full ``java`` command line that runs ``node`` with the jars in ``lib_dir``."""
     lib_dir = pathlib.Path(lib_dir).resolve()
     conf = node.conf_dir
+    java_bin = java or find_java()
     cmd = [
-        java or find_java(),
+        java_bin,
         # jvm-server.options
         "-ea",
         "-da:net.openhft...",
-        f"-Xms{node.heap_mb}m",
+        f"-Xms{min(node.heap_min_mb, node.heap_mb)}m",
         f"-Xmx{node.heap_mb}m",
         "-Xss256k",
         f"-XX:ActiveProcessorCount={node.processors}",
         "-XX:+UseTLAB",
         "-XX:+ResizeTLAB",
         "-XX:+PerfDisableSharedMem",
-        "-XX:+HeapDumpOnOutOfMemoryError",
-        f"-XX:HeapDumpPath={node.log_dir}",
+        "-XX:+ExitOnOutOfMemoryError",
         "-Djava.net.preferIPv4Stack=true",
         # jvm17-server.options: G1 + JPMS + netty
         "-XX:+UseG1GC",
@@ -439,10 +521,17 @@ def command(node: CassandraNode, lib_dir: pathlib.Path, java: Optional[str] = No
         "-Dcassandra.skip_wait_for_gossip_to_settle=0",
         "-Dcassandra.load_ring_state=false",
         "-Dcassandra.superuser_setup_delay_ms=0",
+        # Skips measuring the memtable row overhead at start (~1.5 s of CPU on the main
+        # thread); 180/181 bytes is what it measures with these flags, with or without jamm.
+        "-Dcassandra.memtable.row_overhead_size=180",
+        # SIGTERM drains; the gossip shutdown announcement then sleeps 2 s by default.
+        "-Dcassandra.shutdown_announce_in_ms=500",
     ]
-    jamm = sorted(lib_dir.glob("jamm-*.jar"))
-    if jamm:  # optional in 5.0 (falls back to Unsafe sizing); bin/cassandra always loads it
-        cmd.append(f"-javaagent:{jamm[-1]}")
+    # No -javaagent:jamm-0.4.0.jar (bin/cassandra adds it): 5.0 sizes objects without it,
+    # and with it an AppCDS dump needs -XX:+AllowArchivingWithJavaAgent, after which every
+    # start prints a "should be used for testing purposes only" JVM warning.
+    if node.class_data_sharing:
+        cmd += _cds_flags(java_bin, lib_dir)
     if not any(lib_dir.glob("netty-transport-native-epoll-*linux-x86_64.jar")):
         cmd.append("-Dcassandra.native.epoll.enabled=false")
     cmd += ["-cp", f"{lib_dir}/*", MAIN_CLASS]
@@ -455,8 +544,15 @@ def command(node: CassandraNode, lib_dir: pathlib.Path, java: Optional[str] = No
 def start(node: CassandraNode, lib_dir: pathlib.Path) -> subprocess.Popen:
     """Start ``node`` in the background (own session), stdout/stderr to ``node.stdout_file``.
 
-    ``write_config(node)`` must have been called.
+    ``write_config(node)`` must have been called. Raises RuntimeError if the node's native
+    or storage port already accepts connections.
     """
+    # Another node (or leftover JVM) on our ports would answer wait_ready() in our place.
+    for port in (node.native_port, node.storage_port):
+        if _port_open(node.address, port):
+            raise RuntimeError(
+                f"{node.address}:{port} is already in use; is another Cassandra running?"
+            )
     cmd = command(node, lib_dir)
     node.log_dir.mkdir(parents=True, exist_ok=True)
     with open(node.stdout_file, "ab") as out:
@@ -513,18 +609,24 @@ def _port_open(address: str, port: int) -> bool:
 
 def _query_release(address: str, port: int) -> str:
     from cassandra import ProtocolVersion
-    from cassandra.cluster import Cluster
+    from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile
+    from cassandra.policies import WhiteListRoundRobinPolicy
 
+    # Whitelist: in a multi-node cluster system.local must be asked of *this* node.
+    profile = ExecutionProfile(
+        load_balancing_policy=WhiteListRoundRobinPolicy([address]), request_timeout=5
+    )
     cluster = Cluster(
         [address],
         port=port,
         protocol_version=ProtocolVersion.V5,
+        execution_profiles={EXEC_PROFILE_DEFAULT: profile},
         connect_timeout=3,
         control_connection_timeout=3,
     )
     try:
         session = cluster.connect()
-        row = session.execute("SELECT release_version FROM system.local", timeout=5).one()
+        row = session.execute("SELECT release_version FROM system.local").one()
         return row.release_version
     finally:
         cluster.shutdown()
@@ -578,8 +680,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         prog="python -m imagestream.stack.cassandra",
         description="Fetch Cassandra jars, write config, run one node in the foreground.",
     )
-    p.add_argument("--state-dir", required=True, type=pathlib.Path, help="node_dir (conf, data, logs)")
-    p.add_argument("--cache-dir", required=True, type=pathlib.Path, help="jar cache (e.g. .cache/cassandra)")
+    p.add_argument("--state-dir", required=True, type=pathlib.Path,
+                   help="node_dir (conf, data, logs)")
+    p.add_argument("--cache-dir", required=True, type=pathlib.Path,
+                   help="jar cache (e.g. .cache/cassandra)")
     p.add_argument("--cluster-name", default="imagestream")
     p.add_argument("--address", default="127.0.0.1")
     p.add_argument("--native-port", type=int, default=9042)

@@ -246,6 +246,37 @@ def status() -> list[dict]:
     return rows
 
 
+def private_env(home: pathlib.Path, cache_dir: pathlib.Path, port_base: int = 50100) -> dict[str, str]:
+    """Settings for a stack of its own (tests, benchmarks): its own home and ports, beside a developer's stack."""
+    chunk_store, zonal = f"127.0.0.1:{port_base + 61}", f"127.0.0.1:{port_base + 62}"
+    return {
+        "IMAGESTREAM_HOME": str(home),
+        "IMAGESTREAM_CACHE_DIR": str(cache_dir),
+        "IMAGESTREAM_CHUNK_STORE_LISTEN": chunk_store,
+        "IMAGESTREAM_ZONAL_CACHE_LISTEN": zonal,
+        "IMAGESTREAM_ZONAL_UPSTREAMS": chunk_store,
+        "IMAGESTREAM_NODE_UPSTREAMS": f"{zonal},{chunk_store}",
+        "IMAGESTREAM_REGISTRY": chunk_store,
+        "IMAGESTREAM_REDIS_URL": f"redis://127.0.0.1:{port_base - 50100 + 6391}/0",
+        "IMAGESTREAM_CASSANDRA_PORT": str(port_base - 50100 + 9142),
+        "IMAGESTREAM_CASSANDRA_STORAGE_PORT": str(port_base - 50100 + 7100),
+        "IMAGESTREAM_CASSANDRA_JMX_PORT": str(port_base - 50100 + 7299),
+    }
+
+
+def empty_caches(log: Callable[[str], None] = lambda _: None) -> None:
+    """Empty the node cache (memory and disk) and the zonal cache, keeping the regional store: a cold node."""
+    import redis
+
+    for name in ("node_cache", "zonal_cache"):
+        down(log, only=name)
+    shutil.rmtree(config.node_disk_dir(), ignore_errors=True)
+    client = redis.Redis.from_url(config.get("redis_url"))
+    client.flushall()
+    client.close()
+    up(log)
+
+
 def reset() -> None:
     """Remove all state (data, caches of the tiers, logs). The stack must be down."""
     if any(running_pid(p.name) for p in processes()):

@@ -46,8 +46,16 @@ class ChunkStore(abc.ABC):
     async def put(self, digest: Digest, compressed: bytes) -> bool:
         """Store a chunk; True if it was not there before."""
 
+    async def put_verified(self, digest: Digest, compressed: bytes) -> bool:
+        """`put` of a chunk the caller has just checked against its digest."""
+        return await self.put(digest, compressed)
+
     @abc.abstractmethod
     async def contains(self, digest: Digest) -> bool: ...
+
+    async def local_path(self, digest: Digest) -> str | None:
+        """A file on this machine holding the chunk's compressed bytes, if this store keeps one."""
+        return None
 
     async def delete(self, digest: Digest) -> None:
         """Drop a chunk (used to throw away one found corrupt). Default: nothing to drop."""

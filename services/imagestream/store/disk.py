@@ -72,6 +72,13 @@ class DiskStore(ChunkStore):
         self.stats.bytes_served += len(data)
         return data
 
+    async def local_path(self, digest: Digest) -> str | None:
+        if digest not in self._lru:
+            return None
+        self._lru.move_to_end(digest)
+        self.stats.hits += 1
+        return str(self._path(digest))
+
     def _write(self, path: pathlib.Path, data: bytes) -> None:
         path.parent.mkdir(exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".tmp", dir=path.parent)

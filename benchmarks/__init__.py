@@ -1,0 +1,1 @@
+"""Benchmarks run on the real local stack (Redis, Cassandra, FUSE). See README, "Benchmarks"."""

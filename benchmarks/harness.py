@@ -1,0 +1,97 @@
+"""What every benchmark needs: a private stack, cold caches, repeated timings, and reports."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pathlib
+import platform
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CACHE = pathlib.Path(os.environ.get("IMAGESTREAM_CACHE_DIR", ROOT / ".cache")).absolute()
+
+
+@contextlib.contextmanager
+def private_stack(port_base: int = 50300) -> Iterator[dict[str, str]]:
+    """A stack of the benchmark's own (own home and ports), torn down afterwards."""
+    from imagestream.stack import local
+
+    home = pathlib.Path(tempfile.mkdtemp(prefix="imagestream-bench-"))
+    env = local.private_env(home, CACHE, port_base)
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        local.up(lambda line: print(line, flush=True))
+        yield env
+    finally:
+        local.down(lambda _: None)
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def drop_page_cache() -> bool:
+    """Drop the kernel's page cache, so that "from disk" means from disk. False if not allowed."""
+    try:
+        subprocess.run(["sync"], check=True)
+        pathlib.Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def timed(fn: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def median_of(runs: int, fn: Callable[[], float], before: Callable[[], None] | None = None) -> dict:
+    """Run `fn` (which returns a measurement) `runs` times; the median and every sample."""
+    samples = []
+    for _ in range(runs):
+        if before is not None:
+            before()
+        samples.append(fn())
+    return {"median": statistics.median(samples), "samples": samples}
+
+
+def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(["imagestream", *args], capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise RuntimeError(f"imagestream {' '.join(args)}: {result.stderr}")
+    return result
+
+
+def machine() -> dict:
+    cpu = "?"
+    with contextlib.suppress(OSError):
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem / 2**30, 1),
+            "kernel": platform.release(), "python": platform.python_version()}
+
+
+def write_report(name: str, results: dict, table: list[tuple[str, ...]], out_dir: pathlib.Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = {"benchmark": name, "machine": machine(), "when": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+               **results}
+    (out_dir / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
+    header, *rows = table
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    m = results["machine"]
+    lines += ["", f"Measured {results['when']} on {m['cores']} cores ({m['cpu']}), {m['memory_gib']} GiB, "
+              f"Linux {m['kernel']}, Python {m['python']}; medians of the runs listed in `{name}.json`."]
+    (out_dir / f"{name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
