@@ -6,15 +6,14 @@ import argparse
 import asyncio
 
 from imagestream import config
-from imagestream.grpc_server import serve, setup_logging
-from imagestream.index import ensure_complete
+from imagestream.grpc_server import serve, service_main
 from imagestream.store import VerifiedStore
 
 from chunk_store.cassandra_backend import CassandraChunkStore, CassandraImageRegistry, connect_from_settings
 
 SETTINGS = (
     "chunk_store_listen", "cassandra_hosts", "cassandra_port", "cassandra_keyspace", "cassandra_replication",
-    "cassandra_local_dc", "read_consistency", "write_consistency", "log_level",
+    "cassandra_local_dc", "read_consistency", "write_consistency",
 )
 
 
@@ -26,16 +25,11 @@ async def main(args: argparse.Namespace) -> None:
     registry = CassandraImageRegistry(db)
     try:
         await serve(
-            "chunk_store", config.parse_list(args.chunk_store_listen), store, registry,
-            check_publish=lambda image: ensure_complete(store, image),
+            "chunk_store", config.parse_list(args.chunk_store_listen), store, registry, source_of_truth=True
         )
     finally:
         await asyncio.to_thread(db.close)
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="chunk_store", description=__doc__)
-    config.add_arguments(parser, *SETTINGS)
-    arguments = parser.parse_args()
-    setup_logging(arguments.log_level)
-    asyncio.run(main(arguments))
+    service_main("chunk_store", __doc__, SETTINGS, main)

@@ -19,7 +19,7 @@ from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, N
 from cassandra.policies import DCAwareRoundRobinPolicy, TokenAwarePolicy
 
 from imagestream.digests import Digest
-from imagestream.errors import InvalidArgument, NotFound, Unavailable
+from imagestream.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from imagestream.registry import ImageRegistry, validate_name
 from imagestream.store.base import ChunkStore
 from imagestream.v1 import images_pb2
@@ -94,7 +94,8 @@ class CassandraConnection:
         s.execute(
             f"CREATE TABLE IF NOT EXISTS {self.keyspace}.images ("
             " name text PRIMARY KEY, index_hash text, index_size bigint, source_digest text,"
-            " content_bytes bigint, chunk_count bigint, published_at bigint)"
+            " content_bytes bigint, chunk_count bigint, published_at bigint,"
+            " profile_hash text, profile_size bigint)"
         )
         self.cluster.control_connection.wait_for_schema_agreement()
 
@@ -174,6 +175,11 @@ class CassandraImageRegistry(ImageRegistry):
             write=True,
         )
         self._delete = db.prepare("DELETE FROM {ks}.images WHERE name = ? IF EXISTS", write=True)
+        # conditional: the profile belongs to the index it was recorded on, not to whatever the name points at now
+        self._profile = db.prepare(
+            "UPDATE {ks}.images SET profile_hash = ?, profile_size = ? WHERE name = ? IF index_hash = ? AND index_size = ?",
+            write=True,
+        )
 
     @staticmethod
     def _image(row: Any) -> images_pb2.Image:
@@ -182,6 +188,8 @@ class CassandraImageRegistry(ImageRegistry):
             chunk_count=row.chunk_count or 0, published_at=row.published_at or 0,
         )
         image.index.hash, image.index.size_bytes = row.index_hash, row.index_size
+        if row.profile_hash:
+            image.profile.hash, image.profile.size_bytes = row.profile_hash, row.profile_size
         return image
 
     async def resolve(self, name: str) -> images_pb2.Image:
@@ -207,6 +215,12 @@ class CassandraImageRegistry(ImageRegistry):
     async def delete(self, name: str) -> bool:
         rows = await self.db.execute(self._delete, (validate_name(name),))
         return bool(rows and rows[0][0])
+
+    async def set_profile(self, name: str, index: Digest, profile: Digest) -> images_pb2.Image:
+        rows = await self.db.execute(self._profile, (profile.hash, profile.size, validate_name(name), index.hash, index.size))
+        if not (rows and rows[0][0]):
+            raise FailedPrecondition(f"image {name!r} is not published at index {index}")
+        return await self.resolve(name)
 
 
 def connect_from_settings(values: dict[str, str]) -> CassandraConnection:

@@ -19,9 +19,10 @@ import pyfuse3.asyncio
 
 from imagestream import config
 from imagestream.digests import Digest
-from imagestream.grpc_client import GrpcChunkStore, GrpcImageRegistry
+from imagestream.grpc_client import GrpcChunkStore, GrpcImageRegistry, NodeClient
 from imagestream.grpc_server import setup_logging
 from imagestream.index import load_index
+from imagestream.profiles import load_profile, save_profile, should_record
 
 from fuse_client.filesystem import ImageFilesystem
 from fuse_client.reader import ChunkReader
@@ -58,18 +59,23 @@ def _raise_kernel_readahead(mountpoint: str, kib: int = 4096) -> None:
 
 async def run(args: argparse.Namespace) -> None:
     started = time.monotonic()
-    target = "unix:" + (args.node_cache_socket or config.node_cache_socket())
+    target = "unix:" + config.node_cache_socket()
     timeout = float(args.fetch_timeout)
     # the node cache sits on this machine: chunks on its disk are read from there directly
     store = GrpcChunkStore(target, name="node cache", timeout_s=timeout, accept_local_path=True)
     registry = GrpcImageRegistry(target, timeout_s=timeout)
+    node = NodeClient(target, timeout_s=timeout)
     try:
         image = await registry.resolve(args.name)
-        index = await load_index(store, Digest.from_proto(image.index))
+        index_digest = Digest.from_proto(image.index)
+        index = await load_index(store, index_digest)
     except Exception as e:
         _tell_parent(args.ready_fd, {"error": f"cannot mount {args.name!r}: {e}"})
         raise SystemExit(1) from None
     reader = ChunkReader(store, index, timeout_s=timeout, retries=int(args.fetch_retries))
+    recording = should_record(args.profile, image)
+    if recording:
+        reader.touched = []
     fs = ImageFilesystem(index, reader)
     if args.record_reads:
         fs.recorded = []
@@ -84,28 +90,52 @@ async def run(args: argparse.Namespace) -> None:
         _tell_parent(args.ready_fd, {"error": f"cannot mount on {args.mountpoint}: {e}"})
         raise SystemExit(1) from None
     mount_s = time.monotonic() - started
-    log.info("mounted %s (index %s, %d inodes) on %s in %.3f s",
+    log.info("ImageStreaming: streaming %s (index %s, %d inodes) on %s, mounted in %.3f s",
              args.name, image.index.hash[:12], len(index.inodes), args.mountpoint, mount_s)
     _tell_parent(args.ready_fd, {"ok": True, "pid": os.getpid(), "mount_seconds": mount_s,
-                                 "index": image.index.hash, "inodes": len(index.inodes)})
+                                 "index": image.index.hash, "inodes": len(index.inodes),
+                                 "profile": bool(image.profile.hash), "recording_profile": recording})
 
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, pyfuse3.terminate)
     loop.add_signal_handler(signal.SIGINT, pyfuse3.terminate)
-    async def raise_readahead_after_init() -> None:
+
+    async def after_init() -> None:
         await asyncio.sleep(0.1)  # the kernel sets the readahead when it gets our INIT reply: go after it
         await asyncio.to_thread(_raise_kernel_readahead, args.mountpoint)
 
-    readahead = asyncio.ensure_future(raise_readahead_after_init())
+    async def start_download() -> None:
+        # the profile's chunks first (fetched in parallel right after mount), then the whole image
+        first = await load_profile(store, image)
+        try:
+            await node.start_download(mount_id, args.name, index_digest, first)
+        except Exception as e:  # noqa: BLE001 - streaming works without it
+            log.warning("background download of %s not started: %s", args.name, e)
+            return
+        log.info("background download of %s started (%d chunks first from its startup profile)", args.name, len(first))
+
+    mount_id = f"{os.getpid()}:{args.mountpoint}"
+    background = [asyncio.ensure_future(after_init())]
+    if args.download:
+        background.append(asyncio.ensure_future(start_download()))
     try:
         await pyfuse3.main()
     finally:
-        readahead.cancel()
+        for task in background:
+            task.cancel()
         pyfuse3.close(unmount=True)
-        await store.close()
-        await registry.close()
         log.info("unmounted %s; %d reads, %d chunks fetched (%d bytes), %d readaheads",
                  args.mountpoint, fs.reads, reader.fetches, reader.fetched_bytes, reader.readaheads)
+        try:
+            await node.end_download(mount_id)
+            if recording and reader.touched:
+                digest = await save_profile(store, registry, image, reader.touched)
+                log.info("startup profile of %s recorded: %d chunks (%s)", args.name, len(reader.touched), digest)
+        except Exception as e:  # noqa: BLE001 - the unmount itself must finish
+            log.warning("after unmount of %s: %s", args.name, e)
+        await store.close()
+        await registry.close()
+        await node.close()
         if fs.recorded is not None:
             write_recording(args.record_reads, index, fs.recorded)
 
@@ -123,8 +153,13 @@ def main() -> None:
     parser.add_argument("name")
     parser.add_argument("mountpoint")
     parser.add_argument("--ready-fd", type=int, default=None, help="write one JSON line here once mounted")
-    config.add_arguments(parser, "node_cache_socket", "fetch_timeout", "fetch_retries", "record_reads", "log_level")
+    parser.add_argument("--no-download", dest="download", action="store_false",
+                        help="stream only; do not fetch the whole image in the background")
+    config.add_arguments(parser, "node_cache_socket", "fetch_timeout", "fetch_retries", "profile", "record_reads",
+                         "log_level")
     args = parser.parse_args()
+    if args.node_cache_socket:
+        os.environ[config.SETTINGS["node_cache_socket"].env] = args.node_cache_socket
     setup_logging(args.log_level)
     pyfuse3.asyncio.enable()
     asyncio.run(run(args))

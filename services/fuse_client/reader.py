@@ -45,6 +45,8 @@ class ChunkReader:
         self._cached_bytes = 0
         self._inflight: dict[Digest, asyncio.Task[bytes]] = {}
         self._last_chunk: dict[int, int] = {}  # inode -> chunk number its last read ended in
+        self.touched: list[Digest] | None = None  # when recording a profile: chunks in first-read order
+        self._touched_set: set[Digest] = set()
         self.fetches = 0  # chunks fetched from the node cache (not served from this LRU)
         self.fetched_bytes = 0
         self.readaheads = 0
@@ -97,6 +99,8 @@ class ChunkReader:
         chunk_size = self.index.chunk_size
         first, last = offset // chunk_size, (end - 1) // chunk_size
         extents = inode.extents
+        if self.touched is not None:
+            self._record(extents, first, last)
         parts = await asyncio.gather(*(self._extent(extents[i]) for i in range(first, last + 1)))
         # Sequential by chunk, not by byte: the kernel's own readahead sends several reads at once and
         # they may arrive out of order, yet they still walk forward through the file.
@@ -107,6 +111,15 @@ class ChunkReader:
         out = b"".join(parts) if len(parts) > 1 else parts[0]
         start = offset - first * chunk_size
         return out[start : start + (end - offset)]
+
+    def _record(self, extents, first: int, last: int) -> None:  # type: ignore[no-untyped-def]
+        assert self.touched is not None
+        for i in range(first, last + 1):
+            if extents[i].HasField("chunk"):
+                d = Digest(extents[i].chunk.hash, extents[i].chunk.size_bytes)
+                if d not in self._touched_set:
+                    self._touched_set.add(d)
+                    self.touched.append(d)
 
     async def _extent(self, extent: index_pb2.Extent) -> bytes:
         if not extent.HasField("chunk"):

@@ -146,15 +146,92 @@ def rm(name: str) -> None:
 @click.argument("name")
 @click.argument("mountpoint", type=click.Path(file_okay=False))
 @_setting("node_cache_socket")
-def mount(name: str, mountpoint: str) -> None:
-    """Mount image NAME read-only on MOUNTPOINT (fetches only its index)."""
+@click.option("--wait", is_flag=True, help="then show the background download and return once it is complete")
+def mount(name: str, mountpoint: str, wait: bool) -> None:
+    """Mount image NAME read-only on MOUNTPOINT (fetches only its index; the rest downloads in the background)."""
     from imagestream import mounts
 
     try:
         m = mounts.mount(name, mountpoint)
     except ImagestreamError as e:
         _fail(e)
-    click.echo(f"mounted {name} on {m.mountpoint} in {m.mount_seconds:.3f} s (streaming; FUSE client pid {m.pid})")
+    click.echo(f"mounted {name} on {m.mountpoint} in {m.mount_seconds:.3f} s: ImageStreaming engaged "
+               f"(FUSE client pid {m.pid})")
+    if wait:
+        _wait_for_download(m.mountpoint)
+
+
+def _node_status():  # type: ignore[no-untyped-def]
+    from imagestream.grpc_client import NodeClient
+
+    async def fetch():  # type: ignore[no-untyped-def]
+        node = NodeClient("unix:" + config.node_cache_socket())
+        try:
+            return await node.status()
+        finally:
+            await node.close()
+
+    return asyncio.run(fetch())
+
+
+def _wait_for_download(mountpoint: str) -> None:
+    """A progress bar until every chunk of the image mounted on `mountpoint` is on this node."""
+    import time
+
+    from tqdm import tqdm
+
+    from imagestream import mounts
+
+    mount_id = f"{mounts.Mount.find(mountpoint).pid}:{mountpoint}"
+    bar = None
+    while True:
+        download = next((d for d in _node_status().downloads if d.mount_id == mount_id), None)
+        if download is not None and download.chunks_total:
+            if bar is None:
+                bar = tqdm(total=download.bytes_total, unit="B", unit_scale=True, desc="download")
+            bar.update(download.bytes_local - bar.n)
+            if download.done or download.stalled:
+                bar.close()
+                if download.stalled:
+                    click.echo(f"download stalled: {download.stalled} (streaming goes on)", err=True)
+                return
+        time.sleep(0.2)
+
+
+@main.command()
+@_setting("node_cache_socket")
+def status() -> None:
+    """This node: mounts, their background download, and each tier's hits and size."""
+    from imagestream import mounts
+
+    try:
+        node = _node_status()
+    except ImagestreamError as e:
+        _fail(e)
+    downloads = {d.mount_id: d for d in node.downloads}
+    click.echo("MOUNTS")
+    found = mounts.list_mounts()
+    for m in found:
+        d = downloads.get(f"{m.pid}:{m.mountpoint}")
+        if d is None or not d.chunks_total:
+            progress = "streaming (download not started)"
+        else:
+            pct = 100 * d.bytes_local / d.bytes_total if d.bytes_total else 100
+            progress = (f"{d.chunks_local}/{d.chunks_total} chunks, {d.bytes_local / 1e6:.1f}/{d.bytes_total / 1e6:.1f} MB "
+                        f"({pct:.0f}%), {d.rate_bytes_per_s / 1e6:.1f} MB/s"
+                        + (", complete: all reads local" if d.done else "") + (f", stalled: {d.stalled}" if d.stalled else ""))
+        click.echo(f"  {m.mountpoint}  {m.name}  ImageStreaming engaged  {progress}")
+    if not found:
+        click.echo("  (none)")
+    click.echo("TIERS")
+    for t in node.tiers:
+        total = t.hits + t.misses
+        ratio = f"{100 * t.hits / total:.0f}%" if total else "-"
+        cap = f" of {t.capacity_bytes / 1e6:.0f} MB" if t.capacity_bytes else ""
+        click.echo(f"  {t.tier:12} hit ratio {ratio:>5} ({t.hits} hits, {t.misses} misses), "
+                   f"{t.size_bytes / 1e6:.1f} MB{cap}, {t.evictions} evictions")
+    click.echo(f"  upstream     {node.blocking_fetches} blocking fetches, {node.background_fetches} background fetches, "
+               f"{node.pinned_chunks} chunks pinned by mounts")
 
 
 @main.command()
@@ -189,6 +266,28 @@ def run(name: str, command: tuple[str, ...], env: tuple[str, ...], keep: bool) -
     except ImagestreamError as e:
         _fail(e)
     sys.exit(code)
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.argument("name")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@_setting("node_cache_socket")
+def profile(name: str, command: tuple[str, ...]) -> None:
+    """Run COMMAND in image NAME on purpose to record its startup profile (replacing any earlier one).
+
+    Later cold mounts fetch the profiled chunks first, in parallel, right after mounting.
+    """
+    from imagestream import sandbox
+
+    if os.geteuid() != 0:
+        _fail(RuntimeError("profile needs root (mount namespaces, overlayfs, chroot)"))
+    os.environ[config.SETTINGS["profile"].env] = "always"
+    try:
+        code = sandbox.run(name, list(command))
+    except ImagestreamError as e:
+        _fail(e)
+    click.echo(f"startup profile of {name} recorded (command exited {code})")
+    sys.exit(0 if code == 0 else code)
 
 
 # -- images for trying it out --------------------------------------------------

@@ -78,11 +78,14 @@ SETTINGS = {s.name: s for s in [
     Setting("node_memory_bytes", "256MiB", "the node's memory reservation for chunks"),
     Setting("node_disk_bytes", "20GiB", "bound of the node's on-disk chunk cache"),
     Setting("node_disk_dir", "", "on-disk chunk cache folder (default: HOME/node-cache)"),
+    Setting("node_background_bandwidth", "0", "cap on the background download, bytes per second (0: none)"),
+    Setting("node_background_concurrency", "2", "background download batches in flight at once"),
     # clients
     Setting("registry", "127.0.0.1:50061", "regional store that push, images and rm talk to"),
     Setting("chunk_size", "1MiB", "chunk size used by push"),
     Setting("fetch_timeout", "10", "seconds one upstream chunk fetch may take before it is retried"),
     Setting("fetch_retries", "3", "attempts for a chunk before a FUSE read fails with EIO"),
+    Setting("profile", "first", "record a startup profile: 'first' run of an image without one, 'always', 'never'"),
     Setting("record_reads", "", "FUSE client: write every read (inode, offset, size, path) to this file at unmount"),
     Setting("log_level", "INFO", "logging level of the services"),
 ]}

@@ -37,6 +37,13 @@ class Failover(Generic[U]):
         down = [(i, u) for i, u in enumerate(self.upstreams) if self._down_until.get(i, 0.0) > now]
         return up + down
 
+    def ordered(self) -> list[U]:
+        """The upstreams in the order to try them now."""
+        return [u for _, u in self._ordered()]
+
+    def mark_down(self, upstream: U) -> None:
+        self._down_until[self.upstreams.index(upstream)] = time.monotonic() + self.cooldown_s
+
     async def call(self, what: str, fn: Callable[[U], Awaitable[R]]) -> R:
         errors: list[Exception] = []
         for i, upstream in self._ordered():

@@ -9,9 +9,10 @@ import grpc
 
 from imagestream.digests import Digest
 from imagestream.errors import CorruptChunk, FailedPrecondition, ImagestreamError, InvalidArgument, NotFound, Unavailable
+from imagestream.failover import Failover
 from imagestream.registry import ImageRegistry
 from imagestream.store.base import ChunkStore
-from imagestream.v1 import chunk_store_pb2, chunk_store_pb2_grpc, images_pb2, images_pb2_grpc
+from imagestream.v1 import chunk_store_pb2, chunk_store_pb2_grpc, images_pb2, images_pb2_grpc, node_pb2, node_pb2_grpc
 
 MAX_MESSAGE_BYTES = 80 * 1024 * 1024  # a 64 MiB blob plus framing
 
@@ -161,6 +162,10 @@ class GrpcImageRegistry(ImageRegistry):
     async def delete(self, name: str) -> bool:
         return (await self._call(self._stub.DeleteImage, images_pb2.DeleteImageRequest(name=name))).deleted
 
+    async def set_profile(self, name: str, index: Digest, profile: Digest) -> images_pb2.Image:
+        request = images_pb2.SetProfileRequest(name=name, index=index.to_proto(), profile=profile.to_proto())
+        return await self._call(self._stub.SetProfile, request)
+
     async def close(self) -> None:
         await self._channel.close()
 
@@ -169,8 +174,6 @@ class FailoverImageRegistry(ImageRegistry):
     """Names asked of the first upstream that answers."""
 
     def __init__(self, upstreams: Sequence[ImageRegistry]) -> None:
-        from imagestream.failover import Failover
-
         self.failover: Failover[ImageRegistry] = Failover(upstreams)
 
     async def resolve(self, name: str) -> images_pb2.Image:
@@ -185,6 +188,38 @@ class FailoverImageRegistry(ImageRegistry):
     async def delete(self, name: str) -> bool:
         return await self.failover.call(f"delete {name}", lambda u: u.delete(name))
 
+    async def set_profile(self, name: str, index: Digest, profile: Digest) -> images_pb2.Image:
+        return await self.failover.call(f"profile {name}", lambda u: u.set_profile(name, index, profile))
+
     async def close(self) -> None:
         for u in self.failover.upstreams:
             await u.close()
+
+
+class NodeClient:
+    """The node cache's own API: background downloads and status."""
+
+    def __init__(self, target: str, timeout_s: float = 10.0) -> None:
+        self.target = target
+        self.timeout_s = timeout_s
+        self._channel = channel(target)
+        self._stub = node_pb2_grpc.NodeStub(self._channel)
+
+    async def _call(self, method, request):  # type: ignore[no-untyped-def]
+        try:
+            return await method(request, timeout=self.timeout_s)
+        except grpc.RpcError as e:
+            raise to_error(self.target, e) from None
+
+    async def start_download(self, mount_id: str, image: str, index: Digest, first: Sequence[Digest] = ()) -> None:
+        await self._call(self._stub.StartDownload, node_pb2.StartDownloadRequest(
+            mount_id=mount_id, image=image, index=index.to_proto(), first=[d.to_proto() for d in first]))
+
+    async def end_download(self, mount_id: str) -> None:
+        await self._call(self._stub.EndDownload, node_pb2.EndDownloadRequest(mount_id=mount_id))
+
+    async def status(self) -> node_pb2.NodeStatus:
+        return await self._call(self._stub.GetNodeStatus, node_pb2.GetNodeStatusRequest())
+
+    async def close(self) -> None:
+        await self._channel.close()

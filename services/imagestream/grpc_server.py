@@ -5,6 +5,7 @@ Every tier's process is `run_service(...)` around the stores it wires together.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import logging
@@ -15,9 +16,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from imagestream import config
 from imagestream.digests import Digest, decompress_verified
 from imagestream.errors import CorruptChunk, FailedPrecondition, ImagestreamError, InvalidArgument, NotFound, Unavailable
 from imagestream.grpc_client import MAX_MESSAGE_BYTES
+from imagestream.index import ensure_complete
 from imagestream.registry import ImageRegistry, validate_name
 from imagestream.store.base import ChunkStore
 from imagestream.v1 import chunk_store_pb2, chunk_store_pb2_grpc, images_pb2, images_pb2_grpc
@@ -105,12 +108,16 @@ class ChunkStoreServicer(chunk_store_pb2_grpc.ChunkStoreServicer):
 
 
 class ImagesServicer(images_pb2_grpc.ImagesServicer):
-    """Serves names from `registry`. With `check_publish`, a name is published only
-    once the index and every chunk it references are stored."""
+    """Serves names from `registry`.
 
-    def __init__(self, registry: ImageRegistry, check_publish: Callable[[images_pb2.Image], Awaitable[None]] | None = None) -> None:
+    Given the `store` that is the source of truth (the regional store), a name
+    is published only once its index and every chunk it references are stored,
+    and a profile is attached only once it is stored.
+    """
+
+    def __init__(self, registry: ImageRegistry, store: ChunkStore | None = None) -> None:
         self.registry = registry
-        self.check_publish = check_publish
+        self.store = store
 
     async def ResolveImage(self, request, context):  # type: ignore[no-untyped-def]
         async with _status_on_error(context):
@@ -120,9 +127,17 @@ class ImagesServicer(images_pb2_grpc.ImagesServicer):
         async with _status_on_error(context):
             validate_name(request.image.name)
             _digest(request.image.index)
-            if self.check_publish is not None:
-                await self.check_publish(request.image)
+            if self.store is not None:
+                await ensure_complete(self.store, request.image)
             return await self.registry.publish(request.image)
+
+    async def SetProfile(self, request, context):  # type: ignore[no-untyped-def]
+        async with _status_on_error(context):
+            validate_name(request.name)
+            index, profile = _digest(request.index), _digest(request.profile)
+            if self.store is not None and await self.store.find_missing([profile]):
+                raise FailedPrecondition(f"image {request.name!r}: profile {profile} is not stored")
+            return await self.registry.set_profile(request.name, index, profile)
 
     async def ListImages(self, request, context):  # type: ignore[no-untyped-def]
         async with _status_on_error(context):
@@ -138,7 +153,8 @@ async def start_server(
     listen: Sequence[str],
     store: ChunkStore,
     registry: ImageRegistry,
-    check_publish: Callable[[images_pb2.Image], Awaitable[None]] | None = None,
+    source_of_truth: bool = False,
+    add_servicers: Callable[[grpc.aio.Server], None] | None = None,
 ) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
     """A started gRPC server of the chunk and image APIs plus the health service."""
     server = grpc.aio.server(
@@ -148,7 +164,9 @@ async def start_server(
         ]
     )
     chunk_store_pb2_grpc.add_ChunkStoreServicer_to_server(ChunkStoreServicer(store), server)
-    images_pb2_grpc.add_ImagesServicer_to_server(ImagesServicer(registry, check_publish), server)
+    images_pb2_grpc.add_ImagesServicer_to_server(ImagesServicer(registry, store if source_of_truth else None), server)
+    if add_servicers is not None:
+        add_servicers(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for address in listen:
@@ -171,10 +189,12 @@ async def serve(
     listen: Sequence[str],
     store: ChunkStore,
     registry: ImageRegistry,
-    check_publish: Callable[[images_pb2.Image], Awaitable[None]] | None = None,
+    source_of_truth: bool = False,
+    add_servicers: Callable[[grpc.aio.Server], None] | None = None,
+    on_stop: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
     """Serve until SIGTERM/SIGINT, then drain in-flight calls and close the stores."""
-    server, health_servicer = await start_server(service_name, listen, store, registry, check_publish)
+    server, health_servicer = await start_server(service_name, listen, store, registry, source_of_truth, add_servicers)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -183,9 +203,23 @@ async def serve(
     log.info("%s stopping", service_name)
     await health_servicer.enter_graceful_shutdown()
     await server.stop(grace=5)
+    if on_stop is not None:
+        await on_stop()
     await store.close()
     await registry.close()
 
 
 def setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def service_main(prog: str, description: str | None, settings: Sequence[str],
+                 main: Callable[[argparse.Namespace], Awaitable[None]]) -> None:
+    """The entry point every tier service shares: flags (defaulting to IMAGESTREAM_* variables), logging, run."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    config.add_arguments(parser, *settings, "log_level")
+    args = parser.parse_args()
+    for name in settings:  # flags win over the environment, for config.get() too
+        os.environ[config.SETTINGS[name].env] = getattr(args, name)
+    setup_logging(args.log_level)
+    asyncio.run(main(args))

@@ -29,6 +29,13 @@ class Mount:
     index: str
     log: str
 
+    @classmethod
+    def find(cls, mountpoint: str) -> Mount:
+        record = _record(os.path.realpath(mountpoint))
+        if not record.exists():
+            raise MountError(f"{mountpoint} is not mounted by imagestream")
+        return cls(**json.loads(record.read_text()))
+
 
 def _registry() -> pathlib.Path:
     d = config.home() / "mounts"

@@ -253,13 +253,12 @@ class _TarMembers:
         return f
 
 
-class OciArchive(_OciSource):
-    format = "oci-archive"
+class _InArchive(ImageSource):
+    """An image whose files are the members of one tar archive."""
 
     def __init__(self, path: pathlib.Path, members: _TarMembers) -> None:
         super().__init__(path)
         self._members = members
-        self._load()
 
     def _exists(self, name: str) -> bool:
         return self._members.exists(name)
@@ -271,14 +270,21 @@ class OciArchive(_OciSource):
         self._members.tar.close()
 
 
-class DockerArchive(ImageSource):
+class OciArchive(_InArchive, _OciSource):
+    format = "oci-archive"
+
+    def __init__(self, path: pathlib.Path, members: _TarMembers) -> None:
+        super().__init__(path, members)
+        self._load()
+
+
+class DockerArchive(_InArchive):
     """`docker save` output: manifest.json naming a config and layer tars."""
 
     format = "docker-archive"
 
     def __init__(self, path: pathlib.Path, members: _TarMembers) -> None:
-        super().__init__(path)
-        self._members = members
+        super().__init__(path, members)
         entries = json.loads(self._read_blob("manifest.json", None, "manifest.json"))
         if not isinstance(entries, list) or not entries or not isinstance(entries[0], dict):
             raise BadImage("manifest.json: expected a list of images")
@@ -299,15 +305,6 @@ class DockerArchive(ImageSource):
             _check_digest_form(diff_id, f"layer {i} diff_id")
             # the blob name is a digest in Docker 25+ archives; older ones name it <id>/layer.tar
             self.layers.append(Layer(i, name, None, diff_id))
-
-    def _exists(self, name: str) -> bool:
-        return self._members.exists(name)
-
-    def _open(self, name: str) -> IO[bytes]:
-        return self._members.open(name)
-
-    def close(self) -> None:
-        self._members.tar.close()
 
 
 def open_image(path: str | pathlib.Path) -> ImageSource:

@@ -6,7 +6,8 @@ import abc
 import re
 import time
 
-from imagestream.errors import InvalidArgument, NotFound
+from imagestream.digests import Digest
+from imagestream.errors import FailedPrecondition, InvalidArgument, NotFound
 from imagestream.v1 import images_pb2
 
 # Like a registry reference: repository path, optional :tag. No spaces, no "..".
@@ -37,6 +38,10 @@ class ImageRegistry(abc.ABC):
     @abc.abstractmethod
     async def delete(self, name: str) -> bool: ...
 
+    @abc.abstractmethod
+    async def set_profile(self, name: str, index: Digest, profile: Digest) -> images_pb2.Image:
+        """Attach a startup profile, if `name` still points at `index` (else FailedPrecondition)."""
+
     async def close(self) -> None:
         pass
 
@@ -65,3 +70,10 @@ class MemoryRegistry(ImageRegistry):
 
     async def delete(self, name: str) -> bool:
         return self._images.pop(validate_name(name), None) is not None
+
+    async def set_profile(self, name: str, index: Digest, profile: Digest) -> images_pb2.Image:
+        image = await self.resolve(name)
+        if Digest.from_proto(image.index) != index:
+            raise FailedPrecondition(f"image {name!r} no longer points at index {index}")
+        image.profile.CopyFrom(profile.to_proto())
+        return image

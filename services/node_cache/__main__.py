@@ -3,44 +3,96 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
+import dataclasses
+
+import grpc
 
 from imagestream import config
+from imagestream.digests import Digest
 from imagestream.grpc_client import FailoverImageRegistry, GrpcChunkStore, GrpcImageRegistry
-from imagestream.grpc_server import serve, setup_logging
-from imagestream.store import CoalescingStore, FailoverStore, MemoryStore, ReadThroughStore, VerifiedStore
+from imagestream.grpc_server import serve, service_main
+from imagestream.store import FailoverStore, MemoryStore, ReadThroughStore, VerifiedStore
+from imagestream.store.base import ChunkStore
 from imagestream.store.disk import DiskStore
+from imagestream.v1 import node_pb2, node_pb2_grpc
+
+from node_cache.downloads import Downloads
+from node_cache.fetcher import NodeFetcher
 
 SETTINGS = ("home", "node_cache_socket", "node_upstreams", "node_memory_bytes", "node_disk_bytes", "node_disk_dir",
-            "log_level")
+            "node_background_bandwidth", "node_background_concurrency")
 
 
-def build_store(args: argparse.Namespace) -> ReadThroughStore:
+@dataclasses.dataclass
+class Node:
+    """The node's tiers: memory over disk over the way upstream."""
+
+    memory: MemoryStore
+    disk: DiskStore
+    fetcher: NodeFetcher
+    store: ReadThroughStore
+
+
+def build(args: argparse.Namespace) -> Node:
     upstreams = config.parse_list(args.node_upstreams)
-    remote = FailoverStore([VerifiedStore(GrpcChunkStore(t)) for t in upstreams])
+
+    def remote(name: str) -> ChunkStore:
+        return FailoverStore([VerifiedStore(GrpcChunkStore(t, name=f"{name} {t}")) for t in upstreams])
+
+    # the background download has connections of its own: its transfers never sit in front of a foreground read
+    fetcher = NodeFetcher(remote("foreground"), remote("background"),
+                          config.parse_size(args.node_background_bandwidth) or None)
     disk = DiskStore(config.node_disk_dir(), config.parse_size(args.node_disk_bytes))
     memory = MemoryStore(config.parse_size(args.node_memory_bytes))
     # Memory holds chunks already verified on their way in; disk bytes are checked on every read.
-    return ReadThroughStore(
-        memory,
-        ReadThroughStore(VerifiedStore(disk), CoalescingStore(remote), name="disk"),
-        name="node",
-    )
+    store = ReadThroughStore(memory, ReadThroughStore(VerifiedStore(disk), fetcher, name="disk"), name="node")
+    return Node(memory, disk, fetcher, store)
+
+
+class NodeServicer(node_pb2_grpc.NodeServicer):
+    def __init__(self, node: Node, downloads: Downloads) -> None:
+        self.node = node
+        self.downloads = downloads
+
+    async def StartDownload(self, request, context):  # type: ignore[no-untyped-def]
+        try:
+            index = Digest.from_proto(request.index)
+            first = [Digest.from_proto(d) for d in request.first]
+        except Exception as e:  # noqa: BLE001 - malformed request
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        self.downloads.start(request.mount_id, request.image, index, first)
+        return node_pb2.StartDownloadResponse()
+
+    async def EndDownload(self, request, context):  # type: ignore[no-untyped-def]
+        self.downloads.end(request.mount_id)
+        return node_pb2.EndDownloadResponse()
+
+    async def GetNodeStatus(self, request, context):  # type: ignore[no-untyped-def]
+        n = self.node
+        tiers = [
+            node_pb2.TierStatus(tier="node memory", hits=n.memory.stats.hits, misses=n.memory.stats.misses,
+                                bytes_served=n.memory.stats.bytes_served, size_bytes=n.memory.size_bytes,
+                                capacity_bytes=n.memory.capacity_bytes or 0, evictions=n.memory.stats.evictions,
+                                peak_bytes=n.memory.peak_bytes),
+            node_pb2.TierStatus(tier="node disk", hits=n.disk.stats.hits, misses=n.disk.stats.misses,
+                                bytes_served=n.disk.stats.bytes_served, size_bytes=n.disk.size_bytes,
+                                capacity_bytes=n.disk.capacity_bytes or 0, evictions=n.disk.stats.evictions),
+        ]
+        return node_pb2.NodeStatus(
+            downloads=self.downloads.status(), tiers=tiers, blocking_fetches=n.fetcher.blocking_fetches,
+            background_fetches=n.fetcher.background_fetches, pinned_chunks=n.disk.pinned_chunks,
+        )
 
 
 async def main(args: argparse.Namespace) -> None:
-    store = build_store(args)
+    node = build(args)
+    downloads = Downloads(node.store, node.disk, node.fetcher, concurrency=int(args.node_background_concurrency))
     registry = FailoverImageRegistry([GrpcImageRegistry(t) for t in config.parse_list(args.node_upstreams)])
-    await serve("node_cache", ["unix:" + (args.node_cache_socket or config.node_cache_socket())], store, registry)
+    await serve(
+        "node_cache", ["unix:" + config.node_cache_socket()], node.store, registry,
+        add_servicers=lambda server: node_pb2_grpc.add_NodeServicer_to_server(NodeServicer(node, downloads), server),
+    )
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="node_cache", description=__doc__)
-    config.add_arguments(parser, *SETTINGS)
-    arguments = parser.parse_args()
-    if arguments.home:
-        import os
-
-        os.environ[config.SETTINGS["home"].env] = arguments.home
-    setup_logging(arguments.log_level)
-    asyncio.run(main(arguments))
+    service_main("node_cache", __doc__, SETTINGS, main)

@@ -9,12 +9,12 @@ import logging
 from imagestream import config
 from imagestream.errors import Unavailable
 from imagestream.grpc_client import FailoverImageRegistry, GrpcChunkStore, GrpcImageRegistry
-from imagestream.grpc_server import serve, setup_logging
+from imagestream.grpc_server import serve, service_main
 from imagestream.store import CoalescingStore, FailoverStore, ReadThroughStore, VerifiedStore
 
 from zonal_cache.redis_backend import RedisChunkStore
 
-SETTINGS = ("zonal_cache_listen", "redis_url", "zonal_upstreams", "log_level")
+SETTINGS = ("zonal_cache_listen", "redis_url", "zonal_upstreams")
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -32,8 +32,4 @@ async def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="zonal_cache", description=__doc__)
-    config.add_arguments(parser, *SETTINGS)
-    arguments = parser.parse_args()
-    setup_logging(arguments.log_level)
-    asyncio.run(main(arguments))
+    service_main("zonal_cache", __doc__, SETTINGS, main)

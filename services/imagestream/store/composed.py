@@ -40,6 +40,18 @@ class VerifiedStore(ChunkStore):
             raise
         return data
 
+    async def get_many(self, digests, concurrency: int = 16):  # type: ignore[no-untyped-def]
+        """The inner store's batch, checked chunk by chunk; a corrupt one is dropped and not yielded."""
+        async for digest, data in self.inner.get_many(digests, concurrency):
+            try:
+                await asyncio.to_thread(verify, digest, data) if len(data) > 64 * 1024 else verify(digest, data)
+            except CorruptChunk as e:
+                self.stats.corrupt_dropped += 1
+                log.warning("%s: dropping corrupt chunk %s: %s", self.name, digest, e)
+                await self.inner.delete(digest)
+                continue
+            yield digest, data
+
     async def put(self, digest: Digest, compressed: bytes) -> bool:
         verify(digest, compressed)
         return await self.inner.put(digest, compressed)
@@ -97,8 +109,36 @@ class ReadThroughStore(ChunkStore):
         self.stats.bytes_served += len(data)
         return data
 
+    async def get_many(self, digests, concurrency: int = 16):  # type: ignore[no-untyped-def]
+        """Hits from the cache; all misses upstream in one batch, kept on the way."""
+        missing: list[Digest] = []
+        for digest in dict.fromkeys(digests):
+            try:
+                data = await self.cache.get(digest)
+            except (NotFound, CorruptChunk, Unavailable):
+                missing.append(digest)
+                continue
+            self.stats.hits += 1
+            yield digest, data
+        if not missing:
+            return
+        self.stats.misses += len(missing)
+        self.stats.upstream_fetches += 1
+        async for digest, data in self.upstream.get_many(missing, concurrency):
+            try:
+                await self.cache.put(digest, data)
+            except Unavailable as e:
+                log.warning("%s: could not keep chunk %s: %s", self.name, digest.short, e)
+            yield digest, data
+
     async def put(self, digest: Digest, compressed: bytes) -> bool:
-        return await self.cache.put(digest, compressed)
+        """Write through: a chunk given to a cache tier is stored in the region too (e.g. a startup profile)."""
+        stored = await self.upstream.put(digest, compressed)
+        try:
+            await self.cache.put(digest, compressed)
+        except Unavailable as e:
+            log.warning("%s: could not keep chunk %s: %s", self.name, digest.short, e)
+        return stored
 
     async def local_path(self, digest: Digest) -> str | None:
         return await self.cache.local_path(digest) or await self.upstream.local_path(digest)
@@ -129,6 +169,29 @@ class FailoverStore(ChunkStore):
 
     async def get(self, digest: Digest) -> bytes:
         return await self.failover.call(f"get chunk {digest.short}", lambda u: u.get(digest))
+
+    async def get_many(self, digests, concurrency: int = 16):  # type: ignore[no-untyped-def]
+        """One batch to the first upstream that answers; what it lacks, from the next."""
+        remaining = dict.fromkeys(digests)
+        errors: list[Exception] = []
+        for upstream in self.failover.ordered():
+            if not remaining:
+                return
+            try:
+                async for digest, data in upstream.get_many(list(remaining), concurrency):
+                    if remaining.pop(digest, False) is None:
+                        yield digest, data
+            except Unavailable as e:
+                self.failover.mark_down(upstream)
+                errors.append(e)
+            except (NotFound, CorruptChunk) as e:
+                errors.append(e)
+        if remaining:
+            first = next(iter(remaining))
+            detail = "; ".join(map(str, errors)) or "not found"
+            if errors and all(isinstance(e, Unavailable) for e in errors):
+                raise Unavailable(f"get {len(remaining)} chunks: every upstream is unavailable: {detail}")
+            raise NotFound(f"get {len(remaining)} chunks (first {first.short}): {detail}")
 
     async def put(self, digest: Digest, compressed: bytes) -> bool:
         return await self.failover.call(f"put chunk {digest.short}", lambda u: u.put(digest, compressed))

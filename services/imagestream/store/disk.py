@@ -31,6 +31,9 @@ class DiskStore(ChunkStore):
         self.root.mkdir(parents=True, exist_ok=True)
         self._lru: OrderedDict[Digest, int] = OrderedDict()
         self.size_bytes = 0
+        # chunks of mounted images: never evicted while an owner (a mount) holds them
+        self._pins: dict[str, set[Digest]] = {}
+        self._pinned: dict[Digest, int] = {}  # digest -> number of owners
         self._scan()
 
     def _path(self, digest: Digest) -> pathlib.Path:
@@ -105,13 +108,45 @@ class DiskStore(ChunkStore):
         self.size_bytes += len(compressed)
         return True
 
+    def pin(self, owner: str, digests: set[Digest]) -> None:
+        self.unpin(owner)
+        self._pins[owner] = digests
+        for d in digests:
+            self._pinned[d] = self._pinned.get(d, 0) + 1
+
+    def unpin(self, owner: str) -> None:
+        for d in self._pins.pop(owner, ()):
+            left = self._pinned[d] - 1
+            if left:
+                self._pinned[d] = left
+            else:
+                del self._pinned[d]
+
+    @property
+    def pinned_chunks(self) -> int:
+        return len(self._pinned)
+
     async def _evict(self, room_for: int) -> None:
+        """Make room, least recently used first, never a pinned chunk; Unavailable if impossible."""
         if self.capacity_bytes is None:
             return
-        while self._lru and self.size_bytes + room_for > self.capacity_bytes:
-            victim = next(iter(self._lru))
+        if self.size_bytes + room_for <= self.capacity_bytes:
+            return
+        for victim in [d for d in self._lru if d not in self._pinned]:
             await self.delete(victim)
             self.stats.evictions += 1
+            if self.size_bytes + room_for <= self.capacity_bytes:
+                return
+        raise Unavailable(
+            f"disk cache full: {self.size_bytes} of {self.capacity_bytes} bytes held by chunks of mounted images"
+        )
+
+    async def collect(self) -> int:
+        """Drop every chunk no mounted image uses; the number dropped."""
+        victims = [d for d in self._lru if d not in self._pinned]
+        for d in victims:
+            await self.delete(d)
+        return len(victims)
 
     def _forget(self, digest: Digest) -> None:
         nbytes = self._lru.pop(digest, None)

@@ -1,0 +1,43 @@
+"""Startup profiles: which chunks an image's first run read, in order; stored with the image in the region."""
+
+from __future__ import annotations
+
+import logging
+
+from imagestream.digests import Digest, compress, decompress_verified
+from imagestream.registry import ImageRegistry
+from imagestream.store.base import ChunkStore
+from imagestream.v1 import images_pb2
+
+log = logging.getLogger(__name__)
+
+
+async def load_profile(store: ChunkStore, image: images_pb2.Image) -> list[Digest]:
+    """The image's profile chunks in order; [] if it has none or it cannot be read (a profile only helps)."""
+    if not image.profile.hash:
+        return []
+    try:
+        digest = Digest.from_proto(image.profile)
+        profile = images_pb2.StartupProfile()
+        profile.ParseFromString(decompress_verified(digest, await store.get(digest)))
+        return [Digest.from_proto(d) for d in profile.chunks]
+    except Exception as e:  # noqa: BLE001
+        log.warning("startup profile of %s not used: %s", image.name, e)
+        return []
+
+
+async def save_profile(store: ChunkStore, registry: ImageRegistry, image: images_pb2.Image,
+                       chunks: list[Digest], command: str = "") -> Digest:
+    """Store the profile (written through to the region) and attach it to the image."""
+    data = images_pb2.StartupProfile(chunks=[d.to_proto() for d in chunks], command=command).SerializeToString(
+        deterministic=True)
+    digest = Digest.of(data)
+    await store.put(digest, compress(data))
+    await registry.set_profile(image.name, Digest.from_proto(image.index), digest)
+    return digest
+
+
+def should_record(mode: str, image: images_pb2.Image) -> bool:
+    if mode not in ("first", "always", "never"):
+        raise ValueError(f"IMAGESTREAM_PROFILE={mode!r}: want first, always or never")
+    return mode == "always" or (mode == "first" and not image.profile.hash)

@@ -1,0 +1,141 @@
+"""Background full download of mounted images.
+
+While an application runs on streamed data, its whole image is fetched behind
+it: the startup profile's chunks first, then the rest in index order, in
+batches (one upstream call each), a few batches at a time, under an optional
+bandwidth cap, always yielding to foreground fetches (see fetcher.py). Chunks
+go to the node's disk, pinned there while the image is mounted; once all are
+local, every read of the mount is served by the node without a network hop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+
+from imagestream.digests import Digest
+from imagestream.errors import ImagestreamError, Unavailable
+from imagestream.index import load_index
+from imagestream.store.base import ChunkStore
+from imagestream.store.disk import DiskStore
+from imagestream.v1 import node_pb2
+
+from node_cache.fetcher import NodeFetcher
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Download:
+    mount_id: str
+    image: str
+    chunks: list[Digest] = dataclasses.field(default_factory=list)
+    local: set[Digest] = dataclasses.field(default_factory=set)
+    profile_chunks: int = 0
+    stalled: str = ""
+    task: asyncio.Task | None = None
+
+    @property
+    def done(self) -> bool:
+        return bool(self.chunks) and len(self.local) == len(self.chunks)
+
+    def to_proto(self, rate: float) -> node_pb2.Download:
+        return node_pb2.Download(
+            mount_id=self.mount_id, image=self.image, chunks_total=len(self.chunks), chunks_local=len(self.local),
+            bytes_total=sum(d.size for d in self.chunks), bytes_local=sum(d.size for d in self.local),
+            rate_bytes_per_s=rate, done=self.done, stalled=self.stalled, profile_chunks=self.profile_chunks,
+        )
+
+
+class Downloads:
+    def __init__(self, store: ChunkStore, disk: DiskStore, fetcher: NodeFetcher,
+                 batch_chunks: int = 16, concurrency: int = 2) -> None:
+        self.store = store  # the node's whole chain, to read the index through
+        self.disk = disk
+        self.fetcher = fetcher
+        self.batch_chunks = batch_chunks
+        self.concurrency = concurrency
+        self.downloads: dict[str, Download] = {}
+
+    def start(self, mount_id: str, image: str, index: Digest, first: list[Digest]) -> Download:
+        self.end(mount_id)
+        download = self.downloads[mount_id] = Download(mount_id, image)
+        download.task = asyncio.ensure_future(self._run(download, index, first))
+        return download
+
+    def end(self, mount_id: str) -> None:
+        download = self.downloads.pop(mount_id, None)
+        if download is not None and download.task is not None:
+            download.task.cancel()
+        self.disk.unpin(mount_id)
+
+    async def _run(self, download: Download, index_digest: Digest, first: list[Digest]) -> None:
+        try:
+            index = await load_index(self.store, index_digest)
+            everything = index.chunks()
+            in_image = set(everything)
+            profile = [d for d in dict.fromkeys(first) if d in in_image]
+            download.profile_chunks = len(profile)
+            chosen = set(profile)
+            download.chunks = profile + [d for d in everything if d not in chosen]
+            self.disk.pin(download.mount_id, set(download.chunks) | {index_digest})
+            download.local = {d for d in download.chunks if await self.disk.contains(d)}
+            todo = [d for d in download.chunks if d not in download.local]
+            log.info("download of %s: %d chunks, %d local, %d first from the profile",
+                     download.image, len(download.chunks), len(download.local), len(profile))
+            queue: asyncio.Queue[list[Digest]] = asyncio.Queue()
+            for i in range(0, len(todo), self.batch_chunks):
+                queue.put_nowait(todo[i : i + self.batch_chunks])
+            workers = [asyncio.ensure_future(self._worker(download, queue)) for _ in range(self.concurrency)]
+            try:
+                await asyncio.gather(*workers)
+            finally:
+                for w in workers:
+                    w.cancel()
+            if download.done:
+                log.info("download of %s complete: every chunk is on this node", download.image)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a background job reports, it does not crash the node
+            download.stalled = f"{type(e).__name__}: {e}"
+            log.warning("download of %s stopped: %s", download.image, download.stalled)
+
+    async def _worker(self, download: Download, queue: asyncio.Queue[list[Digest]]) -> None:
+        while not queue.empty() and not download.stalled:
+            batch = []
+            for d in queue.get_nowait():
+                if d in download.local:
+                    continue
+                if await self.disk.contains(d):  # a foreground read brought it meanwhile
+                    download.local.add(d)
+                    continue
+                batch.append(d)
+            if not batch:
+                continue
+            try:
+                got = await self.fetcher.fetch_background(batch)
+            except ImagestreamError as e:
+                log.warning("download of %s: batch failed, retrying later: %s", download.image, e)
+                await asyncio.sleep(1.0)
+                queue.put_nowait(batch)
+                continue
+            for digest, data in got.items():
+                try:
+                    await self.disk.put(digest, data)
+                except Unavailable as e:
+                    download.stalled = str(e)
+                    log.warning("download of %s stalled: %s (streaming goes on)", download.image, e)
+                    return
+                download.local.add(digest)
+            missing = [d for d in batch if d not in got and not await self.disk.contains(d)]
+            download.local.update(d for d in batch if d not in missing)
+            if missing and not got:
+                download.stalled = f"{len(missing)} chunks not available upstream (first {missing[0]})"
+                return
+            if missing:
+                queue.put_nowait(missing)
+
+    def status(self) -> list[node_pb2.Download]:
+        rate = self.fetcher.rate()
+        return [d.to_proto(rate) for d in self.downloads.values()]

@@ -1,0 +1,150 @@
+"""The node's way upstream, shared by what an application waits for and what is downloaded behind it.
+
+Foreground gets (a FUSE read that missed the node) always go first:
+* they never wait for a background batch: background transfers use channels of
+  their own, and a new background batch starts only while no foreground fetch
+  is under way (`ForegroundGate`);
+* a foreground get of a chunk the background is already fetching joins that
+  fetch instead of starting another;
+* concurrent foreground gets of one chunk are one upstream fetch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from collections.abc import Sequence
+
+from imagestream.digests import Digest, decompress_verified
+from imagestream.errors import CorruptChunk, NotFound
+from imagestream.store.base import ChunkStore
+
+
+class ForegroundGate:
+    """Counts foreground fetches in flight; background work waits until there are none."""
+
+    def __init__(self) -> None:
+        self.active = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def enter(self) -> None:
+        self.active += 1
+        self._idle.clear()
+
+    def leave(self) -> None:
+        self.active -= 1
+        if self.active == 0:
+            self._idle.set()
+
+    async def wait_idle(self) -> None:
+        await self._idle.wait()
+
+
+class TokenBucket:
+    """A bandwidth cap for background transfers (bytes per second; None = no cap)."""
+
+    def __init__(self, rate: float | None) -> None:
+        self.rate = rate
+        self._allowance = rate or 0.0
+        self._last = time.monotonic()
+
+    async def consume(self, n: int) -> None:
+        if not self.rate:
+            return
+        now = time.monotonic()
+        self._allowance = min(self.rate, self._allowance + (now - self._last) * self.rate)
+        self._last = now
+        self._allowance -= n
+        if self._allowance < 0:
+            await asyncio.sleep(-self._allowance / self.rate)
+
+
+class NodeFetcher(ChunkStore):
+    """Upstream of the node's disk tier: `get` is the foreground, `fetch_background` the background."""
+
+    name = "upstream"
+
+    def __init__(self, foreground: ChunkStore, background: ChunkStore, bandwidth_bytes_per_s: float | None = None) -> None:
+        super().__init__()
+        self.foreground = foreground
+        self.background = background
+        self.gate = ForegroundGate()
+        self.bucket = TokenBucket(bandwidth_bytes_per_s)
+        self._inflight: dict[Digest, asyncio.Future[bytes]] = {}
+        self.blocking_fetches = 0  # foreground gets that started an upstream fetch of their own
+        self.joined_background = 0
+        self.background_fetches = 0
+        self.recent: collections.deque[tuple[float, int]] = collections.deque(maxlen=512)  # (time, bytes) fetched
+
+    async def get(self, digest: Digest) -> bytes:
+        pending = self._inflight.get(digest)
+        if pending is not None:
+            self.joined_background += 1
+            return await asyncio.shield(pending)
+        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._inflight[digest] = fut
+        self.gate.enter()
+        self.blocking_fetches += 1
+        try:
+            data = await self.foreground.get(digest)
+        except BaseException as e:
+            fut.set_exception(e if isinstance(e, Exception) else NotFound("fetch cancelled"))
+            fut.exception()
+            raise
+        else:
+            fut.set_result(data)
+            self.recent.append((time.monotonic(), len(data)))
+            return data
+        finally:
+            self.gate.leave()
+            del self._inflight[digest]
+
+    async def fetch_background(self, digests: Sequence[Digest]) -> dict[Digest, bytes]:
+        """Fetch a batch in one upstream call, after any foreground fetch; verified chunks by digest."""
+        await self.gate.wait_idle()
+        wanted = [d for d in dict.fromkeys(digests) if d not in self._inflight]
+        futures: dict[Digest, asyncio.Future[bytes]] = {}
+        loop = asyncio.get_running_loop()
+        for d in wanted:
+            futures[d] = self._inflight[d] = loop.create_future()
+        got: dict[Digest, bytes] = {}
+        try:
+            async for digest, data in self.background.get_many(wanted):
+                if digest not in futures or digest in got:
+                    continue
+                try:
+                    decompress_verified(digest, data)
+                except CorruptChunk:
+                    continue  # left missing: a later batch or a foreground read fetches it again
+                got[digest] = data
+                futures[digest].set_result(data)
+                self.background_fetches += 1
+                self.recent.append((time.monotonic(), len(data)))
+                await self.bucket.consume(len(data))
+        finally:
+            for d, fut in futures.items():
+                if not fut.done():
+                    fut.set_exception(NotFound(f"chunk {d.short}: background fetch did not bring it"))
+                    fut.exception()
+                self._inflight.pop(d, None)
+        return got
+
+    def rate(self, window_s: float = 5.0) -> float:
+        now = time.monotonic()
+        recent = [(t, n) for t, n in self.recent if now - t <= window_s]
+        return sum(n for _, n in recent) / window_s if recent else 0.0
+
+    async def put(self, digest: Digest, compressed: bytes) -> bool:
+        return await self.foreground.put(digest, compressed)
+
+    async def contains(self, digest: Digest) -> bool:
+        return await self.foreground.contains(digest)
+
+    async def find_missing(self, digests):  # type: ignore[no-untyped-def]
+        return await self.foreground.find_missing(digests)
+
+    async def close(self) -> None:
+        await self.foreground.close()
+        await self.background.close()
