@@ -95,3 +95,4 @@ def write_report(name: str, results: dict, table: list[tuple[str, ...]], out_dir
               f"Linux {m['kernel']}, Python {m['python']}; medians of the runs listed in `{name}.json`."]
     (out_dir / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+

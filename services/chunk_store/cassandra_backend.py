@@ -95,7 +95,7 @@ class CassandraConnection:
             f"CREATE TABLE IF NOT EXISTS {self.keyspace}.images ("
             " name text PRIMARY KEY, index_hash text, index_size bigint, source_digest text,"
             " content_bytes bigint, chunk_count bigint, published_at bigint,"
-            " profile_hash text, profile_size bigint)"
+            " profile_hash text, profile_size bigint, streaming_disabled boolean)"
         )
         self.cluster.control_connection.wait_for_schema_agreement()
 
@@ -171,7 +171,7 @@ class CassandraImageRegistry(ImageRegistry):
         self._all = db.prepare("SELECT * FROM {ks}.images", write=False)
         self._put = db.prepare(
             "INSERT INTO {ks}.images (name, index_hash, index_size, source_digest, content_bytes, chunk_count,"
-            " published_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            " published_at, streaming_disabled, profile_hash, profile_size) VALUES (?, ?, ?, ?, ?, ?, ?, ?, null, null)",
             write=True,
         )
         self._delete = db.prepare("DELETE FROM {ks}.images WHERE name = ? IF EXISTS", write=True)
@@ -186,6 +186,7 @@ class CassandraImageRegistry(ImageRegistry):
         image = images_pb2.Image(
             name=row.name, source_digest=row.source_digest or "", content_bytes=row.content_bytes or 0,
             chunk_count=row.chunk_count or 0, published_at=row.published_at or 0,
+            streaming_disabled=bool(row.streaming_disabled),
         )
         image.index.hash, image.index.size_bytes = row.index_hash, row.index_size
         if row.profile_hash:
@@ -205,7 +206,7 @@ class CassandraImageRegistry(ImageRegistry):
         await self.db.execute(
             self._put,
             (validate_name(image.name), image.index.hash, image.index.size_bytes, image.source_digest,
-             image.content_bytes, image.chunk_count, stored.published_at),
+             image.content_bytes, image.chunk_count, stored.published_at, image.streaming_disabled),
         )
         return stored
 

@@ -84,12 +84,13 @@ def stack_status() -> None:
 @_setting("registry")
 @_setting("chunk_size")
 @click.option("--quiet", "-q", is_flag=True, help="no progress bars")
-def push(source: str, name: str, quiet: bool) -> None:
+@click.option("--no-streaming", is_flag=True, help="nodes must pull this image in full before running it")
+def push(source: str, name: str, quiet: bool, no_streaming: bool) -> None:
     """Convert SOURCE (OCI layout dir, OCI archive, or docker save archive) and publish it as NAME."""
     from imagestream.push import push as do_push
 
     try:
-        result = do_push(source, name, progress=not quiet)
+        result = do_push(source, name, progress=not quiet, streaming=not no_streaming)
     except ImagestreamError as e:
         _fail(e)
     click.echo(result.summary())
@@ -162,16 +163,9 @@ def mount(name: str, mountpoint: str, wait: bool) -> None:
 
 
 def _node_status():  # type: ignore[no-untyped-def]
-    from imagestream.grpc_client import NodeClient
+    from imagestream.grpc_client import node_status
 
-    async def fetch():  # type: ignore[no-untyped-def]
-        node = NodeClient("unix:" + config.node_cache_socket())
-        try:
-            return await node.status()
-        finally:
-            await node.close()
-
-    return asyncio.run(fetch())
+    return node_status()
 
 
 def _wait_for_download(mountpoint: str) -> None:
@@ -252,6 +246,7 @@ def umount(mountpoint: str) -> None:
 @click.option("--env", "-e", "env", multiple=True, help="NAME=VALUE (or NAME to pass the caller's) for the command")
 @click.option("--keep", is_flag=True, help="keep the run's writable upper directory")
 @_setting("node_cache_socket")
+@_setting("streaming")
 def run(name: str, command: tuple[str, ...], env: tuple[str, ...], keep: bool) -> None:
     """Run COMMAND in image NAME: streamed mount, writable overlay, /proc /dev /sys, chroot.
 

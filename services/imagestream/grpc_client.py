@@ -223,3 +223,17 @@ class NodeClient:
 
     async def close(self) -> None:
         await self._channel.close()
+
+
+def node_status(target: str | None = None) -> node_pb2.NodeStatus:
+    """The local node cache's status, from synchronous code (CLI, tests, benchmarks)."""
+    from imagestream import config
+
+    async def fetch() -> node_pb2.NodeStatus:
+        node = NodeClient(target or "unix:" + config.node_cache_socket())
+        try:
+            return await node.status()
+        finally:
+            await node.close()
+
+    return asyncio.run(fetch())

@@ -44,7 +44,7 @@ class PushResult:
 
 
 def push(source: str | pathlib.Path, name: str, registry: str | None = None, chunk_size: int | None = None,
-         progress: bool = True) -> PushResult:
+         progress: bool = True, streaming: bool = True) -> PushResult:
     validate_name(name)
     registry = registry or config.get("registry")
     chunk_size = chunk_size or config.parse_size(config.get("chunk_size"))
@@ -55,11 +55,11 @@ def push(source: str | pathlib.Path, name: str, registry: str | None = None, chu
                                        on_layer=lambda done, total: bar.update(1))
         convert_s = time.monotonic() - started
         started = time.monotonic()
-        image, uploaded, uploaded_bytes = asyncio.run(_upload(converted, spool, name, registry, progress))
+        image, uploaded, uploaded_bytes = asyncio.run(_upload(converted, spool, name, registry, progress, streaming))
         return PushResult(image, converted, uploaded, uploaded_bytes, convert_s, time.monotonic() - started)
 
 
-async def _upload(converted: Converted, spool, name: str, target: str, progress: bool):  # type: ignore[no-untyped-def]
+async def _upload(converted: Converted, spool, name: str, target: str, progress: bool, streaming: bool):  # type: ignore[no-untyped-def]
     store = GrpcChunkStore(target, name="regional")
     registry = GrpcImageRegistry(target)
     try:
@@ -78,7 +78,7 @@ async def _upload(converted: Converted, spool, name: str, target: str, progress:
 
             await store.put_many(chunks())
         image = images_pb2.Image(name=name, index=converted.index_digest.to_proto(),
-                                 source_digest=converted.source_digest)
+                                 source_digest=converted.source_digest, streaming_disabled=not streaming)
         published = await registry.publish(image)
         return published, len(missing), total
     finally:

@@ -21,23 +21,23 @@ import subprocess
 import sys
 import uuid
 
-from imagestream import config, mounts
+from imagestream import config, mounts, pull
 
 CLONE_NEWNS = 0x00020000
 
 
-def image_config(name: str) -> dict:
-    """The image's OCI config section (Env, WorkingDir, ...), read through the node cache."""
+def describe(name: str):  # type: ignore[no-untyped-def]
+    """The image record and its runtime config (Env, WorkingDir, ...), read through the node cache."""
     from imagestream.digests import Digest
     from imagestream.grpc_client import GrpcChunkStore, GrpcImageRegistry
     from imagestream.index import load_index
 
-    async def fetch() -> dict:
+    async def fetch():  # type: ignore[no-untyped-def]
         target = "unix:" + config.node_cache_socket()
         store, registry = GrpcChunkStore(target), GrpcImageRegistry(target)
         try:
             image = await registry.resolve(name)
-            return (await load_index(store, Digest.from_proto(image.index))).config()
+            return image, (await load_index(store, Digest.from_proto(image.index))).config()
         finally:
             await store.close()
             await registry.close()
@@ -58,18 +58,32 @@ def container_env(image_env: list[str], extra: list[str]) -> dict[str, str]:
 
 
 def run(name: str, command: list[str], extra_env: list[str] = (), keep: bool = False) -> int:  # type: ignore[assignment]
-    """Mount `name`, run `command` in it, clean up; the command's exit status (128+N if killed by signal N)."""
+    """Run `command` in image `name` and clean up; the command's exit status (128+N if killed by signal N).
+
+    The image is streamed (FUSE mount) where this node can; otherwise it is pulled in full first, and
+    the tool says why streaming was not engaged.
+    """
+    image, cfg = describe(name)
+    reason = pull.streaming_unavailable_reason(image.streaming_disabled)
     run_dir = config.home() / "runs" / uuid.uuid4().hex[:12]
-    lower, upper, work, merged = (run_dir / d for d in ("lower", "upper", "work", "merged"))
-    for d in (lower, upper, work, merged):
+    upper, work, merged = (run_dir / d for d in ("upper", "work", "merged"))
+    for d in (upper, work, merged):
         d.mkdir(parents=True)
     try:
-        mounts.mount(name, lower)
+        if reason is None:
+            lower = run_dir / "lower"
+            lower.mkdir()
+            mounts.mount(name, lower)
+            print(f"imagestream: ImageStreaming engaged for {name}", file=sys.stderr)
+        else:
+            print(f"imagestream: streaming not engaged for {name}: {reason}; pulling the whole image first",
+                  file=sys.stderr)
+            lower = pull.pull(name)
         try:
-            cfg = image_config(name)
             env = container_env(cfg.get("Env") or [], list(extra_env))
             child = subprocess.Popen(
-                [sys.executable, "-m", "imagestream.sandbox", str(run_dir), cfg.get("WorkingDir") or "/", "--", *command],
+                [sys.executable, "-m", "imagestream.sandbox", str(run_dir), str(lower), cfg.get("WorkingDir") or "/",
+                 "--", *command],
                 env={**env, "PYTHONPATH": str(pathlib.Path(__file__).resolve().parents[1])},
             )
             while True:
@@ -79,7 +93,8 @@ def run(name: str, command: list[str], extra_env: list[str] = (), keep: bool = F
                 except KeyboardInterrupt:
                     child.send_signal(signal.SIGINT)  # the terminal already sent it; make sure, then wait
         finally:
-            mounts.unmount(lower)
+            if reason is None:
+                mounts.unmount(lower)
     finally:
         if not keep:
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -90,7 +105,7 @@ def _mount(*args: str) -> None:
     subprocess.run(["mount", *args], check=True)
 
 
-def enter(run_dir: pathlib.Path, workdir: str, command: list[str]) -> None:
+def enter(run_dir: pathlib.Path, lower: pathlib.Path, workdir: str, command: list[str]) -> None:
     """In the child: private mount namespace, overlay, /proc /dev /sys, chroot, exec."""
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.unshare(CLONE_NEWNS) != 0:
@@ -98,7 +113,7 @@ def enter(run_dir: pathlib.Path, workdir: str, command: list[str]) -> None:
     _mount("--make-rprivate", "/")  # nothing mounted here propagates back to the host
     merged = run_dir / "merged"
     _mount("-t", "overlay", "overlay", "-o",
-           f"lowerdir={run_dir / 'lower'},upperdir={run_dir / 'upper'},workdir={run_dir / 'work'}", str(merged))
+           f"lowerdir={lower},upperdir={run_dir / 'upper'},workdir={run_dir / 'work'}", str(merged))
     for d in ("proc", "dev", "sys"):
         (merged / d).mkdir(exist_ok=True)
     _mount("-t", "proc", "proc", str(merged / "proc"))
@@ -117,8 +132,9 @@ def enter(run_dir: pathlib.Path, workdir: str, command: list[str]) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="imagestream.sandbox")
     parser.add_argument("run_dir", type=pathlib.Path)
+    parser.add_argument("lower", type=pathlib.Path)
     parser.add_argument("workdir")
     parser.add_argument("command", nargs=argparse.REMAINDER)
     a = parser.parse_args()
     command = a.command[1:] if a.command[:1] == ["--"] else a.command
-    enter(a.run_dir, a.workdir, command)
+    enter(a.run_dir, a.lower, a.workdir, command)

@@ -4,8 +4,9 @@ Foreground gets (a FUSE read that missed the node) always go first:
 * they never wait for a background batch: background transfers use channels of
   their own, and a new background batch starts only while no foreground fetch
   is under way (`ForegroundGate`);
-* a foreground get of a chunk the background is already fetching joins that
-  fetch instead of starting another;
+* a foreground get never joins a background batch, even one that holds the
+  same chunk: the batch may be queued behind the bandwidth cap; the chunk is
+  fetched again, at once (a duplicate transfer is the price of priority);
 * concurrent foreground gets of one chunk are one upstream fetch.
 """
 
@@ -72,16 +73,15 @@ class NodeFetcher(ChunkStore):
         self.background = background
         self.gate = ForegroundGate()
         self.bucket = TokenBucket(bandwidth_bytes_per_s)
-        self._inflight: dict[Digest, asyncio.Future[bytes]] = {}
+        self._inflight: dict[Digest, asyncio.Future[bytes]] = {}  # foreground fetches under way
+        self._background: set[Digest] = set()  # chunks in background batches under way
         self.blocking_fetches = 0  # foreground gets that started an upstream fetch of their own
-        self.joined_background = 0
         self.background_fetches = 0
         self.recent: collections.deque[tuple[float, int]] = collections.deque(maxlen=512)  # (time, bytes) fetched
 
     async def get(self, digest: Digest) -> bytes:
         pending = self._inflight.get(digest)
         if pending is not None:
-            self.joined_background += 1
             return await asyncio.shield(pending)
         fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._inflight[digest] = fut
@@ -95,7 +95,7 @@ class NodeFetcher(ChunkStore):
             raise
         else:
             fut.set_result(data)
-            self.recent.append((time.monotonic(), len(data)))
+            self.recent.append((time.monotonic(), digest.size))
             return data
         finally:
             self.gate.leave()
@@ -104,31 +104,23 @@ class NodeFetcher(ChunkStore):
     async def fetch_background(self, digests: Sequence[Digest]) -> dict[Digest, bytes]:
         """Fetch a batch in one upstream call, after any foreground fetch; verified chunks by digest."""
         await self.gate.wait_idle()
-        wanted = [d for d in dict.fromkeys(digests) if d not in self._inflight]
-        futures: dict[Digest, asyncio.Future[bytes]] = {}
-        loop = asyncio.get_running_loop()
-        for d in wanted:
-            futures[d] = self._inflight[d] = loop.create_future()
+        wanted = [d for d in dict.fromkeys(digests) if d not in self._inflight and d not in self._background]
+        self._background.update(wanted)
         got: dict[Digest, bytes] = {}
         try:
             async for digest, data in self.background.get_many(wanted):
-                if digest not in futures or digest in got:
+                if digest in got or digest not in self._background:
                     continue
                 try:
                     decompress_verified(digest, data)
                 except CorruptChunk:
                     continue  # left missing: a later batch or a foreground read fetches it again
                 got[digest] = data
-                futures[digest].set_result(data)
                 self.background_fetches += 1
-                self.recent.append((time.monotonic(), len(data)))
+                self.recent.append((time.monotonic(), digest.size))
                 await self.bucket.consume(len(data))
         finally:
-            for d, fut in futures.items():
-                if not fut.done():
-                    fut.set_exception(NotFound(f"chunk {d.short}: background fetch did not bring it"))
-                    fut.exception()
-                self._inflight.pop(d, None)
+            self._background.difference_update(wanted)
         return got
 
     def rate(self, window_s: float = 5.0) -> float:

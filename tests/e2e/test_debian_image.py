@@ -133,3 +133,25 @@ def test_bad_images_are_refused_and_nothing_is_published(stack, tmp_path, bad) -
     expected = {"absolute": "'/etc/passwd': absolute path", "truncated": "layer 1", "mismatch": "does not match"}[bad]
     assert expected in result.stderr
     assert name not in run_cli("images").stdout
+
+
+def test_streaming_engaged_is_said(pushed) -> None:  # type: ignore[no-untyped-def]
+    result = run_cli("run", "debian-python:e2e", "--", "true")
+    assert "ImageStreaming engaged for debian-python:e2e" in result.stderr
+
+
+def test_fallback_full_pull_when_the_node_cannot_stream(pushed, debian_rootfs, stack_home) -> None:  # type: ignore[no-untyped-def]
+    result = run_cli("run", "debian-python:e2e", "--", "python3", "-c", "import sqlite3; print('pulled ok')",
+                     env={"IMAGESTREAM_STREAMING": "off"})
+    assert result.stdout.strip() == "pulled ok"
+    assert "streaming not engaged for debian-python:e2e: streaming is turned off on this node" in result.stderr
+    pulled = [p for p in (stack_home / "pulled").iterdir() if not p.name.startswith(".")]
+    assert len(pulled) == 1
+    assert snapshot(pulled[0]) == snapshot(debian_rootfs)  # the full pull wrote the tree exactly
+
+
+def test_fallback_for_an_image_pushed_without_streaming(stack, debian_image) -> None:  # type: ignore[no-untyped-def]
+    run_cli("push", "-q", "--no-streaming", str(debian_image), "debian-python:nostream")
+    result = run_cli("run", "debian-python:nostream", "--", "python3", "-c", "print(6 * 7)")
+    assert result.stdout.strip() == "42"
+    assert "streaming not engaged for debian-python:nostream: the image was pushed with streaming disabled" in result.stderr
