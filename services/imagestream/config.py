@@ -57,6 +57,8 @@ SETTINGS = {s.name: s for s in [
     Setting("cache_dir", ".cache", "downloads kept between runs: Cassandra jars, debootstrap trees, images"),
     # regional chunk store (Cassandra)
     Setting("chunk_store_listen", "127.0.0.1:50061", "address the regional chunk store serves gRPC on"),
+    Setting("distribution_listen", "127.0.0.1:50060",
+            "address the regional chunk store serves the OCI Distribution API (read side, HTTP) on; '' for none"),
     Setting("cassandra_hosts", "127.0.0.1", "Cassandra contact points, comma-separated"),
     Setting("cassandra_port", "9042", "Cassandra native protocol port"),
     Setting("cassandra_storage_port", "7000", "Cassandra inter-node port (local stack only)"),
@@ -88,6 +90,9 @@ SETTINGS = {s.name: s for s in [
     Setting("streaming", "auto", "'auto': stream where this node can (FUSE), else pull in full; 'off': always pull in full"),
     Setting("profile", "first", "record a startup profile: 'first' run of an image without one, 'always', 'never'"),
     Setting("record_reads", "", "FUSE client: write every read (inode, offset, size, path) to this file at unmount"),
+    # containerd snapshotter (node agent)
+    Setting("snapshotter_socket", "", "Unix socket of the containerd snapshotter (default: HOME/snapshotter.sock)"),
+    Setting("snapshotter_root", "", "snapshots, image mounts and metadata of the snapshotter (default: HOME/snapshotter)"),
     Setting("log_level", "INFO", "logging level of the services"),
 ]}
 

@@ -253,6 +253,7 @@ def private_env(home: pathlib.Path, cache_dir: pathlib.Path, port_base: int = 50
         "IMAGESTREAM_HOME": str(home),
         "IMAGESTREAM_CACHE_DIR": str(cache_dir),
         "IMAGESTREAM_CHUNK_STORE_LISTEN": chunk_store,
+        "IMAGESTREAM_DISTRIBUTION_LISTEN": f"127.0.0.1:{port_base + 60}",
         "IMAGESTREAM_ZONAL_CACHE_LISTEN": zonal,
         "IMAGESTREAM_ZONAL_UPSTREAMS": chunk_store,
         "IMAGESTREAM_NODE_UPSTREAMS": f"{zonal},{chunk_store}",
