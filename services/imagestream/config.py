@@ -109,6 +109,14 @@ def node_cache_socket() -> str:
     return get("node_cache_socket") or str(home() / "node-cache.sock")
 
 
+def snapshotter_socket() -> str:
+    return get("snapshotter_socket") or str(home() / "snapshotter.sock")
+
+
+def snapshotter_root() -> pathlib.Path:
+    return pathlib.Path(get("snapshotter_root") or home() / "snapshotter").absolute()
+
+
 def node_disk_dir() -> pathlib.Path:
     return pathlib.Path(get("node_disk_dir") or home() / "node-cache")
 

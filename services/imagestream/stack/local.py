@@ -99,6 +99,8 @@ def processes() -> list[Process]:
                 start_timeout_s=90),
         Process("zonal_cache", [py, "-m", "zonal_cache"], ("grpc", config.get("zonal_cache_listen")), env),
         Process("node_cache", [py, "-m", "node_cache"], ("grpc", "unix:" + config.node_cache_socket()), env),
+        # the node agent containerd loads as a proxy snapshotter (docs/containerd.md)
+        Process("snapshotter", [py, "-m", "snapshotter"], ("grpc", "unix:" + config.snapshotter_socket()), env),
     ]
 
 
