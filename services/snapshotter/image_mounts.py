@@ -24,16 +24,23 @@ from collections.abc import Callable
 from imagestream import mounts
 from imagestream.distribution import StreamedLayer
 from imagestream.errors import FailedPrecondition
+from imagestream.proc import alive
 
 log = logging.getLogger("snapshotter")
 
 
 def healthy(mountpoint: pathlib.Path) -> bool:
-    """A live FUSE mount is here (a dead one answers ENOTCONN)."""
+    """A live FUSE mount is here: its client runs, and it answers (a dead one answers ENOTCONN; stat alone
+    may not tell, the kernel keeps the root's attributes)."""
     if not mounts.is_mountpoint(mountpoint):
         return False
     try:
-        os.stat(mountpoint)
+        if not alive(mounts.Mount.find(str(mountpoint)).pid):
+            return False
+    except mounts.MountError:  # not one of ours
+        return False
+    try:
+        os.listdir(mountpoint)
     except OSError as e:
         if e.errno in (errno.ENOTCONN, errno.ECONNABORTED, errno.EIO):
             return False
@@ -96,7 +103,7 @@ class ImageMounts:
 
     def present(self) -> dict[str, bool]:
         """Mount point name -> mounted (alive or not) for every image folder."""
-        return {p.name: mounts.is_mountpoint(p) for p in self.dir.iterdir() if p.is_dir()}
+        return {p.name: mounts.is_mountpoint(p) for p in self.dir.iterdir()}  # not is_dir(): a dead mount fails it
 
     async def reconcile(self, in_use: dict[str, StreamedLayer]) -> None:
         """After a start: drop dead and unused mounts, remount the dead ones still in use.
