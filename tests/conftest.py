@@ -40,7 +40,8 @@ def stack(stack_home: pathlib.Path):  # type: ignore[no-untyped-def]
 
     # ports of its own, so that a developer's stack on the default ports can keep running
     env = {**local.private_env(stack_home, CACHE), "IMAGESTREAM_REDIS_MAXMEMORY": "512MiB",
-           "IMAGESTREAM_NODE_MEMORY_BYTES": "64MiB"}
+           "IMAGESTREAM_NODE_MEMORY_BYTES": "64MiB",
+           "OTEL_BSP_SCHEDULE_DELAY": "200"}  # spans reach Zipkin quickly
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 
-from imagestream import config
+from imagestream import config, telemetry
 from imagestream.grpc_server import serve, service_main
 from imagestream.store import VerifiedStore
 
 from chunk_store.cassandra_backend import CassandraChunkStore, CassandraImageRegistry, connect_from_settings
 
 SETTINGS = (
-    "chunk_store_listen", "cassandra_hosts", "cassandra_port", "cassandra_keyspace", "cassandra_replication",
+    "chunk_store_listen", "chunk_store_metrics", "cassandra_hosts", "cassandra_port", "cassandra_keyspace", "cassandra_replication",
     "cassandra_local_dc", "read_consistency", "write_consistency",
 )
 
@@ -21,11 +21,13 @@ async def main(args: argparse.Namespace) -> None:
     db = await asyncio.to_thread(connect_from_settings, vars(args))
     # Bytes read back from Cassandra are checked like any other tier's: a corrupt
     # row is deleted and reported missing rather than served.
-    store = VerifiedStore(CassandraChunkStore(db))
+    cassandra = CassandraChunkStore(db)
+    store = VerifiedStore(cassandra)
     registry = CassandraImageRegistry(db)
     try:
         await serve(
-            "chunk_store", config.parse_list(args.chunk_store_listen), store, registry, source_of_truth=True
+            "chunk_store", config.parse_list(args.chunk_store_listen), store, registry, source_of_truth=True,
+            metrics=(args.chunk_store_metrics, lambda: telemetry.tier_families({"regional": cassandra})),
         )
     finally:
         await asyncio.to_thread(db.close)

@@ -38,6 +38,12 @@ def _fail(e: Exception) -> None:
 @_setting("cache_dir")
 def main() -> None:
     """Container image streaming: mount an image in about a second and fetch only what is read."""
+    import atexit
+
+    from imagestream import telemetry
+
+    if telemetry.setup_tracing("imagestream"):
+        atexit.register(telemetry.shutdown)
 
 
 # -- stack ------------------------------------------------------------------
@@ -148,12 +154,15 @@ def rm(name: str) -> None:
 @click.argument("mountpoint", type=click.Path(file_okay=False))
 @_setting("node_cache_socket")
 @click.option("--wait", is_flag=True, help="then show the background download and return once it is complete")
-def mount(name: str, mountpoint: str, wait: bool) -> None:
+@click.option("--no-download", is_flag=True, help="stream only: do not fetch the whole image in the background")
+def mount(name: str, mountpoint: str, wait: bool, no_download: bool) -> None:
     """Mount image NAME read-only on MOUNTPOINT (fetches only its index; the rest downloads in the background)."""
     from imagestream import mounts
 
+    if wait and no_download:
+        _fail(click.UsageError("--wait and --no-download exclude each other"))
     try:
-        m = mounts.mount(name, mountpoint)
+        m = mounts.mount(name, mountpoint, download=not no_download)
     except ImagestreamError as e:
         _fail(e)
     click.echo(f"mounted {name} on {m.mountpoint} in {m.mount_seconds:.3f} s: ImageStreaming engaged "
