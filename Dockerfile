@@ -12,7 +12,8 @@
 # image holds the node_cache and fuse_client packages; its DaemonSet runs one container of each.
 #
 # An image gets the shared package (services/imagestream), its own service package(s) and protos/;
-# the gRPC stubs are generated from protos/ by the package build (setup.py), never copied in.
+# the gRPC stubs are generated from protos/ at build time (imagestream/protogen.py, which setup.py
+# runs too), never copied in.
 # The Tiltfile narrows the build context to exactly these paths (docker_build only=...).
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
@@ -27,20 +28,23 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY pyproject.toml ./
-# /opt/build holds the build tools (setuptools, grpcio-tools) and is never shipped;
-# /opt/imagestream is the runtime virtualenv every image copies.
-RUN python -m venv /opt/build && python -m venv /opt/imagestream \
+# /opt/build holds pip and the build tools (setuptools, grpcio-tools) and is never shipped;
+# /opt/imagestream is the runtime virtualenv every image copies: no pip, no setuptools in it.
+RUN python -m venv /opt/build && python -m venv --without-pip /opt/imagestream \
  && python -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb")); \
 open("build-requirements.txt", "w").write("\n".join(p["build-system"]["requires"])); \
 open("requirements.txt", "w").write("\n".join(p["project"]["dependencies"]))' \
  && /opt/build/bin/pip install -r build-requirements.txt \
- && /opt/imagestream/bin/pip install -r requirements.txt
+ && /opt/build/bin/pip --python /opt/imagestream/bin/python install -r requirements.txt
 
 # --- sources: shared package and protos; each image adds its service package(s) -------------------
 FROM deps AS source
 COPY setup.py ./
 COPY protos protos
 COPY services/imagestream services/imagestream
+# setup.py generates the stubs as well, but in a fresh tree it lists the packages before they exist
+# and the wheel would lack imagestream.v1: generate them first.
+RUN /opt/build/bin/python services/imagestream/protogen.py
 # pyproject.toml names README.md as the long description; a placeholder keeps documentation edits
 # out of the build context (and from rebuilding the images).
 RUN echo "imagestream: see the repository's README.md" > README.md
@@ -48,18 +52,18 @@ RUN echo "imagestream: see the repository's README.md" > README.md
 FROM source AS build-chunk-store
 COPY services/chunk_store services/chunk_store
 RUN /opt/build/bin/pip wheel --no-deps --no-build-isolation --wheel-dir /wheels . \
- && /opt/imagestream/bin/pip install --no-deps /wheels/*.whl
+ && /opt/build/bin/pip --python /opt/imagestream/bin/python install --no-deps /wheels/*.whl
 
 FROM source AS build-zonal-cache
 COPY services/zonal_cache services/zonal_cache
 RUN /opt/build/bin/pip wheel --no-deps --no-build-isolation --wheel-dir /wheels . \
- && /opt/imagestream/bin/pip install --no-deps /wheels/*.whl
+ && /opt/build/bin/pip --python /opt/imagestream/bin/python install --no-deps /wheels/*.whl
 
 FROM source AS build-node-agent
 COPY services/node_cache services/node_cache
 COPY services/fuse_client services/fuse_client
 RUN /opt/build/bin/pip wheel --no-deps --no-build-isolation --wheel-dir /wheels . \
- && /opt/imagestream/bin/pip install --no-deps /wheels/*.whl
+ && /opt/build/bin/pip --python /opt/imagestream/bin/python install --no-deps /wheels/*.whl
 
 # --- runtime: Python and the virtualenv; no compiler, no sources ----------------------------------
 FROM ${PYTHON_IMAGE} AS runtime

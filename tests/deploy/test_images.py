@@ -87,3 +87,15 @@ def test_image_settings_are_settings_and_ports_are_exposed(target: str) -> None:
     for key, value in ours.items():
         if key.endswith("_LISTEN"):
             assert value.startswith(("0.0.0.0:", "[::]:")), f"{target}: {key}={value} unreachable from outside"
+
+
+def test_stubs_are_generated_before_the_wheel_is_built() -> None:
+    """On a fresh tree setup.py lists the packages before it generates imagestream.v1: the Dockerfile runs
+    protogen first, or the wheel ships without the stubs (found by building it outside Docker)."""
+    builders = [s for s in STAGES.values() if any("pip wheel" in i.value for i in s.all("RUN"))]
+    assert builders
+    for stage in builders:
+        runs = [i.value for s in dockerfile.chain(STAGES, stage.name) for i in s.all("RUN")]
+        generated = [n for n, r in enumerate(runs) if "imagestream/protogen.py" in r]
+        built = [n for n, r in enumerate(runs) if "pip wheel" in r]
+        assert generated and generated[0] < built[0], stage.name

@@ -80,6 +80,7 @@ def test_local_branch_starts_every_process_and_the_smoke_test_passes(tmp_path: p
 
         # the node cache at rest stays within the overhead the node agent's manifests reserve beyond its chunks
         (node_cache,) = [p for r, p in running if r["name"] == "node-cache"]
+        print(f"node cache at rest: {_rss_bytes(node_cache.pid) / 2**20:.1f} MiB RSS")
         for overlay in OVERLAYS:
             (agent,) = [Workload(d) for d in render(overlay) if d["kind"] == "DaemonSet"]
             overhead = quantity(annotation(agent.obj, "imagestream.dev/node-cache-memory-overhead"))
