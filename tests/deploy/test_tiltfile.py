@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import re
@@ -126,7 +127,9 @@ def test_local_branch_prepares_checks_and_orders_like_stack_up(tilt_local: Tilt,
         probe = resource["readiness_probe"]
         assert probe["exec"]["command"][-4:] == ["-m", "imagestream.stack.local", "--check", process.name]
         assert probe["timeout_secs"] >= 5, "the CQL check alone may take a few seconds"
-        assert resource["resource_deps"] == [r["name"] for r in served[:i]], "each waits for the ones before it"
+        phase = getattr(process, "phase", None)  # processes of one phase start together, as in `stack up`
+        waits = [r["name"] for r, p in zip(served[:i], definition) if phase is None or p.phase < phase]
+        assert resource["resource_deps"] == waits, resource["name"]
 
 
 def test_local_branch_restarts_a_service_when_its_code_changes(tilt_local: Tilt, definition: list) -> None:
@@ -137,6 +140,27 @@ def test_local_branch_restarts_a_service_when_its_code_changes(tilt_local: Tilt,
             module = resource["serve_cmd"][resource["serve_cmd"].index("-m") + 1]
             assert f"services/{module}" in resource["deps"] and "services/imagestream" in resource["deps"]
             assert "**/__pycache__" in resource["ignore"], "Python's own writes must not restart it"
+
+
+def test_local_branch_starts_a_phase_together(tilt_env: dict[str, str], tmp_path: pathlib.Path) -> None:
+    """A definition with start phases (backends together, then the tiers): each resource waits for the
+    earlier phases only. The definition is given by a stand-in for `python -m imagestream.stack.local`."""
+    definition = [
+        {"name": "zipkin", "command": ["java", "-jar", "zipkin.jar"], "ready": ["http", "u"], "env": {}, "phase": 0},
+        {"name": "redis", "command": ["redis-server"], "ready": ["redis", "h", 1], "env": {}, "phase": 0},
+        {"name": "chunk_store", "command": ["py", "-m", "chunk_store"], "ready": ["grpc", "t"], "env": {}, "phase": 1},
+        {"name": "node_cache", "command": ["py", "-m", "node_cache"], "ready": ["grpc", "t"], "env": {}, "phase": 2},
+    ]
+    stand_in = tmp_path / "python"
+    stand_in.write_text(f"#!/bin/sh\ncat <<'EOF'\n{json.dumps(definition)}\nEOF\n")
+    stand_in.chmod(0o755)
+    tilt = Tilt(ROOT / "Tiltfile", k8s_context="", env={**tilt_env, "PYTHON": str(stand_in)}).evaluate()
+    waits = {c["name"]: c["resource_deps"] for c in tilt.called("local_resource")}
+    assert waits == {"zipkin": [], "redis": [], "chunk-store": ["zipkin", "redis"],
+                     "node-cache": ["zipkin", "redis", "chunk-store"],
+                     "smoke-test": ["zipkin", "redis", "chunk-store", "node-cache"]}
+    labels = {c["name"]: c["labels"] for c in tilt.called("local_resource")}
+    assert labels["zipkin"] == ["tracing"] and labels["chunk-store"] == ["regional"]
 
 
 def test_prepare_and_check_commands_run(tilt_local: Tilt, tilt_env: dict[str, str]) -> None:

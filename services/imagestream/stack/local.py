@@ -295,7 +295,8 @@ def named(name: str) -> Process:
 def main(argv: list[str] | None = None) -> None:
     """The definition for tools that run the stack themselves (the Tiltfile's local branch).
 
-    With no option, print every process as JSON: name, command, readiness check, environment.
+    With no option, print every process as JSON: name, command, readiness check, environment, and its
+    start phase where the definition has phases (processes of one phase may start together).
     `--prepare NAME` runs NAME's one-time set-up (Cassandra: jars and configuration), if it has one;
     `--check NAME` exits 0 when NAME passes its readiness check, 1 otherwise.
     """
@@ -318,7 +319,7 @@ def main(argv: list[str] | None = None) -> None:
         if proc.prepare is not None:
             proc.prepare()
         return
-    print(json.dumps([p.describe() for p in processes()], indent=2))
+    print(json.dumps([{**p.describe(), "phase": getattr(p, "phase", None)} for p in processes()], indent=2))
 
 
 if __name__ == "__main__":  # `python -m imagestream.stack.local` prints the definition (used by the Tiltfile)
