@@ -321,5 +321,43 @@ def reset() -> None:
     shutil.rmtree(config.home(), ignore_errors=True)
 
 
+def named(name: str) -> Process:
+    """The process called `name` in the definition."""
+    found = {p.name: p for p in processes()}
+    if name not in found:
+        raise SystemExit(f"no process {name!r} in the local stack; there are: {', '.join(found)}")
+    return found[name]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The definition for tools that run the stack themselves (the Tiltfile's local branch).
+
+    With no option, print every process as JSON: name, command, readiness check, environment, and its
+    start phase where the definition has phases (processes of one phase may start together).
+    `--prepare NAME` runs NAME's one-time set-up (Cassandra: jars and configuration), if it has one;
+    `--check NAME` exits 0 when NAME passes its readiness check, 1 otherwise.
+    """
+    import argparse
+    import logging
+
+    parser = argparse.ArgumentParser(prog="python -m imagestream.stack.local", description=main.__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    action = parser.add_mutually_exclusive_group()
+    action.add_argument("--prepare", metavar="NAME", help="run the one-time set-up of process NAME")
+    action.add_argument("--check", metavar="NAME", help="exit 0 if process NAME is ready")
+    args = parser.parse_args(argv)
+    if args.check:
+        ready = is_ready(named(args.check).ready)
+        print(f"{args.check}: {'ready' if ready else 'not ready'}")
+        sys.exit(0 if ready else 1)
+    if args.prepare:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")  # jar downloads report progress
+        proc = named(args.prepare)
+        if proc.prepare is not None:
+            proc.prepare()
+        return
+    print(json.dumps([{**p.describe(), "phase": getattr(p, "phase", None)} for p in processes()], indent=2))
+
+
 if __name__ == "__main__":  # `python -m imagestream.stack.local` prints the definition (used by the Tiltfile)
-    print(json.dumps([p.describe() for p in processes()], indent=2))
+    main()
