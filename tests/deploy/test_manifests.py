@@ -206,7 +206,10 @@ def test_node_cache_is_on_a_node_socket_only(overlay: str, objects: Objects) -> 
     node_cache = node_cache[0]
     env = objects.env(agent, node_cache)
     socket = env["IMAGESTREAM_NODE_CACHE_SOCKET"]
-    assert not node_cache.get("ports") and not agent.pod.get("hostNetwork"), "no TCP port: the node only"
+    # no TCP port for the chunk API (the node only); the one port is Prometheus's, where the process serves it
+    metrics_port = int(env["IMAGESTREAM_NODE_CACHE_METRICS"].rpartition(":")[2])
+    assert node_cache.get("ports") == [{"name": "metrics", "containerPort": metrics_port}]
+    assert not agent.pod.get("hostNetwork")
     assert not [s for s in objects.of_kind("Service") if agent in objects.selected(s)], "no Service for it"
     for kind in ("readinessProbe", "livenessProbe"):
         assert node_cache[kind]["exec"]["command"] == ["python", "-m", "imagestream.healthcheck", "node_cache"]
