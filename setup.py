@@ -28,12 +28,19 @@ class BuildProtos(Command):
         sys.path.insert(0, str(ROOT / "services"))
         from imagestream.protogen import generate
 
-        generate(ROOT / "protos", ROOT / "services")
+        services = ROOT / "services"
+        generated = [".".join(p.relative_to(services).parts) for p in generate(ROOT / "protos", services)]
+        # the package list was made before these existed: add them, or a fresh build leaves them out
+        packages = self.distribution.packages
+        packages.extend(p for p in generated if p not in packages)
 
 
 class BuildPyWithProtos(build_py):
     def run(self) -> None:
         self.run_command("build_protos")
+        for package in self.distribution.packages:
+            if package not in self.packages:
+                self.packages.append(package)
         super().run()
 
 

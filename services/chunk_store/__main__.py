@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 
-from imagestream import config
+from imagestream import config, telemetry
 from imagestream.distribution import Distribution, DistributionServicer
 from imagestream.grpc_server import serve, service_main
 from imagestream.store import VerifiedStore
@@ -16,8 +16,8 @@ from chunk_store.cassandra_blobs import CassandraBlobIndex
 from chunk_store.cassandra_backend import CassandraChunkStore, CassandraImageRegistry, connect_from_settings
 
 SETTINGS = (
-    "chunk_store_listen", "distribution_listen", "cassandra_hosts", "cassandra_port", "cassandra_keyspace",
-    "cassandra_replication", "cassandra_local_dc", "read_consistency", "write_consistency",
+    "chunk_store_listen", "chunk_store_metrics", "distribution_listen", "cassandra_hosts", "cassandra_port",
+    "cassandra_keyspace", "cassandra_replication", "cassandra_local_dc", "read_consistency", "write_consistency",
 )
 
 
@@ -25,7 +25,8 @@ async def main(args: argparse.Namespace) -> None:
     db = await asyncio.to_thread(connect_from_settings, vars(args))
     # Bytes read back from Cassandra are checked like any other tier's: a corrupt
     # row is deleted and reported missing rather than served.
-    store = VerifiedStore(CassandraChunkStore(db))
+    cassandra = CassandraChunkStore(db)
+    store = VerifiedStore(cassandra)
     registry = CassandraImageRegistry(db)
     # what push received, for pulls the normal way: gRPC to write, OCI Distribution (HTTP) to read
     distribution = Distribution(store, await asyncio.to_thread(CassandraBlobIndex, db))
@@ -33,6 +34,7 @@ async def main(args: argparse.Namespace) -> None:
     try:
         await serve(
             "chunk_store", config.parse_list(args.chunk_store_listen), store, registry, source_of_truth=True,
+            metrics=(args.chunk_store_metrics, lambda: telemetry.tier_families({"regional": cassandra})),
             add_servicers=lambda server: distribution_pb2_grpc.add_DistributionServicer_to_server(
                 DistributionServicer(distribution), server),
         )

@@ -18,6 +18,9 @@ from cassandra import ConsistencyLevel, DriverException, ProtocolVersion
 from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, NoHostAvailable, Session
 from cassandra.policies import DCAwareRoundRobinPolicy, TokenAwarePolicy
 
+from opentelemetry.trace import SpanKind
+
+from imagestream import telemetry
 from imagestream.digests import Digest
 from imagestream.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from imagestream.registry import ImageRegistry, validate_name
@@ -97,6 +100,13 @@ class CassandraConnection:
             " content_bytes bigint, chunk_count bigint, published_at bigint,"
             " profile_hash text, profile_size bigint, streaming_disabled boolean)"
         )
+        # columns added since the table was first made: a store created by an older version gains them
+        have = {row.column_name for row in s.execute(
+            "SELECT column_name FROM system_schema.columns WHERE keyspace_name = %s AND table_name = 'images'",
+            (self.keyspace,))}
+        for column, kind in (("profile_hash", "text"), ("profile_size", "bigint"), ("streaming_disabled", "boolean")):
+            if column not in have:
+                s.execute(f"ALTER TABLE {self.keyspace}.images ADD {column} {kind}")
         self.cluster.control_connection.wait_for_schema_agreement()
 
     def prepare(self, cql: str, write: bool) -> Any:
@@ -105,7 +115,14 @@ class CassandraConnection:
         return statement
 
     async def execute(self, statement: Any, params: tuple = ()) -> list[Any]:
-        """Run a prepared statement without blocking the event loop."""
+        """Run a prepared statement without blocking the event loop; one span for the whole query."""
+        with telemetry.tracer.start_as_current_span("cassandra query", kind=SpanKind.CLIENT) as span:
+            if span.is_recording():
+                span.set_attributes({"db.system": "cassandra", "db.name": self.keyspace,
+                                     "db.statement": statement.query_string})
+            return await self._execute(statement, params)
+
+    async def _execute(self, statement: Any, params: tuple) -> list[Any]:
         loop = asyncio.get_running_loop()
         done: asyncio.Future[list[Any]] = loop.create_future()
 

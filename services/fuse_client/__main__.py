@@ -17,7 +17,7 @@ import time
 import pyfuse3
 import pyfuse3.asyncio
 
-from imagestream import config
+from imagestream import config, telemetry
 from imagestream.digests import Digest
 from imagestream.grpc_client import GrpcChunkStore, GrpcImageRegistry, NodeClient
 from imagestream.grpc_server import setup_logging
@@ -76,7 +76,7 @@ async def run(args: argparse.Namespace) -> None:
     recording = should_record(args.profile, image)
     if recording:
         reader.touched = []
-    fs = ImageFilesystem(index, reader)
+    fs = ImageFilesystem(index, reader, args.name)
     if args.record_reads:
         fs.recorded = []
     options = set(pyfuse3.default_options)
@@ -138,6 +138,7 @@ async def run(args: argparse.Namespace) -> None:
         await node.close()
         if fs.recorded is not None:
             write_recording(args.record_reads, index, fs.recorded)
+        telemetry.shutdown()  # flush the last spans
 
 
 def write_recording(path: str, index, recorded: list[tuple[int, int, int]]) -> None:  # type: ignore[no-untyped-def]
@@ -161,6 +162,7 @@ def main() -> None:
     if args.node_cache_socket:
         os.environ[config.SETTINGS["node_cache_socket"].env] = args.node_cache_socket
     setup_logging(args.log_level)
+    telemetry.setup_tracing("fuse_client")
     pyfuse3.asyncio.enable()
     asyncio.run(run(args))
 

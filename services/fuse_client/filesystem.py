@@ -13,6 +13,7 @@ import stat
 
 import pyfuse3
 
+from imagestream import telemetry
 from imagestream.index import Index
 from fuse_client.reader import ChunkFetchFailed, ChunkReader
 from imagestream.v1 import index_pb2
@@ -34,8 +35,9 @@ CACHE_TIMEOUT_S = 3600.0
 
 
 class ImageFilesystem(pyfuse3.Operations):
-    def __init__(self, index: Index, reader: ChunkReader) -> None:
+    def __init__(self, index: Index, reader: ChunkReader, image: str = "") -> None:
         super().__init__()
+        self.image = image
         self.index = index
         self.reader = reader
         total_blocks = sum((i.size + 4095) // 4096 for i in index.inodes if i.type == T.REGULAR)
@@ -114,11 +116,15 @@ class ImageFilesystem(pyfuse3.Operations):
         self.reads += 1
         if self.recorded is not None:
             self.recorded.append((fh, off, size))
-        try:
-            return await self.reader.read(fh, off, size)
-        except ChunkFetchFailed as e:
-            log.error("read of inode %d at %d failed: %s", fh, off, e)
-            raise pyfuse3.FUSEError(errno.EIO) from None
+        with telemetry.tracer.start_as_current_span("fuse read") as span, telemetry.image_context(self.image):
+            if span.is_recording():
+                span.set_attributes({"imagestream.image": self.image, "imagestream.inode": fh,
+                                     "imagestream.offset": off, "imagestream.size": size})
+            try:
+                return await self.reader.read(fh, off, size)
+            except ChunkFetchFailed as e:
+                log.error("read of inode %d at %d failed: %s", fh, off, e)
+                raise pyfuse3.FUSEError(errno.EIO) from None
 
     async def release(self, fh):  # type: ignore[no-untyped-def]
         self.reader.forget(fh)

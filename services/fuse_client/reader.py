@@ -12,6 +12,7 @@ import asyncio
 import logging
 from collections import OrderedDict
 
+from imagestream import telemetry
 from imagestream.digests import Digest, decompress_verified
 from imagestream.errors import CorruptChunk, ImagestreamError, NotFound, Unavailable
 from imagestream.index import Index
@@ -67,7 +68,10 @@ class ChunkReader:
         last: Exception | None = None
         for attempt in range(self.retries):
             try:
-                compressed = await asyncio.wait_for(self.store.get(digest), self.timeout_s)
+                with telemetry.tracer.start_as_current_span("fetch chunk") as span:
+                    if span.is_recording():
+                        span.set_attributes({"imagestream.chunk": str(digest), "imagestream.attempt": attempt + 1})
+                    compressed = await asyncio.wait_for(self.store.get(digest), self.timeout_s)
                 data = await asyncio.to_thread(decompress_verified, digest, compressed)
             except (TimeoutError, Unavailable, NotFound, CorruptChunk) as e:
                 last = e

@@ -38,6 +38,12 @@ def _fail(e: Exception) -> None:
 @_setting("cache_dir")
 def main() -> None:
     """Container image streaming: mount an image in about a second and fetch only what is read."""
+    import atexit
+
+    from imagestream import telemetry
+
+    if telemetry.setup_tracing("imagestream"):
+        atexit.register(telemetry.shutdown)
 
 
 # -- stack ------------------------------------------------------------------
@@ -148,12 +154,15 @@ def rm(name: str) -> None:
 @click.argument("mountpoint", type=click.Path(file_okay=False))
 @_setting("node_cache_socket")
 @click.option("--wait", is_flag=True, help="then show the background download and return once it is complete")
-def mount(name: str, mountpoint: str, wait: bool) -> None:
+@click.option("--no-download", is_flag=True, help="stream only: do not fetch the whole image in the background")
+def mount(name: str, mountpoint: str, wait: bool, no_download: bool) -> None:
     """Mount image NAME read-only on MOUNTPOINT (fetches only its index; the rest downloads in the background)."""
     from imagestream import mounts
 
+    if wait and no_download:
+        _fail(click.UsageError("--wait and --no-download exclude each other"))
     try:
-        m = mounts.mount(name, mountpoint)
+        m = mounts.mount(name, mountpoint, download=not no_download)
     except ImagestreamError as e:
         _fail(e)
     click.echo(f"mounted {name} on {m.mountpoint} in {m.mount_seconds:.3f} s: ImageStreaming engaged "
@@ -194,6 +203,8 @@ def _wait_for_download(mountpoint: str) -> None:
 
 @main.command()
 @_setting("node_cache_socket")
+@_setting("zonal_cache_metrics")
+@_setting("chunk_store_metrics")
 def status() -> None:
     """This node: mounts, their background download, and each tier's hits and size."""
     from imagestream import mounts
@@ -224,8 +235,33 @@ def status() -> None:
         cap = f" of {t.capacity_bytes / 1e6:.0f} MB" if t.capacity_bytes else ""
         click.echo(f"  {t.tier:12} hit ratio {ratio:>5} ({t.hits} hits, {t.misses} misses), "
                    f"{t.size_bytes / 1e6:.1f} MB{cap}, {t.evictions} evictions")
+    for service, tier in (("zonal_cache", "zonal"), ("chunk_store", "regional")):
+        hits, misses = _tier_counts(config.get(f"{service}_metrics"), tier)
+        if hits is None:
+            click.echo(f"  {tier:12} (metrics at {config.get(f'{service}_metrics')} not reachable)")
+            continue
+        total = hits + misses
+        ratio = f"{100 * hits / total:.0f}%" if total else "-"
+        click.echo(f"  {tier:12} hit ratio {ratio:>5} ({hits:.0f} hits, {misses:.0f} misses)")
     click.echo(f"  upstream     {node.blocking_fetches} blocking fetches, {node.background_fetches} background fetches, "
                f"{node.pinned_chunks} chunks pinned by mounts")
+
+
+def _tier_counts(address: str, tier: str) -> tuple[float | None, float]:
+    """(hits, misses) of a tier, read from its service's Prometheus endpoint."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://{address}/metrics", timeout=2) as reply:
+            text = reply.read().decode()
+    except OSError:
+        return None, 0
+    counts = {"hit": 0.0, "miss": 0.0}
+    for line in text.splitlines():
+        for result in counts:
+            if line.startswith(f'imagestream_chunk_requests_total{{result="{result}",tier="{tier}"}}'):
+                counts[result] = float(line.rsplit(" ", 1)[1])
+    return counts["hit"], counts["miss"]
 
 
 @main.command()

@@ -57,6 +57,7 @@ SETTINGS = {s.name: s for s in [
     Setting("cache_dir", ".cache", "downloads kept between runs: Cassandra jars, debootstrap trees, images"),
     # regional chunk store (Cassandra)
     Setting("chunk_store_listen", "127.0.0.1:50061", "address the regional chunk store serves gRPC on"),
+    Setting("chunk_store_metrics", "127.0.0.1:9461", "address of the regional chunk store's Prometheus /metrics"),
     Setting("distribution_listen", "127.0.0.1:50060",
             "address the regional chunk store serves the OCI Distribution API (read side, HTTP) on; '' for none"),
     Setting("cassandra_hosts", "127.0.0.1", "Cassandra contact points, comma-separated"),
@@ -70,6 +71,7 @@ SETTINGS = {s.name: s for s in [
     Setting("write_consistency", "LOCAL_QUORUM", "Cassandra consistency level for writes"),
     # zonal cache (Redis)
     Setting("zonal_cache_listen", "127.0.0.1:50062", "address the zonal cache serves gRPC on"),
+    Setting("zonal_cache_metrics", "127.0.0.1:9462", "address of the zonal cache's Prometheus /metrics"),
     Setting("redis_url", "redis://127.0.0.1:6390/0", "Redis behind the zonal cache"),
     Setting("redis_maxmemory", "256MiB", "Redis maxmemory set by the local stack (evicts allkeys-lru)"),
     Setting("zonal_upstreams", "127.0.0.1:50061", "upstreams of the zonal cache, in order (regional stores)"),
@@ -77,6 +79,7 @@ SETTINGS = {s.name: s for s in [
     Setting("node_cache_socket", "", "Unix socket of the node cache (default: HOME/node-cache.sock)"),
     Setting("node_upstreams", "127.0.0.1:50062,127.0.0.1:50061",
             "upstreams of the node cache, in order: zonal cache first, regional store as fallback"),
+    Setting("node_cache_metrics", "127.0.0.1:9463", "address of the node cache's Prometheus /metrics"),
     Setting("node_memory_bytes", "256MiB", "the node's memory reservation for chunks"),
     Setting("node_disk_bytes", "20GiB", "bound of the node's on-disk chunk cache"),
     Setting("node_disk_dir", "", "on-disk chunk cache folder (default: HOME/node-cache)"),
@@ -90,6 +93,7 @@ SETTINGS = {s.name: s for s in [
     Setting("streaming", "auto", "'auto': stream where this node can (FUSE), else pull in full; 'off': always pull in full"),
     Setting("profile", "first", "record a startup profile: 'first' run of an image without one, 'always', 'never'"),
     Setting("record_reads", "", "FUSE client: write every read (inode, offset, size, path) to this file at unmount"),
+    Setting("zipkin_port", "9411", "port of the local stack's Zipkin (tracing UI and API)"),
     # containerd snapshotter (node agent)
     Setting("snapshotter_socket", "", "Unix socket of the containerd snapshotter (default: HOME/snapshotter.sock)"),
     Setting("snapshotter_root", "", "snapshots, image mounts and metadata of the snapshotter (default: HOME/snapshotter)"),
@@ -126,3 +130,14 @@ def add_arguments(parser: argparse.ArgumentParser, *names: str) -> None:
     for name in names:
         s = SETTINGS[name]
         parser.add_argument(s.flag, dest=name, default=s.value(), help=f"{s.help} [{s.env}, default {s.default!r}]")
+
+
+def markdown_table() -> str:
+    """The settings as the README's table (`python -m imagestream.config`)."""
+    rows = ["| variable | flag | default | meaning |", "|---|---|---|---|"]
+    rows += [f"| `{s.env}` | `{s.flag}` | `{s.default}` | {s.help} |" for s in SETTINGS.values()]
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown_table())

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 
 import grpc
 
+from imagestream import telemetry
 from imagestream.digests import Digest
 from imagestream.errors import CorruptChunk, FailedPrecondition, ImagestreamError, InvalidArgument, NotFound, Unavailable
 from imagestream.failover import Failover
@@ -64,6 +65,7 @@ class GrpcChunkStore(ChunkStore):
         self._stub = chunk_store_pb2_grpc.ChunkStoreStub(self._channel)
 
     async def get(self, digest: Digest, image: str = "") -> bytes:
+        image = image or telemetry.current_image()
         data = None
         if self.accept_local_path:
             chunk = await self._get(digest, image, accept_local_path=True)

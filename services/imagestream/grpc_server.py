@@ -11,12 +11,12 @@ import contextlib
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from imagestream import config
+from imagestream import config, telemetry
 from imagestream.digests import Digest, decompress_verified
 from imagestream.errors import CorruptChunk, FailedPrecondition, ImagestreamError, InvalidArgument, NotFound, Unavailable
 from imagestream.grpc_client import MAX_MESSAGE_BYTES
@@ -66,6 +66,7 @@ class ChunkStoreServicer(chunk_store_pb2_grpc.ChunkStoreServicer):
     async def GetChunk(self, request, context):  # type: ignore[no-untyped-def]
         async with _status_on_error(context):
             digest = _digest(request.digest)
+            telemetry.annotate(chunk=str(digest), image=request.image or telemetry.current_image())
             if request.accept_local_path:
                 path = await self.store.local_path(digest)
                 if path is not None:
@@ -192,9 +193,15 @@ async def serve(
     source_of_truth: bool = False,
     add_servicers: Callable[[grpc.aio.Server], None] | None = None,
     on_stop: Callable[[], Awaitable[None]] | None = None,
+    metrics: tuple[str, Callable[[], Iterator[object]]] | None = None,
 ) -> None:
-    """Serve until SIGTERM/SIGINT, then drain in-flight calls and close the stores."""
+    """Serve until SIGTERM/SIGINT, then drain in-flight calls and close the stores.
+
+    `metrics` is (listen address, collect function) for the Prometheus endpoint.
+    """
     server, health_servicer = await start_server(service_name, listen, store, registry, source_of_truth, add_servicers)
+    if metrics is not None:
+        telemetry.serve_metrics(*metrics)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -207,6 +214,7 @@ async def serve(
         await on_stop()
     await store.close()
     await registry.close()
+    telemetry.shutdown()
 
 
 def setup_logging(level: str) -> None:
@@ -222,4 +230,5 @@ def service_main(prog: str, description: str | None, settings: Sequence[str],
     for name in settings:  # flags win over the environment, for config.get() too
         os.environ[config.SETTINGS[name].env] = getattr(args, name)
     setup_logging(args.log_level)
+    telemetry.setup_tracing(prog)
     asyncio.run(main(args))

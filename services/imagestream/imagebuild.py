@@ -137,7 +137,7 @@ def build_rootfs(
             cmd.append("--include=" + ",".join(pkgs))
         cmd += [suite, str(tmp), mirror or default_mirror(suite)]
         try:
-            subprocess.run(cmd, check=True, stdin=subprocess.DEVNULL)
+            subprocess.run(cmd, check=True, stdin=subprocess.DEVNULL, stdout=sys.stderr)  # stdout carries only the result path
             _shrink(tmp)
             os.chmod(tmp, 0o755)  # mkdtemp made it 0700; the image root must be 0755
             os.rename(tmp, final)

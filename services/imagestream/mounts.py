@@ -53,8 +53,11 @@ def is_mountpoint(path: str | os.PathLike) -> bool:
         return any(line.split()[4] == target for line in f)
 
 
-def mount(name: str, mountpoint: str | os.PathLike, timeout_s: float = 60.0) -> Mount:
-    """Mount image `name` read-only on `mountpoint`; returns once it is served."""
+def mount(name: str, mountpoint: str | os.PathLike, timeout_s: float = 60.0, download: bool = True) -> Mount:
+    """Mount image `name` read-only on `mountpoint`; returns once it is served.
+
+    With `download`, the node then fetches the whole image in the background.
+    """
     mp = os.path.realpath(mountpoint)
     if not os.path.isdir(mp):
         raise MountError(f"mount point {mp} is not a directory")
@@ -66,7 +69,8 @@ def mount(name: str, mountpoint: str | os.PathLike, timeout_s: float = 60.0) -> 
     env = {**os.environ, "PYTHONPATH": str(pathlib.Path(__file__).resolve().parents[1]), "IMAGESTREAM_HOME": str(config.home())}
     with open(log_path, "ab") as log:
         child = subprocess.Popen(
-            [sys.executable, "-m", "fuse_client", name, mp, "--ready-fd", str(write_end)],
+            [sys.executable, "-m", "fuse_client", name, mp, "--ready-fd", str(write_end),
+             *([] if download else ["--no-download"])],
             pass_fds=(write_end,), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env=env, start_new_session=True,
         )

@@ -15,7 +15,7 @@ import time
 
 from tqdm import tqdm
 
-from imagestream import config
+from imagestream import config, telemetry
 from imagestream.convert import Converted, convert, temporary_spool
 from imagestream.distribution import GrpcDistribution, push_blobs
 from imagestream.grpc_client import GrpcChunkStore, GrpcImageRegistry
@@ -47,6 +47,14 @@ class PushResult:
 
 def push(source: str | pathlib.Path, name: str, registry: str | None = None, chunk_size: int | None = None,
          progress: bool = True, streaming: bool = True) -> PushResult:
+    with telemetry.tracer.start_as_current_span("push") as span:
+        if span.is_recording():
+            span.set_attributes({"imagestream.image": name, "imagestream.source": str(source)})
+        return _push(source, name, registry, chunk_size, progress, streaming)
+
+
+def _push(source: str | pathlib.Path, name: str, registry: str | None, chunk_size: int | None,
+          progress: bool, streaming: bool) -> PushResult:
     validate_name(name)
     registry = registry or config.get("registry")
     chunk_size = chunk_size or config.parse_size(config.get("chunk_size"))

@@ -7,7 +7,7 @@ import dataclasses
 
 import grpc
 
-from imagestream import config
+from imagestream import config, telemetry
 from imagestream.digests import Digest
 from imagestream.grpc_client import FailoverImageRegistry, GrpcChunkStore, GrpcImageRegistry
 from imagestream.grpc_server import serve, service_main
@@ -19,7 +19,7 @@ from imagestream.v1 import node_pb2, node_pb2_grpc
 from node_cache.downloads import Downloads
 from node_cache.fetcher import NodeFetcher
 
-SETTINGS = ("home", "node_cache_socket", "node_upstreams", "node_memory_bytes", "node_disk_bytes", "node_disk_dir",
+SETTINGS = ("home", "node_cache_socket", "node_cache_metrics", "node_upstreams", "node_memory_bytes", "node_disk_bytes", "node_disk_dir",
             "node_background_bandwidth", "node_background_concurrency")
 
 
@@ -45,8 +45,31 @@ def build(args: argparse.Namespace) -> Node:
     disk = DiskStore(config.node_disk_dir(), config.parse_size(args.node_disk_bytes))
     memory = MemoryStore(config.parse_size(args.node_memory_bytes))
     # Memory holds chunks already verified on their way in; disk bytes are checked on every read.
-    store = ReadThroughStore(memory, ReadThroughStore(VerifiedStore(disk), fetcher, name="disk"), name="node")
+    disk_tier = ReadThroughStore(VerifiedStore(disk), fetcher, name="node disk")
+    disk_tier.fetch_seconds = telemetry.fetch_histogram().labels("node")
+    store = ReadThroughStore(memory, disk_tier, name="node memory")
     return Node(memory, disk, fetcher, store)
+
+
+def collect(node: Node, downloads: Downloads):  # type: ignore[no-untyped-def]
+    """The node's metrics: its tiers, its fetches, and the background downloads."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    yield from telemetry.tier_families({"node_memory": node.memory, "node_disk": node.disk})
+    fetches = CounterMetricFamily("imagestream_node_upstream_fetches", "Chunks the node fetched upstream, by kind",
+                                  labels=["kind"])
+    fetches.add_metric(["blocking"], node.fetcher.blocking_fetches)
+    fetches.add_metric(["background"], node.fetcher.background_fetches)
+    yield fetches
+    chunks = GaugeMetricFamily("imagestream_download_chunks", "Chunks of a mounted image, by state", labels=["image", "state"])
+    nbytes = GaugeMetricFamily("imagestream_download_bytes", "Bytes of a mounted image, by state", labels=["image", "state"])
+    for d in downloads.status():
+        chunks.add_metric([d.image, "total"], d.chunks_total)
+        chunks.add_metric([d.image, "local"], d.chunks_local)
+        nbytes.add_metric([d.image, "total"], d.bytes_total)
+        nbytes.add_metric([d.image, "local"], d.bytes_local)
+    yield chunks
+    yield nbytes
 
 
 class NodeServicer(node_pb2_grpc.NodeServicer):
@@ -91,6 +114,7 @@ async def main(args: argparse.Namespace) -> None:
     await serve(
         "node_cache", ["unix:" + config.node_cache_socket()], node.store, registry,
         add_servicers=lambda server: node_pb2_grpc.add_NodeServicer_to_server(NodeServicer(node, downloads), server),
+        metrics=(args.node_cache_metrics, lambda: collect(node, downloads)),
     )
 
 

@@ -14,6 +14,7 @@ import asyncio
 import dataclasses
 import logging
 
+from imagestream import telemetry
 from imagestream.digests import Digest
 from imagestream.errors import ImagestreamError, Unavailable
 from imagestream.index import load_index
@@ -114,7 +115,8 @@ class Downloads:
             if not batch:
                 continue
             try:
-                got = await self.fetcher.fetch_background(batch)
+                with telemetry.new_trace("background download batch", image=download.image, chunks=len(batch)):
+                    got = await self.fetcher.fetch_background(batch)
             except ImagestreamError as e:
                 log.warning("download of %s: batch failed, retrying later: %s", download.image, e)
                 await asyncio.sleep(1.0)

@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import logging
 
-from imagestream import config
+from imagestream import config, telemetry
 from imagestream.errors import Unavailable
 from imagestream.grpc_client import FailoverImageRegistry, GrpcChunkStore, GrpcImageRegistry
 from imagestream.grpc_server import serve, service_main
@@ -14,7 +14,7 @@ from imagestream.store import CoalescingStore, FailoverStore, ReadThroughStore, 
 
 from zonal_cache.redis_backend import RedisChunkStore
 
-SETTINGS = ("zonal_cache_listen", "redis_url", "zonal_upstreams")
+SETTINGS = ("zonal_cache_listen", "zonal_cache_metrics", "redis_url", "zonal_upstreams")
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -26,9 +26,22 @@ async def main(args: argparse.Namespace) -> None:
         logging.getLogger(__name__).warning("%s", e)
     regional = FailoverStore([VerifiedStore(GrpcChunkStore(t, name=f"regional {t}")) for t in upstreams])
     # Misses of one chunk from many nodes at once become one regional fetch.
-    store = ReadThroughStore(VerifiedStore(redis_store), CoalescingStore(regional), name="zonal")
+    coalescing = CoalescingStore(regional)
+    store = ReadThroughStore(VerifiedStore(redis_store), coalescing, name="zonal")
+    store.fetch_seconds = telemetry.fetch_histogram().labels("zonal")
     registry = FailoverImageRegistry([GrpcImageRegistry(t) for t in upstreams])
-    await serve("zonal_cache", config.parse_list(args.zonal_cache_listen), store, registry)
+
+    def collect():  # type: ignore[no-untyped-def]
+        from prometheus_client.core import CounterMetricFamily
+
+        yield from telemetry.tier_families({"zonal": store})
+        c = CounterMetricFamily("imagestream_coalesced_fetches", "Misses that joined a fetch already under way",
+                                labels=["tier"])
+        c.add_metric(["zonal"], coalescing.coalesced)
+        yield c
+
+    await serve("zonal_cache", config.parse_list(args.zonal_cache_listen), store, registry,
+                metrics=(args.zonal_cache_metrics, collect))
 
 
 if __name__ == "__main__":

@@ -82,6 +82,8 @@ def snapshot(root: pathlib.Path) -> dict[str, tuple]:
                 entry += (os.major(st.st_rdev), os.minor(st.st_rdev))
             out[rel] = entry
     for group in inode_groups.values():
+        if len(group) < 2:  # links from outside this tree (a copy made with cp -al) are not a group in it
+            continue
         for rel in group:
             out[rel] += (tuple(sorted(group)),)  # hardlink group membership
     return out

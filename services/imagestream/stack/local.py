@@ -33,6 +33,7 @@ class Process:
     env: dict[str, str] = dataclasses.field(default_factory=dict)
     start_timeout_s: float = 60.0
     prepare: Callable[[], None] | None = None  # one-time set-up before the first start (config files, jars)
+    phase: int = 1  # backends are phase 0 and start together; the tier services follow, in order
 
     def describe(self) -> dict:
         return {"name": self.name, "command": self.command, "ready": list(self.ready), "env": self.env}
@@ -56,7 +57,7 @@ def processes() -> list[Process]:
     # the services find the shared package and each other through PYTHONPATH, also when not pip-installed
     env = {"PYTHONPATH": services_path(), "IMAGESTREAM_HOME": str(home)}
 
-    from imagestream.stack import cassandra
+    from imagestream.stack import cassandra, zipkin
 
     node = cassandra.CassandraNode(
         cluster_name="imagestream",
@@ -77,8 +78,24 @@ def processes() -> list[Process]:
     def prepare_redis() -> None:
         (home / "redis").mkdir(parents=True, exist_ok=True)
 
+    zipkin_port = int(config.get("zipkin_port"))
+    zipkin_jar = cache / "zipkin" / f"zipkin-server-{zipkin.ZIPKIN_VERSION}-exec.jar"
+
+    def service_env(name: str) -> dict[str, str]:
+        # every service exports its spans to the stack's Zipkin, unless OTEL_* says otherwise
+        return {**env, "OTEL_SERVICE_NAME": name}
+
     maxmemory = config.parse_size(config.get("redis_maxmemory"))
     return [
+        Process(
+            "zipkin",
+            zipkin.command(zipkin_jar, cassandra.find_java()),
+            ("http", f"http://127.0.0.1:{zipkin_port}/health"),
+            zipkin.env(zipkin_port),
+            start_timeout_s=120,
+            prepare=lambda: zipkin.ensure_jar(cache / "zipkin"),
+            phase=0,
+        ),
         Process(
             "redis",
             ["redis-server", "--bind", redis.hostname or "127.0.0.1", "--port", str(redis.port or 6379),
@@ -87,6 +104,7 @@ def processes() -> list[Process]:
             ("redis", redis.hostname or "127.0.0.1", redis.port or 6379),
             start_timeout_s=15,
             prepare=prepare_redis,
+            phase=0,
         ),
         Process(
             "cassandra",
@@ -94,13 +112,17 @@ def processes() -> list[Process]:
             ("cql", node.address, node.native_port),
             start_timeout_s=240,
             prepare=prepare_cassandra,
+            phase=0,
         ),
-        Process("chunk_store", [py, "-m", "chunk_store"], ("grpc", config.get("chunk_store_listen")), env,
-                start_timeout_s=90),
-        Process("zonal_cache", [py, "-m", "zonal_cache"], ("grpc", config.get("zonal_cache_listen")), env),
-        Process("node_cache", [py, "-m", "node_cache"], ("grpc", "unix:" + config.node_cache_socket()), env),
+        Process("chunk_store", [py, "-m", "chunk_store"], ("grpc", config.get("chunk_store_listen")),
+                service_env("chunk_store"), start_timeout_s=90),
+        Process("zonal_cache", [py, "-m", "zonal_cache"], ("grpc", config.get("zonal_cache_listen")),
+                service_env("zonal_cache"), phase=2),
+        Process("node_cache", [py, "-m", "node_cache"], ("grpc", "unix:" + config.node_cache_socket()),
+                service_env("node_cache"), phase=3),
         # the node agent containerd loads as a proxy snapshotter (docs/containerd.md)
-        Process("snapshotter", [py, "-m", "snapshotter"], ("grpc", "unix:" + config.snapshotter_socket()), env),
+        Process("snapshotter", [py, "-m", "snapshotter"], ("grpc", "unix:" + config.snapshotter_socket()),
+                service_env("snapshotter"), phase=4),
     ]
 
 
@@ -123,6 +145,11 @@ def is_ready(check: tuple) -> bool:
             return True
         if kind == "grpc":
             return grpc_serving(check[1])
+        if kind == "http":
+            import urllib.request
+
+            with urllib.request.urlopen(check[1], timeout=1) as reply:
+                return reply.status == 200
     except (OSError, TimeoutError, RuntimeError):
         return False
     raise ValueError(f"unknown readiness check {check!r}")
@@ -160,34 +187,41 @@ def running_pid(name: str) -> int | None:
 
 
 def up(log: Callable[[str], None] = print, only: str | None = None) -> None:
-    """Start whatever is not running yet and wait until each is ready. Running it twice is harmless."""
+    """Start whatever is not running yet and wait until each is ready. Running it twice is harmless.
+
+    Processes of one `phase` start together (the three backends: their JVMs warm up side by side);
+    a phase starts once the one before it is ready.
+    """
     home = config.home()
     for d in ("run", "logs"):
         (home / d).mkdir(parents=True, exist_ok=True)
-    for proc in processes():
-        if only is not None and proc.name != only:
-            continue
-        pid = running_pid(proc.name)
-        if pid is not None:
+    wanted = [p for p in processes() if only is None or p.name == only]
+    for phase in sorted({p.phase for p in wanted}):
+        started: list[tuple[Process, int, float]] = []
+        for proc in (p for p in wanted if p.phase == phase):
+            pid = running_pid(proc.name)
+            if pid is not None:
+                _wait_ready(proc, pid, log)
+                log(f"  {proc.name:12} already running (pid {pid})")
+                continue
+            if proc.ready[0] in ("tcp", "redis", "cql", "http") and is_ready(proc.ready):
+                where = proc.ready[1] if len(proc.ready) == 2 else f"{proc.ready[1]}:{proc.ready[2]}"
+                raise SystemExit(
+                    f"{proc.name}: something not started by this stack already answers at {where}; "
+                    f"stop it or choose other ports (IMAGESTREAM_* settings, see README)"
+                )
+            if proc.prepare is not None:
+                proc.prepare()
+            with open(_logfile(proc.name), "ab") as out:
+                child = subprocess.Popen(
+                    proc.command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                    env={**os.environ, **proc.env}, start_new_session=True,  # survives the CLI, not its Ctrl-C
+                )
+            _pidfile(proc.name).write_text(str(child.pid))
+            started.append((proc, child.pid, time.monotonic()))
+        for proc, pid, t0 in started:
             _wait_ready(proc, pid, log)
-            log(f"  {proc.name:12} already running (pid {pid})")
-            continue
-        if proc.ready[0] in ("tcp", "redis", "cql") and is_ready(proc.ready):
-            raise SystemExit(
-                f"{proc.name}: something not started by this stack already listens on {proc.ready[1]}:{proc.ready[2]}; "
-                f"stop it or choose other ports (see `imagestream stack --help`)"
-            )
-        if proc.prepare is not None:
-            proc.prepare()
-        started = time.monotonic()
-        with open(_logfile(proc.name), "ab") as out:
-            child = subprocess.Popen(
-                proc.command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env={**os.environ, **proc.env}, start_new_session=True,  # survives the CLI, not its Ctrl-C
-            )
-        _pidfile(proc.name).write_text(str(child.pid))
-        _wait_ready(proc, child.pid, log)
-        log(f"  {proc.name:12} ready in {time.monotonic() - started:5.1f} s (pid {child.pid}, log {_logfile(proc.name)})")
+            log(f"  {proc.name:12} ready in {time.monotonic() - t0:5.1f} s (pid {pid}, log {_logfile(proc.name)})")
 
 
 def _wait_ready(proc: Process, pid: int, log: Callable[[str], None]) -> None:
@@ -264,6 +298,10 @@ def private_env(home: pathlib.Path, cache_dir: pathlib.Path, port_base: int = 50
         "IMAGESTREAM_CASSANDRA_PORT": str(port_base - 50100 + 9142),
         "IMAGESTREAM_CASSANDRA_STORAGE_PORT": str(port_base - 50100 + 7100),
         "IMAGESTREAM_CASSANDRA_JMX_PORT": str(port_base - 50100 + 7299),
+        "IMAGESTREAM_ZIPKIN_PORT": str(port_base - 50100 + 9511),
+        "IMAGESTREAM_CHUNK_STORE_METRICS": f"127.0.0.1:{port_base - 50100 + 9561}",
+        "IMAGESTREAM_ZONAL_CACHE_METRICS": f"127.0.0.1:{port_base - 50100 + 9562}",
+        "IMAGESTREAM_NODE_CACHE_METRICS": f"127.0.0.1:{port_base - 50100 + 9563}",
     }
 
 
@@ -287,5 +325,43 @@ def reset() -> None:
     shutil.rmtree(config.home(), ignore_errors=True)
 
 
+def named(name: str) -> Process:
+    """The process called `name` in the definition."""
+    found = {p.name: p for p in processes()}
+    if name not in found:
+        raise SystemExit(f"no process {name!r} in the local stack; there are: {', '.join(found)}")
+    return found[name]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The definition for tools that run the stack themselves (the Tiltfile's local branch).
+
+    With no option, print every process as JSON: name, command, readiness check, environment, and its
+    start phase where the definition has phases (processes of one phase may start together).
+    `--prepare NAME` runs NAME's one-time set-up (Cassandra: jars and configuration), if it has one;
+    `--check NAME` exits 0 when NAME passes its readiness check, 1 otherwise.
+    """
+    import argparse
+    import logging
+
+    parser = argparse.ArgumentParser(prog="python -m imagestream.stack.local", description=main.__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    action = parser.add_mutually_exclusive_group()
+    action.add_argument("--prepare", metavar="NAME", help="run the one-time set-up of process NAME")
+    action.add_argument("--check", metavar="NAME", help="exit 0 if process NAME is ready")
+    args = parser.parse_args(argv)
+    if args.check:
+        ready = is_ready(named(args.check).ready)
+        print(f"{args.check}: {'ready' if ready else 'not ready'}")
+        sys.exit(0 if ready else 1)
+    if args.prepare:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")  # jar downloads report progress
+        proc = named(args.prepare)
+        if proc.prepare is not None:
+            proc.prepare()
+        return
+    print(json.dumps([{**p.describe(), "phase": getattr(p, "phase", None)} for p in processes()], indent=2))
+
+
 if __name__ == "__main__":  # `python -m imagestream.stack.local` prints the definition (used by the Tiltfile)
-    print(json.dumps([p.describe() for p in processes()], indent=2))
+    main()

@@ -6,12 +6,18 @@ import asyncio
 import logging
 from collections.abc import Sequence
 
+from imagestream import telemetry
 from imagestream.digests import Digest, verify
 from imagestream.errors import CorruptChunk, NotFound, Unavailable
 from imagestream.failover import Failover
 from imagestream.store.base import ChunkStore
 
 log = logging.getLogger(__name__)
+
+
+def _attrs(tier: str, digest: Digest, hit: bool, nbytes: int) -> dict:
+    return {"imagestream.tier": tier, "imagestream.hit": hit, "imagestream.chunk": str(digest),
+            "imagestream.bytes": nbytes, "imagestream.image": telemetry.current_image()}
 
 
 class VerifiedStore(ChunkStore):
@@ -87,27 +93,36 @@ class ReadThroughStore(ChunkStore):
         self.cache = cache
         self.upstream = upstream
         self.name = name or f"{cache.name}>{upstream.name}"
+        self.fetch_seconds = None  # a Prometheus histogram child, set by services that export metrics
 
     async def get(self, digest: Digest) -> bytes:
-        try:
-            data = await self.cache.get(digest)
-        except (NotFound, CorruptChunk):
-            pass
-        except Unavailable as e:
-            log.warning("%s: cache unavailable, reading upstream: %s", self.name, e)
-        else:
-            self.stats.hits += 1
+        with telemetry.tracer.start_as_current_span(f"{self.name} get") as span:
+            try:
+                data = await self.cache.get(digest)
+            except (NotFound, CorruptChunk):
+                pass
+            except Unavailable as e:
+                log.warning("%s: cache unavailable, reading upstream: %s", self.name, e)
+            else:
+                self.stats.hits += 1
+                self.stats.bytes_served += len(data)
+                if span.is_recording():
+                    span.set_attributes(_attrs(self.name, digest, True, len(data)))
+                return data
+            self.stats.misses += 1
+            self.stats.upstream_fetches += 1
+            timer = telemetry.Timer()
+            data = await self.upstream.get(digest)
+            if self.fetch_seconds is not None:
+                self.fetch_seconds.observe(timer.seconds)
+            try:
+                await self.cache.put(digest, data)
+            except Unavailable as e:
+                log.warning("%s: could not keep chunk %s: %s", self.name, digest.short, e)
             self.stats.bytes_served += len(data)
+            if span.is_recording():
+                span.set_attributes(_attrs(self.name, digest, False, len(data)))
             return data
-        self.stats.misses += 1
-        self.stats.upstream_fetches += 1
-        data = await self.upstream.get(digest)
-        try:
-            await self.cache.put(digest, data)
-        except Unavailable as e:
-            log.warning("%s: could not keep chunk %s: %s", self.name, digest.short, e)
-        self.stats.bytes_served += len(data)
-        return data
 
     async def get_many(self, digests, concurrency: int = 16):  # type: ignore[no-untyped-def]
         """Hits from the cache; all misses upstream in one batch, kept on the way."""
