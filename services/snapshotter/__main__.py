@@ -43,6 +43,10 @@ async def serve(args: argparse.Namespace) -> None:
 
         events = KubeEvents.in_cluster()
         snapshotter.images.on_mount = events.wrap(snapshotter.images.on_mount)
+    if args.snapshotter_metrics:
+        from imagestream import telemetry
+
+        telemetry.serve_metrics(args.snapshotter_metrics, snapshotter.metric_families)
     server = grpc.aio.server()
     snapshots_pb2_grpc.add_SnapshotsServicer_to_server(SnapshotsServicer(snapshotter), server)
     health_servicer = health.aio.HealthServicer()
@@ -75,9 +79,10 @@ def main() -> None:
     parser.add_argument("--kube-events", action="store_true",
                         help="post an ImageStreaming event to the node in Kubernetes (in-cluster credentials; "
                              "UNTESTED here: no cluster)")
-    config.add_arguments(parser, "home", "snapshotter_socket", "snapshotter_root", "node_cache_socket", "log_level")
+    config.add_arguments(parser, "home", "snapshotter_socket", "snapshotter_root", "snapshotter_metrics", "node_cache_socket",
+                         "distribution_listen", "log_level")
     args = parser.parse_args()
-    for name in ("home", "snapshotter_socket", "snapshotter_root", "node_cache_socket"):
+    for name in ("home", "snapshotter_socket", "snapshotter_root", "node_cache_socket", "distribution_listen"):
         os.environ[config.SETTINGS[name].env] = getattr(args, name)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "status":

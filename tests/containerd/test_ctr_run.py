@@ -27,6 +27,18 @@ def status() -> dict:
     return json.loads((config.snapshotter_root() / "status.json").read_text())
 
 
+def metric(name: str) -> float:
+    """A sample of the snapshotter's Prometheus endpoint."""
+    import os
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://{os.environ['IMAGESTREAM_SNAPSHOTTER_METRICS']}/metrics") as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    raise AssertionError(f"{name} is not exported")
+
+
 def content_digests(containerd, namespace: str) -> set[str]:  # type: ignore[no-untyped-def]
     return {line.split()[0] for line in containerd.ctr("content", "ls", "-q", namespace=namespace).stdout.split("\n")
             if line.strip()}
@@ -66,6 +78,7 @@ def test_streamed_image_runs_without_being_pulled(containerd, pushed_images) -> 
     after = node_status()
     assert after.blocking_fetches > node.blocking_fetches  # read on demand while it ran
     assert status()["streamed_snapshots"] == before["streamed_snapshots"] + 1
+    assert metric("imagestream_snapshotter_streamed_layers_total") == status()["streamed_layers"] >= 1
     print(f"streamed: ctr run to output in {seconds:.2f} s")
 
 

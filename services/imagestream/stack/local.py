@@ -302,6 +302,7 @@ def private_env(home: pathlib.Path, cache_dir: pathlib.Path, port_base: int = 50
         "IMAGESTREAM_CHUNK_STORE_METRICS": f"127.0.0.1:{port_base - 50100 + 9561}",
         "IMAGESTREAM_ZONAL_CACHE_METRICS": f"127.0.0.1:{port_base - 50100 + 9562}",
         "IMAGESTREAM_NODE_CACHE_METRICS": f"127.0.0.1:{port_base - 50100 + 9563}",
+        "IMAGESTREAM_SNAPSHOTTER_METRICS": f"127.0.0.1:{port_base - 50100 + 9564}",
     }
 
 
