@@ -65,7 +65,7 @@ async def serve(args: argparse.Namespace) -> None:
     await stop.wait()
     log.info("snapshotter stopping; image mounts in use stay (their FUSE clients are processes of their own)")
     await server.stop(grace=5)
-    await snapshotter.cleanup()
+    await snapshotter.cleanup(remount=False)  # unused and dead mounts go; nothing is mounted on the way out
     snapshotter.close()
 
 

@@ -105,8 +105,9 @@ class ImageMounts:
         """Mount point name -> mounted (alive or not) for every image folder."""
         return {p.name: mounts.is_mountpoint(p) for p in self.dir.iterdir()}  # not is_dir(): a dead mount fails it
 
-    async def reconcile(self, in_use: dict[str, StreamedLayer]) -> None:
-        """After a start: drop dead and unused mounts, remount the dead ones still in use.
+    async def reconcile(self, in_use: dict[str, StreamedLayer], remount: bool = True) -> None:
+        """Drop dead and unused mounts; with `remount` (on start, not on the way out) mount again the images
+        still in use.
 
         `in_use` maps the index hash of each image some snapshot sits on to one of its layers.
         """
@@ -121,7 +122,7 @@ class ImageMounts:
             elif mounted and not await asyncio.to_thread(healthy, mp):
                 log.warning("found the dead mount %s: unmounting it", mp)
                 await asyncio.to_thread(force_unmount, mp)
-        for layer in wanted.values():
+        for layer in wanted.values() if remount else ():
             await self.ensure(layer)
 
 

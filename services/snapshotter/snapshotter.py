@@ -331,15 +331,16 @@ class Snapshotter:
             return s.size, s.inodes
         return await asyncio.to_thread(_du, self._dir(s) / "fs")
 
-    async def cleanup(self) -> None:
-        """Remove folders no snapshot owns and image mounts no snapshot uses."""
+    async def cleanup(self, remount: bool = True) -> None:
+        """Remove folders no snapshot owns and image mounts no snapshot uses (and dead ones: mounted again
+        if still used, unless `remount` is off, as on the way out)."""
         async with self._lock:
             owned = {str(s.id) for s in self.meta.all()}
             for d in (self.root / "snapshots").iterdir():
                 if d.name not in owned:
                     log.info("cleanup: removing %s (no snapshot owns it)", d)
                     await asyncio.to_thread(shutil.rmtree, d, True)
-            await self.images.reconcile(self._images_in_use())
+            await self.images.reconcile(self._images_in_use(), remount)
 
     def _images_in_use(self) -> dict[str, StreamedLayer]:
         in_use: dict[str, StreamedLayer] = {}

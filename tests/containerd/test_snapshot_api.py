@@ -170,6 +170,7 @@ def test_containers_share_one_image_mount_which_goes_with_the_last(snapshots, st
 def test_restart_leaves_no_dead_mounts(snapshots, streamed_layer) -> None:  # type: ignore[no-untyped-def]
     from containerd.services.snapshots.v1 import snapshots_pb2_grpc
     from imagestream import config, mounts
+    from imagestream.stack import local
 
     S = pb()
     ref, image, root = streamed_layer
@@ -187,6 +188,12 @@ def test_restart_leaves_no_dead_mounts(snapshots, streamed_layer) -> None:  # ty
     snapshotter_restart()
     assert os.listdir(lower) and "usr" in os.listdir(lower)  # mounted again, alive
     assert mounts.Mount.find(lower).pid != fuse_pid
+    # stopped with a dead mount: the mount goes and nothing is mounted on the way out; started: mounted again
+    kill(mounts.Mount.find(lower).pid)
+    local.down(lambda _: None, only="snapshotter")
+    assert fuse_mounts_under(root / "images") == []
+    local.up(lambda _: None, only="snapshotter")
+    assert "usr" in os.listdir(lower)
     with grpc.insecure_channel("unix:" + str(config.snapshotter_socket())) as channel:  # the old one may back off
         stub = snapshots_pb2_grpc.SnapshotsStub(channel)
         stub.Remove(S.RemoveSnapshotRequest(key="t/survivor"))
