@@ -39,7 +39,9 @@ def stack(stack_home: pathlib.Path):  # type: ignore[no-untyped-def]
     from imagestream.stack import local
 
     # ports of its own, so that a developer's stack on the default ports can keep running
-    env = {**local.private_env(stack_home, CACHE), "IMAGESTREAM_REDIS_MAXMEMORY": "512MiB",
+    # IMAGESTREAM_TEST_PORT_BASE moves the whole stack, so that two suites can run side by side
+    port_base = int(os.environ.get("IMAGESTREAM_TEST_PORT_BASE", "50100"))
+    env = {**local.private_env(stack_home, CACHE, port_base), "IMAGESTREAM_REDIS_MAXMEMORY": "512MiB",
            "IMAGESTREAM_NODE_MEMORY_BYTES": "64MiB",
            "OTEL_BSP_SCHEDULE_DELAY": "200"}  # spans reach Zipkin quickly
     saved = {k: os.environ.get(k) for k in env}

@@ -6,14 +6,18 @@ import argparse
 import asyncio
 
 from imagestream import config, telemetry
+from imagestream.distribution import Distribution, DistributionServicer
 from imagestream.grpc_server import serve, service_main
 from imagestream.store import VerifiedStore
+from imagestream.v1 import distribution_pb2_grpc
 
+from chunk_store import oci_http
+from chunk_store.cassandra_blobs import CassandraBlobIndex
 from chunk_store.cassandra_backend import CassandraChunkStore, CassandraImageRegistry, connect_from_settings
 
 SETTINGS = (
-    "chunk_store_listen", "chunk_store_metrics", "cassandra_hosts", "cassandra_port", "cassandra_keyspace", "cassandra_replication",
-    "cassandra_local_dc", "read_consistency", "write_consistency",
+    "chunk_store_listen", "chunk_store_metrics", "distribution_listen", "cassandra_hosts", "cassandra_port",
+    "cassandra_keyspace", "cassandra_replication", "cassandra_local_dc", "read_consistency", "write_consistency",
 )
 
 
@@ -24,12 +28,19 @@ async def main(args: argparse.Namespace) -> None:
     cassandra = CassandraChunkStore(db)
     store = VerifiedStore(cassandra)
     registry = CassandraImageRegistry(db)
+    # what push received, for pulls the normal way: gRPC to write, OCI Distribution (HTTP) to read
+    distribution = Distribution(store, await asyncio.to_thread(CassandraBlobIndex, db))
+    http = await oci_http.start(distribution, args.distribution_listen) if args.distribution_listen else None
     try:
         await serve(
             "chunk_store", config.parse_list(args.chunk_store_listen), store, registry, source_of_truth=True,
             metrics=(args.chunk_store_metrics, lambda: telemetry.tier_families({"regional": cassandra})),
+            add_servicers=lambda server: distribution_pb2_grpc.add_DistributionServicer_to_server(
+                DistributionServicer(distribution), server),
         )
     finally:
+        if http is not None:
+            await http.cleanup()
         await asyncio.to_thread(db.close)
 
 

@@ -58,6 +58,8 @@ SETTINGS = {s.name: s for s in [
     # regional chunk store (Cassandra)
     Setting("chunk_store_listen", "127.0.0.1:50061", "address the regional chunk store serves gRPC on"),
     Setting("chunk_store_metrics", "127.0.0.1:9461", "address of the regional chunk store's Prometheus /metrics"),
+    Setting("distribution_listen", "127.0.0.1:50060",
+            "address the regional chunk store serves the OCI Distribution API (read side, HTTP) on; '' for none"),
     Setting("cassandra_hosts", "127.0.0.1", "Cassandra contact points, comma-separated"),
     Setting("cassandra_port", "9042", "Cassandra native protocol port"),
     Setting("cassandra_storage_port", "7000", "Cassandra inter-node port (local stack only)"),
@@ -92,6 +94,9 @@ SETTINGS = {s.name: s for s in [
     Setting("profile", "first", "record a startup profile: 'first' run of an image without one, 'always', 'never'"),
     Setting("record_reads", "", "FUSE client: write every read (inode, offset, size, path) to this file at unmount"),
     Setting("zipkin_port", "9411", "port of the local stack's Zipkin (tracing UI and API)"),
+    # containerd snapshotter (node agent)
+    Setting("snapshotter_socket", "", "Unix socket of the containerd snapshotter (default: HOME/snapshotter.sock)"),
+    Setting("snapshotter_root", "", "snapshots, image mounts and metadata of the snapshotter (default: HOME/snapshotter)"),
     Setting("log_level", "INFO", "logging level of the services"),
 ]}
 
@@ -106,6 +111,14 @@ def home() -> pathlib.Path:
 
 def node_cache_socket() -> str:
     return get("node_cache_socket") or str(home() / "node-cache.sock")
+
+
+def snapshotter_socket() -> str:
+    return get("snapshotter_socket") or str(home() / "snapshotter.sock")
+
+
+def snapshotter_root() -> pathlib.Path:
+    return pathlib.Path(get("snapshotter_root") or home() / "snapshotter").absolute()
 
 
 def node_disk_dir() -> pathlib.Path:

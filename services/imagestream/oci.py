@@ -81,6 +81,8 @@ class ImageSource:
     def __init__(self, path: pathlib.Path) -> None:
         self.path = path
         self.manifest_digest = ""
+        self.manifest: dict[str, Any] | None = None  # the OCI manifest, for formats that have one
+        self.config_bytes = b""
         self.config: dict[str, Any] = {}
         self.layers: list[Layer] = []
 
@@ -125,6 +127,7 @@ class ImageSource:
         return value
 
     def _set_config(self, data: bytes, what: str) -> None:
+        self.config_bytes = data  # kept as received, for the registry (imagestream.distribution)
         self.config = self._json(data, what)
         diff_ids = self.config.get("rootfs", {}).get("diff_ids")
         if not isinstance(diff_ids, list):
@@ -199,6 +202,7 @@ class _OciSource(ImageSource):
         else:
             raise BadImage("index.json: image indexes nested too deeply")
         self.manifest_digest = digest
+        self.manifest = doc
         config = doc.get("config") or {}
         config_digest = config.get("digest", "")
         _check_digest_form(config_digest, f"manifest {digest} config")

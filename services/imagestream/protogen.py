@@ -33,7 +33,10 @@ def generate(proto_root: pathlib.Path, out_root: pathlib.Path) -> list[pathlib.P
         raise SystemExit("protoc failed")
     packages = {out_root / p.parent.relative_to(proto_root) for p in protos}
     for package in packages:
-        (package / "__init__.py").touch()
+        # every level is a package: containerd/, containerd/services/, ... as well as imagestream/v1/
+        parts = package.relative_to(out_root).parts
+        for depth in range(1, len(parts) + 1):
+            (out_root.joinpath(*parts[:depth]) / "__init__.py").touch()
     return sorted(packages)
 
 

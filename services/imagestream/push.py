@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from imagestream import config, telemetry
 from imagestream.convert import Converted, convert, temporary_spool
+from imagestream.distribution import GrpcDistribution, push_blobs
 from imagestream.grpc_client import GrpcChunkStore, GrpcImageRegistry
 from imagestream.oci import open_image
 from imagestream.registry import validate_name
@@ -31,6 +32,7 @@ class PushResult:
     uploaded_bytes: int
     convert_s: float
     upload_s: float
+    manifest_digest: str = ""  # of the OCI manifest kept for pulls the normal way (imagestream.distribution)
 
     def summary(self) -> str:
         c = self.converted
@@ -39,7 +41,7 @@ class PushResult:
             f"pushed {self.image.name}: {c.files} files, {c.content_bytes / 1e6:.1f} MB in {len(c.chunks)} chunks; "
             f"uploaded {self.uploaded_chunks} new chunks ({self.uploaded_bytes / 1e6:.1f} MB compressed); "
             f"index sha256:{c.index_digest.hash[:12]}; {c.content_bytes / 1e6 / total:.1f} MB/s "
-            f"(convert {self.convert_s:.1f} s, upload {self.upload_s:.1f} s)"
+            f"(convert {self.convert_s:.1f} s, upload {self.upload_s:.1f} s); manifest {self.manifest_digest}"
         )
 
 
@@ -63,13 +65,16 @@ def _push(source: str | pathlib.Path, name: str, registry: str | None, chunk_siz
                                        on_layer=lambda done, total: bar.update(1))
         convert_s = time.monotonic() - started
         started = time.monotonic()
-        image, uploaded, uploaded_bytes = asyncio.run(_upload(converted, spool, name, registry, progress, streaming))
-        return PushResult(image, converted, uploaded, uploaded_bytes, convert_s, time.monotonic() - started)
+        image, uploaded, uploaded_bytes, manifest = asyncio.run(
+            _upload(converted, spool, name, registry, progress, streaming, image_source))
+        return PushResult(image, converted, uploaded, uploaded_bytes, convert_s, time.monotonic() - started, manifest)
 
 
-async def _upload(converted: Converted, spool, name: str, target: str, progress: bool, streaming: bool):  # type: ignore[no-untyped-def]
+async def _upload(converted: Converted, spool, name: str, target: str, progress: bool, streaming: bool,  # type: ignore[no-untyped-def]
+                  source):
     store = GrpcChunkStore(target, name="regional")
     registry = GrpcImageRegistry(target)
+    dist = GrpcDistribution(target)
     try:
         wanted = [*converted.chunks, converted.index_digest]
         missing = []
@@ -88,7 +93,12 @@ async def _upload(converted: Converted, spool, name: str, target: str, progress:
         image = images_pb2.Image(name=name, index=converted.index_digest.to_proto(),
                                  source_digest=converted.source_digest, streaming_disabled=not streaming)
         published = await registry.publish(image)
-        return published, len(missing), total
+        # what was received, kept for pulls the normal way; a streamable image's layers say so
+        with tqdm(unit="B", unit_scale=True, desc="blobs", disable=not progress) as bar:
+            manifest, _ = await push_blobs(source, store, dist, name, converted.index_digest if streaming else None,
+                                           on_bytes=bar.update)
+        return published, len(missing), total, manifest
     finally:
         await store.close()
         await registry.close()
+        await dist.close()

@@ -120,6 +120,9 @@ def processes() -> list[Process]:
                 service_env("zonal_cache"), phase=2),
         Process("node_cache", [py, "-m", "node_cache"], ("grpc", "unix:" + config.node_cache_socket()),
                 service_env("node_cache"), phase=3),
+        # the node agent containerd loads as a proxy snapshotter (docs/containerd.md)
+        Process("snapshotter", [py, "-m", "snapshotter"], ("grpc", "unix:" + config.snapshotter_socket()),
+                service_env("snapshotter"), phase=4),
     ]
 
 
@@ -286,6 +289,7 @@ def private_env(home: pathlib.Path, cache_dir: pathlib.Path, port_base: int = 50
         "IMAGESTREAM_HOME": str(home),
         "IMAGESTREAM_CACHE_DIR": str(cache_dir),
         "IMAGESTREAM_CHUNK_STORE_LISTEN": chunk_store,
+        "IMAGESTREAM_DISTRIBUTION_LISTEN": f"127.0.0.1:{port_base + 60}",
         "IMAGESTREAM_ZONAL_CACHE_LISTEN": zonal,
         "IMAGESTREAM_ZONAL_UPSTREAMS": chunk_store,
         "IMAGESTREAM_NODE_UPSTREAMS": f"{zonal},{chunk_store}",

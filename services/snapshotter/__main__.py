@@ -1,0 +1,101 @@
+"""imagestream's containerd snapshotter, the node agent beside the node cache.
+
+    python -m snapshotter [serve]      serve containerd's snapshots API on a Unix socket
+    python -m snapshotter status       the snapshotter's counters (streamed layers, mounts, fallbacks)
+    python -m snapshotter pull REF     pull through containerd's CRI plugin, as the kubelet does
+
+containerd loads it as a proxy plugin (docs/containerd.md):
+
+    [proxy_plugins.imagestream]
+      type = "snapshot"
+      address = "<IMAGESTREAM_SNAPSHOTTER_SOCKET>"
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+
+from imagestream import config
+
+log = logging.getLogger("snapshotter")
+
+
+async def serve(args: argparse.Namespace) -> None:
+    import grpc
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    from containerd.services.snapshots.v1 import snapshots_pb2_grpc
+    from snapshotter.service import SnapshotsServicer
+    from snapshotter.snapshotter import Snapshotter
+
+    snapshotter = Snapshotter(config.snapshotter_root())
+    await snapshotter.start()  # no dead mounts from an earlier run; images in use mounted again
+    events = None
+    if args.kube_events:
+        from snapshotter.kube_events import KubeEvents
+
+        events = KubeEvents.in_cluster()
+        snapshotter.images.on_mount = events.wrap(snapshotter.images.on_mount)
+    server = grpc.aio.server()
+    snapshots_pb2_grpc.add_SnapshotsServicer_to_server(SnapshotsServicer(snapshotter), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    sock = config.snapshotter_socket()
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(sock)
+    server.add_insecure_port("unix:" + sock)
+    await server.start()
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    log.info("snapshotter serving containerd's snapshots API on unix:%s (root %s)", sock, snapshotter.root)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("snapshotter stopping; image mounts in use stay (their FUSE clients are processes of their own)")
+    await server.stop(grace=5)
+    await snapshotter.cleanup()
+    snapshotter.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="snapshotter", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", nargs="?", default="serve", choices=["serve", "status", "pull"])
+    parser.add_argument("ref", nargs="?", help="pull: the image reference (host:port/name:tag)")
+    parser.add_argument("--cri-socket", default="/run/containerd/containerd.sock",
+                        help="pull: containerd's socket (its CRI plugin)")
+    parser.add_argument("--kube-events", action="store_true",
+                        help="post an ImageStreaming event to the node in Kubernetes (in-cluster credentials; "
+                             "UNTESTED here: no cluster)")
+    config.add_arguments(parser, "home", "snapshotter_socket", "snapshotter_root", "node_cache_socket", "log_level")
+    args = parser.parse_args()
+    for name in ("home", "snapshotter_socket", "snapshotter_root", "node_cache_socket"):
+        os.environ[config.SETTINGS[name].env] = getattr(args, name)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "status":
+        path = config.snapshotter_root() / "status.json"
+        print(path.read_text() if path.exists() else json.dumps({"error": f"no {path}: not started yet"}))
+        return
+    if args.command == "pull":
+        if not args.ref:
+            parser.error("pull needs a reference")
+        from snapshotter.cri import pull
+
+        print(pull(args.cri_socket, args.ref))
+        return
+    try:
+        asyncio.run(serve(args))
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""A private containerd daemon (Debian's containerd + runc) with imagestream's snapshotter plugged in.
+
+Everything it owns (config, root, state, sockets) lives under one folder, so it
+runs beside any other containerd; used by the tests and the benchmark, and a
+worked example of the configuration in docs/containerd.md.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import time
+
+CONFIG = """\
+version = 2
+root = "{root}"
+state = "{state}"
+disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs",
+                    "io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.devmapper",
+                    "io.containerd.tracing.processor.v1.otlp", "io.containerd.internal.v1.tracing"]
+
+[grpc]
+  address = "{socket}"
+
+[ttrpc]
+  address = "{socket}.ttrpc"
+
+[debug]
+  level = "info"
+
+# imagestream's snapshotter, a proxy plugin: containerd calls it over gRPC on its Unix socket
+[proxy_plugins]
+  [proxy_plugins.imagestream]
+    type = "snapshot"
+    address = "{snapshotter_socket}"
+
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{dir}/opt"
+
+# The Kubernetes path (CRI): pull with the imagestream snapshotter; keep the snapshot
+# annotations on, so containerd hands the layers' labels to the snapshotter.
+[plugins."io.containerd.grpc.v1.cri"]
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "imagestream"
+    disable_snapshot_annotations = false
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "{dir}/cni/bin"
+    conf_dir = "{dir}/cni/conf"
+  [plugins."io.containerd.grpc.v1.cri".registry]
+    config_path = "{dir}/certs.d"
+"""
+
+HOSTS_TOML = """\
+server = "http://{host}"
+
+[host."http://{host}"]
+  capabilities = ["pull", "resolve"]
+  skip_verify = true
+"""
+
+
+class PrivateContainerd:
+    def __init__(self, directory: pathlib.Path, snapshotter_socket: str, registries: tuple[str, ...] = ()) -> None:
+        self.dir = directory
+        self.socket = str(directory / "containerd.sock")
+        self.snapshotter_socket = snapshotter_socket
+        self.registries = registries  # host:port of plain-HTTP registries (the regional tier's)
+        self.process: subprocess.Popen | None = None
+        self.log = directory / "containerd.log"
+
+    def write_config(self) -> pathlib.Path:
+        for d in ("root", "state", "opt", "cni/bin", "cni/conf"):
+            (self.dir / d).mkdir(parents=True, exist_ok=True)
+        for host in self.registries:
+            hosts = self.dir / "certs.d" / host
+            hosts.mkdir(parents=True, exist_ok=True)
+            (hosts / "hosts.toml").write_text(HOSTS_TOML.format(host=host))
+        config = self.dir / "config.toml"
+        config.write_text(CONFIG.format(root=self.dir / "root", state=self.dir / "state", socket=self.socket,
+                                        snapshotter_socket=self.snapshotter_socket, dir=self.dir))
+        return config
+
+    def start(self, timeout_s: float = 30.0) -> None:
+        config = self.write_config()
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(["containerd", "--config", str(config)], stdout=log,
+                                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + timeout_s
+        while self.ctr("version", check=False).returncode != 0:
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"containerd did not start; see {self.log}:\n{self.log.read_text()[-3000:]}")
+            time.sleep(0.2)
+
+    def ctr(self, *args: str, namespace: str = "default", check: bool = True, timeout: float = 300,
+            input: str | None = None) -> subprocess.CompletedProcess:
+        result = subprocess.run(["ctr", "--address", self.socket, "--namespace", namespace, *args],
+                                capture_output=True, text=True, timeout=timeout, input=input)
+        if check and result.returncode != 0:
+            raise RuntimeError(f"ctr {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+        return result
+
+    def stop(self) -> None:
+        """Stop every container it runs, then the daemon; unmount whatever it left under its folder."""
+        if self.process is not None and self.process.poll() is None:
+            for ns in self.ctr("namespaces", "ls", "-q", check=False).stdout.split():
+                for task in self.ctr("tasks", "ls", "-q", namespace=ns, check=False).stdout.split():
+                    self.ctr("tasks", "kill", "-s", "SIGKILL", task, namespace=ns, check=False)
+                    self.ctr("tasks", "delete", "-f", task, namespace=ns, check=False)
+                for container in self.ctr("containers", "ls", "-q", namespace=ns, check=False).stdout.split():
+                    self.ctr("containers", "delete", container, namespace=ns, check=False)
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(10)
+        # shims run in sessions of their own: end those that belong to this daemon
+        for proc in pathlib.Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if cmdline[0].endswith(b"containerd-shim-runc-v2") and self.socket.encode() in cmdline:
+                try:
+                    os.kill(int(proc.name), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        with open("/proc/self/mountinfo") as f:
+            ours = [line.split()[4] for line in f if line.split()[4].startswith(str(self.dir))]
+        for mountpoint in sorted(ours, key=len, reverse=True):
+            subprocess.run(["umount", "-l", mountpoint], capture_output=True)
+
+    def remove(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
