@@ -30,6 +30,7 @@ import json
 import os
 import pathlib
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -134,8 +135,10 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def parts(args: argparse.Namespace, setup: Setup, images: list, default: LinkProfile, r: dict) -> None:
+    """Each part in turn; one that fails is recorded in r["errors"] and the others still run."""
     base, large = images
-    if "coldstart" in args.parts:
+
+    def cold_start() -> None:
         setup.shape(default)
         log(f"cold start, link {default.describe()}: {setup.link.qdiscs()}")
         if args.quick:  # every kind of cell once, in little time
@@ -144,31 +147,52 @@ def parts(args: argparse.Namespace, setup: Setup, images: list, default: LinkPro
         else:
             plan = {im.label: {c: coldstart.MODES for c in coldstart.COMMANDS} for im in images}
         cells = coldstart.measure(setup, images, args.runs, plan)
-        r["cold_start"] = {"default": {"link": link_dict(default), "qdiscs": setup.link.qdiscs(), "runs": args.runs,
-                                       "by_image": cells}}
-    if "bytes" in args.parts:
+        r.setdefault("cold_start", {})["default"] = {"link": link_dict(default), "qdiscs": setup.link.qdiscs(),
+                                                     "runs": args.runs, "by_image": cells}
+
+    def bytes_() -> None:
         setup.shape(default)
         log("bytes before the first output")
         r["bytes"] = {im.label: coldstart.reads_before_output(setup, im) for im in images}
-    if "slow" in args.parts:
+
+    def slow() -> None:
         setup.shape(SLOW)
-        log(f"cold start, link {SLOW.describe()}")
+        log(f"cold start, link {SLOW.describe()}: {setup.link.qdiscs()}")
         cells = coldstart.measure(setup, images, args.slow_runs,
                                   {im.label: {"python": ("full_pull", "stream_cold", "stream_profile")} for im in images})
         r.setdefault("cold_start", {})["slow"] = {"link": link_dict(SLOW), "qdiscs": setup.link.qdiscs(),
                                                   "runs": args.slow_runs, "by_image": cells}
-    if "fanout" in args.parts:
+
+    def fan_out() -> None:
         setup.shape(default)
         log(f"fan-out, link {default.describe()}")
         r["fanout"] = fanout.measure(setup, base, args.fanout)
         r["fanout"]["link"] = link_dict(default)
-    if "tiers" in args.parts:
+
+    def tier_latency() -> None:
         log("tier latency")
         r["tiers"] = tiers.measure(setup, base, sample_chunks=24 if args.quick else 200)
-    if "warm" in args.parts:
+
+    def warm() -> None:
         log("warm reads")
         r["warm_reads"] = warmreads.measure(setup, large, runs=args.runs, budget_mb=4 if args.quick else 256,
                                             random_reads_n=200 if args.quick else 4000)
+
+    for name, fn in (("coldstart", cold_start), ("bytes", bytes_), ("slow", slow), ("fanout", fan_out),
+                     ("tiers", tier_latency), ("warm", warm)):
+        if name not in args.parts:
+            continue
+        started = time.monotonic()
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 - report it, go on with the other parts
+            traceback.print_exc()
+            r.setdefault("errors", {})[name] = f"{type(e).__name__}: {e}"
+            with contextlib.suppress(Exception):
+                setup.empty_caches()
+        r.setdefault("part_seconds", {})[name] = round(time.monotonic() - started, 1)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "bench.partial.json").write_text(json.dumps(r, indent=2) + "\n")  # survives a crash
     r["targets"] = targets(r)
 
 
@@ -226,7 +250,8 @@ def targets(r: dict) -> list[dict]:
             return
         met = value >= limit if higher_is_better else value <= limit
         out.append({"key": key, "target": what, "measured": value, "limit": limit, "met": met,
-                    "shown": fmt.format(value), "note": "" if met else NOTES.get(key.split(":")[0], "")})
+                    "shown": fmt.format(value), "limit_shown": (">= " if higher_is_better else "<= ") + fmt.format(limit),
+                    "note": "" if met else NOTES.get(key.split(":")[0], "")})
 
     for command in ("python", "http"):
         cold, pull = _cell(r, "default", "large", command, "stream_cold"), _cell(r, "default", "large", command, "full_pull")
@@ -276,14 +301,16 @@ def markdown(r: dict, pngs: list[str]) -> str:
           f"{s['slow_link']['rtt_ms']:g} ms RTT. Node memory {s['node_memory_bytes']}, Redis maxmemory "
           f"{s['redis_maxmemory']}, chunk size {s['chunk_size']}.", ""]
     L += ["Images:", ""]
-    L += _table([["image", "files' bytes", "chunks", "stored (compressed)", "index"]] + [
-        [k, mb(v["content_bytes"]), str(v["chunks"]), mb(v["compressed_bytes"]), mb(v["index_bytes"])]
+    L += _table([["image", "files' bytes", "chunks", "stored (compressed)", "index (compressed)"]] + [
+        [k, mb(v["content_bytes"]), str(v["chunks"]), mb(v["compressed_bytes"]), f"{v['index_bytes'] / 1e3:,.0f} kB"]
         for k, v in r["images"].items()])
     L += ["", f"The python program: `python3 -u -c \"{r['program']}\"`.", ""]
+    for part, error in r.get("errors", {}).items():
+        L += [f"**Part `{part}` failed:** `{error}`", ""]
     if r.get("targets"):
         L += ["## Targets", ""]
         L += _table([["target", "measured", "limit", "met"]] + [
-            [t["target"], t["shown"], f"{'>=' if t['key'].startswith('warm') else '<='} {t['limit']:g}",
+            [t["target"], t["shown"], t["limit_shown"],
              "yes" if t["met"] else "**no**"] for t in r["targets"]])
         missed = [t for t in r["targets"] if not t["met"]]
         if missed:
@@ -396,6 +423,12 @@ def main(argv: list[str] | None = None) -> int:
         results["targets"] = targets(results)
         write(results, args.out)
         return 0
+    # A background job of a non-interactive shell starts with SIGINT ignored, and its children would inherit
+    # that: `imagestream run` could then not be stopped the Ctrl-C way (which unmounts). Handle both signals
+    # here (handled signals are reset to their defaults in children), and turn SIGTERM into an exit that runs
+    # every clean-up (stack down, link removed).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if os.geteuid() != 0:
         print("python -m benchmarks needs root (network namespaces, tc, FUSE, chroot)", file=sys.stderr)
         return 2
@@ -410,7 +443,8 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         return 1
     write(results, args.out)
-    return 0
+    (args.out / "bench.partial.json").unlink(missing_ok=True)
+    return 1 if results.get("errors") else 0
 
 
 if __name__ == "__main__":

@@ -46,16 +46,32 @@ def _env(mode: str) -> dict[str, str]:
     return env
 
 
-def _stop(proc: subprocess.Popen, timeout_s: float = 60.0) -> int:
-    """Stop an `imagestream run` and its command the way Ctrl-C does; it unmounts on its way out."""
+def _stop(proc: subprocess.Popen, timeout_s: float = 30.0) -> int:
+    """Stop an `imagestream run` and its command the way Ctrl-C does; it unmounts on its way out.
+
+    (SIGINT must not be ignored in this process: children would inherit that; see main().)
+    """
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGINT)
         try:
             return proc.wait(timeout_s)
         except subprocess.TimeoutExpired:
+            log(f"  `imagestream run` (pid {proc.pid}) ignored SIGINT for {timeout_s:.0f} s: killed")
             os.killpg(proc.pid, signal.SIGKILL)
-            return proc.wait()
+            proc.wait()
+            unmount_runs()
+            return -9
     return proc.returncode
+
+
+def unmount_runs() -> None:
+    """Unmount what a killed `imagestream run` left behind."""
+    from imagestream import config, mounts
+
+    runs = str(config.home() / "runs")
+    for m in mounts.list_mounts():
+        if m.mountpoint.startswith(runs):
+            mounts.unmount(m.mountpoint)
 
 
 def start_python(setup: Setup, name: str, mode: str, extra_env: dict | None = None, timeout_s: float = 900) -> dict:

@@ -28,6 +28,7 @@ import subprocess
 import tempfile
 import time
 
+from benchmarks.coldstart import unmount_runs
 from benchmarks.setup import PROGRAM, Image, Setup, log
 
 
@@ -106,10 +107,11 @@ def start_all(setup: Setup, image: Image, sockets: list[str], timeout_s: float =
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGINT)
                 try:
-                    p.wait(60)
+                    p.wait(30)
                 except subprocess.TimeoutExpired:
                     os.killpg(p.pid, signal.SIGKILL)
                     p.wait()
+                    unmount_runs()
         for e in errs:
             e.close()
     return [firsts[i] for i in range(len(procs))]
