@@ -14,6 +14,7 @@ prefix containerd passes on to snapshotters as labels while unpacking
     containerd.io/snapshot/imagestream.image   the imagestream name to mount
     containerd.io/snapshot/imagestream.index   the index it must point at (sha256:<hex>/<size>)
     containerd.io/snapshot/imagestream.layer   "<i>/<n>": this layer's place in the image
+    containerd.io/snapshot/imagestream.blob    the layer's blob digest (to unpack it if it must be)
 
 An image pushed with `--no-streaming` gets none, and is pulled and unpacked as usual.
 """
@@ -43,6 +44,7 @@ LABEL_PREFIX = "containerd.io/snapshot/imagestream."
 LABEL_IMAGE = LABEL_PREFIX + "image"
 LABEL_INDEX = LABEL_PREFIX + "index"
 LABEL_LAYER = LABEL_PREFIX + "layer"
+LABEL_BLOB = LABEL_PREFIX + "blob"  # the layer's own blob digest: to unpack it after all, if it must be
 
 MEDIA_OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 MEDIA_OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
@@ -76,14 +78,18 @@ class StreamedLayer:
     index: Digest
     position: int  # 1-based
     count: int
+    blob: str = ""  # the layer blob's digest ("sha256:<hex>"), if the manifest said
 
     @property
     def is_top(self) -> bool:
         return self.position == self.count
 
     def labels(self) -> dict[str, str]:
-        return {LABEL_IMAGE: self.image, LABEL_INDEX: f"sha256:{self.index.hash}/{self.index.size}",
-                LABEL_LAYER: f"{self.position}/{self.count}"}
+        labels = {LABEL_IMAGE: self.image, LABEL_INDEX: f"sha256:{self.index.hash}/{self.index.size}",
+                  LABEL_LAYER: f"{self.position}/{self.count}"}
+        if self.blob:
+            labels[LABEL_BLOB] = self.blob
+        return labels
 
     @classmethod
     def from_labels(cls, labels: dict[str, str]) -> StreamedLayer | None:
@@ -96,7 +102,9 @@ class StreamedLayer:
             raise InvalidArgument(f"malformed imagestream labels: {labels[LABEL_INDEX]!r}, {labels[LABEL_LAYER]!r}")
         from imagestream.digests import parse
 
-        return cls(labels[LABEL_IMAGE], parse(m.group(1), int(m.group(2))), int(n.group(1)), int(n.group(2)))
+        blob = labels.get(LABEL_BLOB, "")
+        return cls(labels[LABEL_IMAGE], parse(m.group(1), int(m.group(2))), int(n.group(1)), int(n.group(2)),
+                   check_digest(blob) if blob else "")
 
 
 def annotate_for_streaming(manifest: dict[str, Any], name: str, index: Digest) -> dict[str, Any]:
@@ -105,7 +113,7 @@ def annotate_for_streaming(manifest: dict[str, Any], name: str, index: Digest) -
     layers = out.get("layers") or []
     for i, layer in enumerate(layers, 1):
         layer["annotations"] = {**(layer.get("annotations") or {}),
-                                **StreamedLayer(name, index, i, len(layers)).labels()}
+                                **StreamedLayer(name, index, i, len(layers), layer.get("digest", "")).labels()}
     return out
 
 

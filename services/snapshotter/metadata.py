@@ -44,14 +44,15 @@ def _streamed_json(s: StreamedLayer | None) -> str | None:
     if s is None:
         return None
     return json.dumps({"image": s.image, "index": [s.index.hash, s.index.size], "position": s.position,
-                       "count": s.count})
+                       "count": s.count, "blob": s.blob})
 
 
 def _streamed(text: str | None) -> StreamedLayer | None:
     if not text:
         return None
     d = json.loads(text)
-    return StreamedLayer(d["image"], parse_digest(d["index"][0], d["index"][1]), d["position"], d["count"])
+    return StreamedLayer(d["image"], parse_digest(d["index"][0], d["index"][1]), d["position"], d["count"],
+                         d.get("blob", ""))
 
 
 class Metadata:
@@ -116,6 +117,11 @@ class Metadata:
         snapshot = self.get(name)
         assert snapshot is not None
         return snapshot
+
+    def materialized(self, key: str, size: int, inodes: int) -> None:
+        """A streamed layer now has its files: it is a plain committed snapshot from here on."""
+        self.db.execute("UPDATE snapshots SET streamed = NULL, size = ?, inodes = ?, updated_ns = ? WHERE key = ?",
+                        (size, inodes, time.time_ns(), key))
 
     def set_labels(self, key: str, labels: dict[str, str]) -> Snapshot:
         self.db.execute("UPDATE snapshots SET labels = ?, updated_ns = ? WHERE key = ?",

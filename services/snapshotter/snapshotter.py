@@ -58,6 +58,7 @@ class Counters:
     streamed_snapshots: int = 0  # containers (active/view snapshots) started on a streamed image
     plain_snapshots: int = 0  # containers and unpacks the overlay way (the fallback)
     streaming_declined: int = 0  # layers labelled streamable that were unpacked after all (see the log)
+    materialized_layers: int = 0  # lower layers of streamed images unpacked after all (shared by another image)
     image_mounts: int = 0  # FUSE mounts made
     image_mount_seconds: float = 0.0
 
@@ -160,6 +161,7 @@ class Snapshotter:
                     raise InvalidArgument(f"parent {parent!r} is not a committed snapshot")
             if kind == ACTIVE:
                 await self._maybe_stream_layer(parent, labels)
+            await self._materialize_lower_layers(parent)
             lowers, streamed = self._chain(parent)
             s = self.meta.add(key, parent, kind, labels, image_index=streamed.index.hash if streamed else "")
             try:
@@ -200,6 +202,49 @@ class Snapshotter:
                  layer.position, layer.count, layer.image, target)
         self._save_status()
         raise AlreadyExists(f"target snapshot {target!r} is streamed from {layer.image}")
+
+    async def _materialize_lower_layers(self, parent: str) -> None:
+        """A lower layer of a streamed image as a parent (an image that shares base layers with a streamed one,
+        unpacked in the same namespace after it): it cannot be the image's mount, so unpack it after all."""
+        key = parent
+        while key:
+            s = self._get(key)
+            if s.streamed is not None:
+                if not s.streamed.is_top:
+                    await self._materialize(s)
+                return
+            key = s.parent
+
+    async def _materialize(self, s: Snapshot) -> None:
+        from snapshotter import unpack
+
+        assert s.streamed is not None
+        if s.parent and (p := self._get(s.parent)).streamed is not None:
+            await self._materialize(p)
+        layer = s.streamed
+        registry = config.get("distribution_listen")
+        if not layer.blob or not registry:
+            raise FailedPrecondition(f"snapshot {s.key!r} is layer {layer.position}/{layer.count} of the streamed "
+                                     f"image {layer.image!r} and cannot be unpacked here (no blob digest or registry)")
+        d = self._dir(s)
+        shutil.rmtree(d, ignore_errors=True)
+        d.mkdir(parents=True)
+        blob = d / "blob.tmp"
+        try:
+            await asyncio.to_thread(unpack.fetch_blob, registry, layer.blob, blob)
+            await asyncio.to_thread(unpack.unpack, blob, d / "fs.tmp")
+            os.rename(d / "fs.tmp", d / "fs")
+        except BaseException:
+            shutil.rmtree(d, ignore_errors=True)
+            raise
+        finally:
+            blob.unlink(missing_ok=True)
+        size, inodes = await asyncio.to_thread(_du, d / "fs")
+        self.meta.materialized(s.key, size, inodes)
+        self.counters.materialized_layers += 1
+        log.info("layer %d/%d of the streamed image %s unpacked from its blob (%s): a snapshot of another image "
+                 "sits on it", layer.position, layer.count, layer.image, layer.blob[:19])
+        self._save_status()
 
     async def view(self, key: str, parent: str, labels: dict[str, str]) -> list[Mount]:
         return await self.prepare(key, parent, labels, kind=VIEW)

@@ -192,3 +192,32 @@ def test_restart_leaves_no_dead_mounts(snapshots, streamed_layer) -> None:  # ty
         stub.Remove(S.RemoveSnapshotRequest(key="t/survivor"))
         snapshotter_restart()
     assert fuse_mounts_under(root / "images") == []
+
+
+def test_a_lower_layer_of_a_streamed_image_is_unpacked_when_another_image_builds_on_it(  # type: ignore[no-untyped-def]
+        snapshots, pushed_images) -> None:
+    """An image that shares base layers with a streamed one, unpacked in the same namespace after it, sits on a
+    lower layer of the streamed image: that layer is then unpacked from its blob (the regional endpoint's)."""
+    import json
+    import urllib.request
+
+    from imagestream.sandbox import describe
+    from tests.containerd.conftest import registry_host
+
+    S = pb()
+    image, _ = describe(pushed_images["streamed"])
+    index = f"sha256:{image.index.hash}/{image.index.size_bytes}"
+    with urllib.request.urlopen(f"http://{registry_host()}/v2/debian-python/manifests/ctrd") as r:
+        blob = json.load(r)["layers"][0]["digest"]
+    low = "sha256:" + "ef" * 32
+    labels = {**streamed_labels(pushed_images["streamed"], index, "1/2", low),
+              "containerd.io/snapshot/imagestream.blob": blob}
+    assert code(lambda: prepare(snapshots, "extract-4", "", labels)) == grpc.StatusCode.ALREADY_EXISTS
+    (m,) = prepare(snapshots, "t/other-image-layer", low)
+    lower = options(m)["lowerdir"]
+    assert m.type == "overlay" and lower.endswith("/fs")  # the unpacked layer, not the FUSE mount
+    assert b"PRETTY_NAME" in mount_and_read([m], "etc/os-release")
+    assert snapshots.Usage(S.UsageRequest(key=low)).size > 100 << 20
+    snapshots.Remove(S.RemoveSnapshotRequest(key="t/other-image-layer"))
+    snapshots.Remove(S.RemoveSnapshotRequest(key=low))
+    assert not pathlib.Path(lower).exists()

@@ -61,12 +61,12 @@ async def test_registry_serves_what_was_stored_and_refuses_what_does_not_add_up(
 
 def test_streaming_annotations_round_trip() -> None:
     index = Digest("ab" * 32, 1234)
-    manifest = {"layers": [{"digest": "sha256:1"}, {"digest": "sha256:2", "annotations": {"keep": "me"}}]}
+    manifest = {"layers": [{"digest": "sha256:" + "1" * 64}, {"digest": "sha256:" + "2" * 64, "annotations": {"keep": "me"}}]}
     out = annotate_for_streaming(manifest, "app:v1", index)
     assert "annotations" not in manifest["layers"][0]  # the source is left alone
     assert out["layers"][1]["annotations"]["keep"] == "me"
     top = StreamedLayer.from_labels(out["layers"][1]["annotations"])
-    assert top == StreamedLayer("app:v1", index, 2, 2) and top.is_top
+    assert top == StreamedLayer("app:v1", index, 2, 2, "sha256:" + "2" * 64) and top.is_top
     assert not StreamedLayer.from_labels(out["layers"][0]["annotations"]).is_top
     assert StreamedLayer.from_labels({"containerd.io/snapshot.ref": "x"}) is None
     with pytest.raises(InvalidArgument):
