@@ -37,6 +37,9 @@ import time
 from benchmarks.setup import PROGRAM, Image, Setup, log
 
 MODES = ("full_pull", "stream_cold", "stream_profile", "warm")
+# an experiment, not one of the four ways to start: streaming cold with the node's background download capped
+BGCAP = "stream_bgcap"
+BG_CAP_SETTING = "IMAGESTREAM_NODE_BACKGROUND_BANDWIDTH"
 COMMANDS = ("python", "http")
 
 
@@ -143,7 +146,7 @@ def free_port() -> int:
 
 
 def measure(setup: Setup, images: list[Image], runs: int, plan: dict | None = None,
-            http_port: int | None = None) -> dict:
+            http_port: int | None = None, bg_cap: int = 0) -> dict:
     """{image: {command: {mode: {median, samples, link_bytes, ...}}}}; interleaved repetitions.
 
     `plan`: {image label: {command: modes}} (default: every command in every mode on every image).
@@ -156,14 +159,17 @@ def measure(setup: Setup, images: list[Image], runs: int, plan: dict | None = No
         for image in images:
             for command, modes in plan[image.label].items():
                 streamed = False
-                for mode in MODES:
+                for mode in (*MODES, BGCAP):
                     if mode not in modes:
                         continue
+                    if mode == BGCAP:
+                        os.environ[BG_CAP_SETTING] = str(bg_cap)  # the node cache restarted next reads it
                     if mode != "warm":
                         setup.empty_caches()
+                    os.environ.pop(BG_CAP_SETTING, None)
                     elif not streamed:
                         _once(setup, image.name, command, "stream_cold", http_port)  # make it warm first
-                    name = image.profiled if mode == "stream_profile" else image.name
+                    name = image.profiled if mode == "stream_profile" else image.name  # stream_bgcap: no profile
                     fetches_before = blocking_fetches() if mode != "full_pull" else 0
                     sample = _once(setup, name, command, mode, http_port)
                     streamed = streamed or mode.startswith("stream")
@@ -174,6 +180,8 @@ def measure(setup: Setup, images: list[Image], runs: int, plan: dict | None = No
                         cell["blocking_fetches"].append(blocking_fetches() - fetches_before)
                     log(f"  run {rep + 1}/{runs} {image.label:5} {command:6} {mode:14} {sample['seconds']:7.2f} s, "
                         f"{sample['link_bytes'] / 1e6:7.1f} MB over the link by then")
+    if any(BGCAP in modes for cmds in plan.values() for modes in cmds.values()):
+        setup.empty_caches()  # the node cache without the cap again
     for image in out.values():
         for command in image.values():
             for cell in command.values():

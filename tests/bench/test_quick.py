@@ -143,7 +143,8 @@ def test_warm_reads(quick) -> None:  # type: ignore[no-untyped-def]
 def test_targets_and_report(quick) -> None:  # type: ignore[no-untyped-def]
     out, r, _ = quick
     keys = {t["key"] for t in r["targets"]}
-    assert {"cold_vs_pull:python", "flat:python", "bytes:link", "bytes:app", "fanout", "warm_seq:dropped"} <= keys
+    assert {"cold_vs_pull:python:stream_cold", "flat:python:stream_cold", "bytes:link", "bytes:app", "fanout",
+            "warm_seq:dropped"} <= keys
     for t in r["targets"]:
         assert isinstance(t["met"], bool) and isinstance(t["measured"], float) and t["limit"] > 0
         assert t["met"] or t["note"], t["key"]  # a missed target says why
