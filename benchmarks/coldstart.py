@@ -166,7 +166,7 @@ def measure(setup: Setup, images: list[Image], runs: int, plan: dict | None = No
                         os.environ[BG_CAP_SETTING] = str(bg_cap)  # the node cache restarted next reads it
                     if mode != "warm":
                         setup.empty_caches()
-                    os.environ.pop(BG_CAP_SETTING, None)
+                        os.environ.pop(BG_CAP_SETTING, None)  # only the node cache just restarted has the cap
                     elif not streamed:
                         _once(setup, image.name, command, "stream_cold", http_port)  # make it warm first
                     name = image.profiled if mode == "stream_profile" else image.name  # stream_bgcap: no profile
