@@ -1,0 +1,483 @@
+"""Cold start against a full pull, across image sizes, tiers and nodes, over an emulated regional link.
+
+    python -m benchmarks                 # everything: about 45 minutes; writes docs/benchmarks/bench.*
+    python -m benchmarks --quick --out /tmp/b   # tiny image, one run, fewer cells: a couple of minutes
+
+Starts a private stack (own home, ports from --port-base), puts the regional
+store behind an emulated link (network namespace + veth + tbf for bandwidth,
+benchmarks.linkproxy for round-trip time), pushes a base Debian+python3 image
+and a large one (the same plus --filler-mb of data the command never reads), and
+runs every part:
+
+  cold start   full pull / streaming cold / streaming + startup profile / warm,
+               python3 importing modules and an HTTP server answering, both
+               images, default link (and the slow link: fewer cells)
+  bytes        what the program read and what crossed the link before its output
+  tiers        chunk fetch p50/p99 and throughput: node memory, node disk,
+               zonal, regional
+  fanout       N cold nodes behind one zonal cache (regional reads per unique
+               chunk, start time)
+  warm reads   4 KiB sequential and random reads, mount vs local disk
+
+Writes OUT/bench.json, OUT/bench.md and PNG charts. See docs/benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import pathlib
+import shutil
+import signal
+import sys
+import tempfile
+import time
+import traceback
+
+from benchmarks import charts, coldstart, fanout, tiers, warmreads
+from benchmarks.harness import CACHE, ROOT, machine, private_stack
+from benchmarks.link import DEFAULT, FAST, SLOW, TBF_BURST, TBF_LATENCY, Link, LinkProfile
+from benchmarks.setup import PROGRAM, Setup, log
+
+PARTS = ("coldstart", "slow", "bytes", "fanout", "tiers", "warm", "bgcap")
+DEFAULT_PARTS = PARTS[:-1]  # bgcap is an experiment, run on request
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help="one run, a tiny python3 image (and it + 8 MiB), a fast link, fewer cells, fan-out N=2 (tests)")
+    p.add_argument("--runs", type=int, default=None, help="repetitions of each cold start cell (default 3; quick 1)")
+    p.add_argument("--slow-runs", type=int, default=None, help="repetitions on the slow link (default 2)")
+    p.add_argument("--filler-mb", type=int, default=None, help="extra MiB in the large image (default 800; quick 8)")
+    p.add_argument("--fanout", default=None, help="comma-separated N for the fan-out (default 1,2,4,8; quick 2)")
+    p.add_argument("--parts", default=",".join(DEFAULT_PARTS),
+                   help=f"comma-separated subset of {','.join(PARTS)} (default: all but bgcap, an experiment)")
+    p.add_argument("--out", type=pathlib.Path, default=None,
+                   help="folder for bench.json, bench.md and the PNGs (default docs/benchmarks; required with --quick)")
+    p.add_argument("--port-base", type=int, default=51000, help="ports of the private stack (see private_env)")
+    p.add_argument("--report-only", type=pathlib.Path, default=None, metavar="BENCH_JSON",
+                   help="measure nothing: write the Markdown and charts again from an earlier bench.json")
+    p.add_argument("--use-running-stack", action="store_true",
+                   help="use the stack the IMAGESTREAM_* variables point at instead of starting one (tests)")
+    a = p.parse_args(argv)
+    if a.quick and a.out is None:
+        p.error("--quick needs --out (quick results must not replace the published ones)")
+    a.out = a.out or ROOT / "docs" / "benchmarks"
+    a.runs = a.runs or (1 if a.quick else 3)
+    a.slow_runs = a.slow_runs or (1 if a.quick else 2)
+    a.filler_mb = a.filler_mb if a.filler_mb is not None else (8 if a.quick else 800)
+    a.fanout = [int(n) for n in (a.fanout or ("2" if a.quick else "1,2,4,8")).split(",")]
+    a.parts = [x for x in a.parts.split(",") if x]
+    unknown = set(a.parts) - set(PARTS)
+    if unknown:
+        p.error(f"unknown parts {sorted(unknown)}; choose from {','.join(PARTS)}")
+    if a.quick:
+        a.parts = [x for x in a.parts if x != "slow"]
+    return a
+
+
+def loadavg() -> list[float]:
+    return [float(x) for x in pathlib.Path("/proc/loadavg").read_text().split()[:3]]
+
+
+def link_dict(profile: LinkProfile) -> dict:
+    return {"name": profile.name, "rate_mbit": profile.rate_mbit, "rtt_ms": profile.rtt_ms,
+            "tbf_burst": TBF_BURST, "tbf_latency": TBF_LATENCY}
+
+
+@contextlib.contextmanager
+def stack(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    if args.use_running_stack:
+        yield {k: v for k, v in os.environ.items() if k.startswith("IMAGESTREAM_")}
+        return
+    os.environ.setdefault("IMAGESTREAM_REDIS_MAXMEMORY", "2GiB")  # a zonal cache that can hold the large image
+    with private_stack(args.port_base) as env:
+        yield {**{k: v for k, v in os.environ.items() if k.startswith("IMAGESTREAM_")}, **env}
+
+
+def run(args: argparse.Namespace) -> dict:
+    from imagestream import config
+
+    default = FAST if args.quick else DEFAULT
+    r: dict = {"benchmark": "imagestream cold start vs full pull", "quick": args.quick, "machine": machine(),
+               "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "load_before": loadavg(),
+               "program": PROGRAM, "parts": args.parts,
+               "settings": {"runs": args.runs, "slow_runs": args.slow_runs, "filler_mb": args.filler_mb,
+                            "fanout_n": args.fanout, "default_link": link_dict(default), "slow_link": link_dict(SLOW)}}
+    with stack(args) as env, tempfile.TemporaryDirectory(prefix="imagestream-bench-work-") as td:
+        workdir = pathlib.Path(td)
+        r["settings"].update({k: config.get(k) for k in ("node_memory_bytes", "node_disk_bytes", "redis_maxmemory",
+                                                         "chunk_size", "fetch_timeout")})
+        with Link(env["IMAGESTREAM_CHUNK_STORE_LISTEN"], args.port_base // 100, workdir) as link:
+            log(f"link: netns {link.netns}, veth {link.host_if} {link.host_ip} <-> {link.ns_if} {link.address}, "
+                f"regional store {link.upstream}")
+            setup = Setup(env, workdir, link)
+            images = []
+            try:
+                log("images: build (cached), push, startup profile")
+                images = [setup.prepare_image("base", 0, tiny=args.quick),
+                          setup.prepare_image("large", args.filler_mb, tiny=args.quick)]
+                r["images"] = {im.label: im.describe() for im in images}
+                setup.route_zone_through_link()
+                r["settings"]["link_address"] = link.address
+                parts(args, setup, images, default, r)
+            finally:
+                with contextlib.suppress(Exception):
+                    setup.route_zone_direct()
+                if args.use_running_stack:
+                    setup.remove_images(images)
+                setup.close()
+    r["finished"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    r["load_after"] = loadavg()
+    return r
+
+
+def parts(args: argparse.Namespace, setup: Setup, images: list, default: LinkProfile, r: dict) -> None:
+    """Each part in turn; one that fails is recorded in r["errors"] and the others still run."""
+    base, large = images
+
+    def cold_start() -> None:
+        setup.shape(default)
+        log(f"cold start, link {default.describe()}: {setup.link.qdiscs()}")
+        if args.quick:  # every kind of cell once, in little time
+            plan = {"base": {"python": coldstart.MODES, "http": ("stream_cold", "warm")},
+                    "large": {"python": ("full_pull", "stream_cold")}}
+        else:
+            plan = {im.label: {c: coldstart.MODES for c in coldstart.COMMANDS} for im in images}
+        cells = coldstart.measure(setup, images, args.runs, plan)
+        r.setdefault("cold_start", {})["default"] = {"link": link_dict(default), "qdiscs": setup.link.qdiscs(),
+                                                     "runs": args.runs, "by_image": cells}
+
+    def bytes_() -> None:
+        setup.shape(default)
+        log("bytes before the first output")
+        r["bytes"] = {im.label: coldstart.reads_before_output(setup, im) for im in images}
+
+    def slow() -> None:
+        setup.shape(SLOW)
+        log(f"cold start, link {SLOW.describe()}: {setup.link.qdiscs()}")
+        cells = coldstart.measure(setup, images, args.slow_runs,
+                                  {im.label: {"python": ("full_pull", "stream_cold", "stream_profile")} for im in images})
+        r.setdefault("cold_start", {})["slow"] = {"link": link_dict(SLOW), "qdiscs": setup.link.qdiscs(),
+                                                  "runs": args.slow_runs, "by_image": cells}
+
+    def fan_out() -> None:
+        setup.shape(default)
+        log(f"fan-out, link {default.describe()}")
+        r["fanout"] = fanout.measure(setup, base, args.fanout)
+        r["fanout"]["link"] = link_dict(default)
+
+    def tier_latency() -> None:
+        log("tier latency")
+        r["tiers"] = tiers.measure(setup, base, sample_chunks=24 if args.quick else 200)
+
+    def warm() -> None:
+        log("warm reads")
+        r["warm_reads"] = warmreads.measure(setup, large, runs=args.runs, budget_mb=4 if args.quick else 256,
+                                            random_reads_n=200 if args.quick else 4000)
+
+    def bgcap() -> None:
+        setup.shape(default)
+        cap = int(default.rate_mbit * 1e6 / 8 / 4)
+        log(f"experiment: background download capped at {cap / 1e6:.1f} MB/s (a quarter of the link)")
+        cells = coldstart.measure(setup, images, args.runs,
+                                  {im.label: {"python": ("stream_cold", coldstart.BGCAP)} for im in images}, bg_cap=cap)
+        r["bgcap"] = {"link": link_dict(default), "cap_bytes_per_s": cap, "runs": args.runs, "by_image": cells}
+
+    for name, fn in (("bgcap", bgcap), ("coldstart", cold_start), ("bytes", bytes_), ("slow", slow), ("fanout", fan_out),
+                     ("tiers", tier_latency), ("warm", warm)):
+        if name not in args.parts:
+            continue
+        started = time.monotonic()
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 - report it, go on with the other parts
+            traceback.print_exc()
+            r.setdefault("errors", {})[name] = f"{type(e).__name__}: {e}"
+            with contextlib.suppress(Exception):
+                setup.empty_caches()
+        r.setdefault("part_seconds", {})[name] = round(time.monotonic() - started, 1)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "bench.partial.json").write_text(json.dumps(r, indent=2) + "\n")  # survives a crash
+    r["targets"] = targets(r)
+
+
+# -- targets --------------------------------------------------------------------------
+
+NOTES = {
+    "cold_vs_pull": (
+        "On a cold node the image's background download starts at mount and, without a profile, walks the "
+        "index in tree order — for the large image /opt/filler (800 MiB the command never reads) comes before "
+        "/usr. The node lets a new background batch start whenever no foreground fetch is in flight, which in "
+        "an import storm (read a file, run it, read the next) is most of the time; a batch is 16 chunks (about "
+        "16 MiB, 2 batches at once), and the zonal cache fetches all of a batch from the region at once, over "
+        "the same link and the same zonal->regional connection as the foreground reads. Each foreground miss "
+        "then waits behind up to ~30 MiB of background data (2.5 s at 100 Mbit/s), so the cold start of the "
+        "large image takes about as long as a good part of a full pull. With the startup profile the needed "
+        "chunks are fetched first, in parallel, and the same start is flat and about 1/15 of the pull (rows "
+        "'streaming + profile'). Closing it without a profile: keep the background download back while a "
+        "mount is starting (e.g. until no foreground miss for a second, or for its first seconds), make its "
+        "batches small enough that a foreground read never waits behind more than one RTT of data, and give "
+        "foreground reads priority at the zonal cache too (a separate upstream channel and a limit on the "
+        "background's in-flight bytes there)."),
+    "flat": (
+        "Same cause as above: without a profile the large image's start waits behind the background "
+        "download of its 800 MiB of filler, which the base image does not have. With the startup profile "
+        "the start is flat (row 'streaming + profile'). Closing it without a profile: as above."),
+    "bytes": (
+        "Before the first output the link also carries the background download of the whole image, which "
+        "starts at mount; the program itself needs far less (the chunk bytes it touched, row above). "
+        "Closing it: delay the background download for the first seconds of a mount or until the startup "
+        "profile's chunks are in, or rate-limit it (IMAGESTREAM_NODE_BACKGROUND_BANDWIDTH)."),
+    "fanout": (
+        "Misses of one chunk coalesce at the zonal cache only while the first regional fetch is in flight "
+        "(CoalescingStore). A node's batch (GetChunks: the background download) looks every chunk of the batch "
+        "up in Redis first and then fetches the misses one after another; a chunk another node's request "
+        "fetched and stored in the meantime is fetched from the region again, and so is a miss that arrives "
+        "between the end of a fetch and its write to Redis. The node's own foreground reads, which never join "
+        "a background batch, add a few more. Closing it, in the zonal cache: look in Redis again right before "
+        "each upstream fetch of a batch, and keep a finished fetch's result in the coalescing map until its "
+        "Redis write is done."),
+    "warm_seq": (
+        "A FUSE read costs two user/kernel crossings and a Python request handler per request (up to the "
+        "kernel's readahead size), plus reading the chunk file from the node's disk and zstd-decompressing "
+        "it, where local disk is one page-cache copy. Closing it: larger FUSE requests (max_read / "
+        "readahead), splice/passthrough of node-local chunks (FUSE passthrough, Linux 6.9+), or storing "
+        "node-local chunks uncompressed."),
+}
+
+
+def _cell(r: dict, profile: str, image: str, command: str, mode: str) -> float | None:
+    try:
+        return r["cold_start"][profile]["by_image"][image][command][mode]["median"]
+    except KeyError:
+        return None
+
+
+def targets(r: dict) -> list[dict]:
+    out = []
+
+    def add(key: str, what: str, value: float | None, limit: float, fmt: str, higher_is_better: bool = False) -> None:
+        if value is None:
+            return
+        met = value >= limit if higher_is_better else value <= limit
+        out.append({"key": key, "target": what, "measured": value, "limit": limit, "met": met,
+                    "shown": fmt.format(value), "limit_shown": (">= " if higher_is_better else "<= ") + fmt.format(limit),
+                    "note": "" if met else NOTES.get(key.split(":")[0], "")})
+
+    for mode, how in (("stream_cold", "streaming cold"), ("stream_profile", "streaming + profile")):
+        for command in ("python", "http"):
+            cold, pull = _cell(r, "default", "large", command, mode), _cell(r, "default", "large", command, "full_pull")
+            if cold and pull:
+                add(f"cold_vs_pull:{command}:{mode}", f"{how} / full pull, large image, default link ({command})",
+                    cold / pull, 0.10, "{:.3f}")
+    for mode, how in (("stream_cold", "streaming cold"), ("stream_profile", "streaming + profile")):
+        for command in ("python", "http"):
+            large, base = _cell(r, "default", "large", command, mode), _cell(r, "default", "base", command, mode)
+            if large and base:
+                add(f"flat:{command}:{mode}", f"{how} start, large / base image ({command})", large / base, 1.3,
+                    "{:.2f}")
+    if "bytes" in r:
+        b = r["bytes"]["large"]
+        add("bytes:link", "bytes over the link before first output / image bytes, large image (incl. background)",
+            b["share_link_of_compressed"], 0.10, "{:.1%}")
+        add("bytes:app", "chunk bytes the program touched / image bytes, large image", b["share_chunks_of_content"],
+            0.10, "{:.1%}")
+    if "fanout" in r:
+        top = max(r["fanout"]["by_n"], key=int)
+        add("fanout", f"regional reads per unique chunk, N = {top}",
+            r["fanout"]["by_n"][top]["regional_reads_per_unique_chunk"], 1.05, "{:.3f}")
+    if "warm_reads" in r:
+        add("warm_seq:dropped", "warm 4 KiB sequential reads, mount / local disk, page cache dropped",
+            r["warm_reads"]["ratio_seq_dropped"], 0.5, "{:.2f}", higher_is_better=True)
+        add("warm_seq:hot", "warm 4 KiB sequential reads, mount / local disk, page cache hot",
+            r["warm_reads"]["ratio_seq_hot"], 0.5, "{:.2f}", higher_is_better=True)
+    return out
+
+
+# -- report -----------------------------------------------------------------------------
+
+def _table(rows: list[list[str]]) -> list[str]:
+    header, *body = rows
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(x) + " |" for x in body)]
+
+
+def markdown(r: dict, pngs: list[str]) -> str:
+    mb = lambda n: f"{n / 1e6:,.1f} MB"  # noqa: E731
+    m = r["machine"]
+    L = [f"# imagestream benchmark{' (quick mode)' if r['quick'] else ''}", "",
+         f"Measured {r['started']} – {r['finished']} on {m['cores']} cores ({m['cpu']}), {m['memory_gib']} GiB, "
+         f"Linux {m['kernel']}, Python {m['python']}; load average {r['load_before'][0]:.1f} before, "
+         f"{r['load_after'][0]:.1f} after (the machine is shared). Medians of the runs in `bench.json`.", ""]
+    s = r["settings"]
+    L += [f"Links (tbf burst {s['default_link']['tbf_burst']}, queue {s['default_link']['tbf_latency']}; RTT from "
+          f"`benchmarks/linkproxy.py`): **default** {s['default_link']['rate_mbit']:g} Mbit/s, "
+          f"{s['default_link']['rtt_ms']:g} ms RTT; **slow** {s['slow_link']['rate_mbit']:g} Mbit/s, "
+          f"{s['slow_link']['rtt_ms']:g} ms RTT. Node memory {s['node_memory_bytes']}, Redis maxmemory "
+          f"{s['redis_maxmemory']}, chunk size {s['chunk_size']}.", ""]
+    L += ["Images:", ""]
+    L += _table([["image", "files' bytes", "chunks", "stored (compressed)", "index (compressed)"]] + [
+        [k, mb(v["content_bytes"]), str(v["chunks"]), mb(v["compressed_bytes"]), f"{v['index_bytes'] / 1e3:,.0f} kB"]
+        for k, v in r["images"].items()])
+    L += ["", f"The python program: `python3 -u -c \"{r['program']}\"`.", ""]
+    for part, error in r.get("errors", {}).items():
+        L += [f"**Part `{part}` failed:** `{error}`", ""]
+    if r.get("targets"):
+        L += ["## Targets", ""]
+        L += _table([["target", "measured", "limit", "met"]] + [
+            [t["target"], t["shown"], t["limit_shown"],
+             "yes" if t["met"] else "**no**"] for t in r["targets"]])
+        missed = [t for t in r["targets"] if not t["met"]]
+        if missed:
+            L += ["", "Where a target is missed, why, and what would close it:", ""]
+            seen = set()
+            for t in missed:
+                note_key = t["key"].split(":")[0]
+                if note_key in seen or not t["note"]:
+                    continue
+                seen.add(note_key)
+                L += [f"* **{t['target']}** — {t['note']}"]
+        L += [""]
+    for profile, cs in r.get("cold_start", {}).items():
+        link = cs["link"]
+        L += [f"## Cold start to first output — {profile} link ({link['rate_mbit']:g} Mbit/s, {link['rtt_ms']:g} ms RTT)",
+              "", f"Median seconds of {cs['runs']} runs; in brackets: MB over the regional link by the first output.", ""]
+        modes = [mo for mo in coldstart.MODES if any(mo in c for im in cs["by_image"].values() for c in im.values())]
+        rows = [["command", "image", *[charts.MODE_LABELS[mo] for mo in modes], "cold / pull", "profile / pull"]]
+        for image, cmds in cs["by_image"].items():
+            for command, cells in cmds.items():
+                row = [charts.COMMAND_LABELS[command], image]
+                for mo in modes:
+                    c = cells.get(mo)
+                    row.append(f"{c['median']:.2f} s ({c['link_bytes_median'] / 1e6:.0f} MB)" if c else "–")
+                pull = cells.get("full_pull", {}).get("median")
+                for mo in ("stream_cold", "stream_profile"):
+                    row.append(f"{cells[mo]['median'] / pull:.3f}" if pull and mo in cells else "–")
+                rows.append(row)
+        L += _table(rows) + [""]
+        bf = [(im, c, cells["stream_cold"].get("blocking_fetches_median"), cells.get("stream_profile", {}).get("blocking_fetches_median"))
+              for im, cmds in cs["by_image"].items() for c, cells in cmds.items() if "stream_cold" in cells]
+        L += ["Blocking fetches (foreground chunk fetches the node made itself) in a cold start: " + "; ".join(
+            f"{c} {im}: {a:g} cold, {b:g} with profile" if b is not None else f"{c} {im}: {a:g} cold"
+            for im, c, a, b in bf if a is not None) + ".", ""]
+    if "bgcap" in r:
+        e = r["bgcap"]
+        L += [f"## Experiment: the background download capped ({e['cap_bytes_per_s'] / 1e6:.1f} MB/s, a quarter of the "
+              f"default link; IMAGESTREAM_NODE_BACKGROUND_BANDWIDTH)", "",
+              f"Python program, no startup profile, cold; median of {e['runs']} runs side by side"
+              + (f"; measured in a separate run ({e['measured']})" if e.get("measured") else "") + ".", ""]
+        rows = [["image", "streaming cold", "streaming cold, background capped", "MB over the link by first output "
+                 "(uncapped / capped)"]]
+        for image, cmds in e["by_image"].items():
+            c = cmds["python"]
+            rows.append([image, f"{c['stream_cold']['median']:.2f} s", f"{c[coldstart.BGCAP]['median']:.2f} s",
+                         f"{c['stream_cold']['link_bytes_median'] / 1e6:.0f} / {c[coldstart.BGCAP]['link_bytes_median'] / 1e6:.0f}"])
+        L += _table(rows) + [""]
+    for p in pngs:
+        L += [f"![{p}]({p})", ""]
+    if "bytes" in r:
+        L += ["## Bytes before the first output (python program, cold, default link)", ""]
+        rows = [["image", "FUSE reads", "files", "bytes read", "chunks touched", "chunk bytes touched",
+                 "share of image (chunks)", "over the link by first output", "share of stored image"]]
+        for im, b in r["bytes"].items():
+            rows.append([im, str(b["reads"]), str(b["files"]), mb(b["bytes_read"]), str(b["chunks_touched"]),
+                         mb(b["chunk_bytes_touched"]), f"{b['share_chunks_of_content']:.1%}",
+                         mb(b["link_bytes_at_first_output"]), f"{b['share_link_of_compressed']:.1%}"])
+        L += _table(rows)
+        L += ["", "FUSE reads are what the kernel asked the mount for (its readahead included), recorded by "
+              "IMAGESTREAM_RECORD_READS; chunk bytes are the uncompressed sizes of the distinct chunks those reads "
+              "touched, against the image's file bytes. Over the link: bytes the regional store sent through the "
+              "link proxy until the first output (the background download included), against the stored image.", ""]
+    if "tiers" in r:
+        t = r["tiers"]
+        L += [f"## Tier latency ({t['sample_chunks']} chunks of the {t['image']} image, one at a time; "
+              "throughput with 16 in flight)", ""]
+        rows = [["tier", "p50", "p99", "MB/s", "chunks/s", "mean chunk"]]
+        for k, label in charts.TIER_LABELS.items():
+            if k in t:
+                c = t[k]
+                rows.append([label, f"{c['p50_ms']:.2f} ms", f"{c['p99_ms']:.2f} ms", f"{c['throughput_mb_s']:.1f}",
+                             f"{c['throughput_chunks_s']:.0f}", f"{c['mean_chunk_bytes'] / 1024:.0f} KiB"])
+        L += _table(rows) + [""]
+    if "fanout" in r:
+        fo = r["fanout"]
+        L += [f"## Fan-out: N cold nodes, one zonal cache ({fo['image']} image, {fo['unique_chunks']} unique chunks, "
+              f"link {fo['link']['rate_mbit']:g} Mbit/s, {fo['link']['rtt_ms']:g} ms RTT)", ""]
+        rows = [["N", "start median", "start slowest", "all chunks on all nodes", "regional reads (start / total)",
+                 "regional reads per unique chunk", "link bytes per image byte"]]
+        for n, c in sorted(fo["by_n"].items(), key=lambda kv: int(kv[0])):
+            rows.append([n, f"{c['start_median_s']:.2f} s", f"{c['start_max_s']:.2f} s", f"{c['fetch_all_seconds']:.1f} s",
+                         f"{c['regional_reads_start']} / {c['regional_reads_total']}",
+                         f"{c['regional_reads_per_unique_chunk']:.3f}", f"{c['link_bytes_per_image_byte']:.3f}"])
+        L += _table(rows)
+        L += ["", "Regional reads are counted by Cassandra itself (reads of the chunks table in "
+              "`system_views.local_read_latency`); start = N `imagestream run` at once, each on its own node cache; "
+              "then every node fetches every chunk at once.", ""]
+    if "warm_reads" in r:
+        w = r["warm_reads"]
+        L += [f"## Warm reads ({w['files']} files, {mb(w['bytes'])}, {w['block_bytes'] // 1024} KiB reads; "
+              f"{w['random_reads']} random reads; every chunk on the node's disk)", ""]
+        rows = [["pattern", "page cache", "mount", "local disk", "mount / disk"]]
+        for kind, label in (("seq", "sequential"), ("rand", "random")):
+            for cache in ("dropped", "hot"):
+                rows.append([label, cache, f"{w[f'fuse_{kind}_{cache}']['median_mb_s']:.1f} MB/s",
+                             f"{w[f'disk_{kind}_{cache}']['median_mb_s']:.1f} MB/s", f"{w[f'ratio_{kind}_{cache}']:.2f}"])
+        L += _table(rows) + [""]
+        if not w["page_cache_droppable"]:
+            L += ["(The page cache could not be dropped here: 'dropped' rows are not cold.)", ""]
+    return "\n".join(L) + "\n"
+
+
+def write(r: dict, out: pathlib.Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    pngs = []
+    if "cold_start" in r:
+        for profile in r["cold_start"]:
+            pngs.append(charts.cold_start(r, profile, out).name)
+    if "fanout" in r:
+        pngs.append(charts.fanout(r, out).name)
+    if "tiers" in r:
+        pngs.append(charts.tiers(r, out).name)
+    r["charts"] = pngs
+    (out / "bench.json").write_text(json.dumps(r, indent=2) + "\n")
+    (out / "bench.md").write_text(markdown(r, pngs))
+    log(f"wrote {out / 'bench.json'}, {out / 'bench.md'}, {', '.join(pngs)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.report_only:
+        results = json.loads(args.report_only.read_text())
+        results["targets"] = targets(results)
+        write(results, args.out)
+        return 0
+    # A background job of a non-interactive shell starts with SIGINT ignored, and its children would inherit
+    # that: `imagestream run` could then not be stopped the Ctrl-C way (which unmounts). Handle both signals
+    # here (handled signals are reset to their defaults in children), and turn SIGTERM into an exit that runs
+    # every clean-up (stack down, link removed).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    if os.geteuid() != 0:
+        print("python -m benchmarks needs root (network namespaces, tc, FUSE, chroot)", file=sys.stderr)
+        return 2
+    for tool in ("ip", "tc", "fusermount3"):
+        if shutil.which(tool) is None:
+            print(f"python -m benchmarks needs `{tool}`", file=sys.stderr)
+            return 2
+    log(f"imagestream benchmarks{' (quick)' if args.quick else ''}: parts {','.join(args.parts)}; cache {CACHE}")
+    try:
+        results = run(args)
+    except Exception:
+        traceback.print_exc()
+        return 1
+    write(results, args.out)
+    (args.out / "bench.partial.json").unlink(missing_ok=True)
+    return 1 if results.get("errors") else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

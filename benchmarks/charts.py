@@ -1,0 +1,132 @@
+"""PNG charts of `python -m benchmarks` results (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+import pathlib
+
+MODE_LABELS = {"full_pull": "full pull", "stream_cold": "streaming, cold", "stream_profile": "streaming + profile",
+               "warm": "warm (node-local)"}
+MODE_COLORS = {"full_pull": "#b0413e", "stream_cold": "#2f6db5", "stream_profile": "#55a868", "warm": "#8c8c8c"}
+COMMAND_LABELS = {"python": "python3 imports", "http": "http.server answers"}
+
+
+def _plt():  # type: ignore[no-untyped-def]
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def cold_start(results: dict, profile: str, out: pathlib.Path) -> pathlib.Path:
+    """Grouped bars: for each (command, image), the median time to first output of each way to start."""
+    plt = _plt()
+    cs = results["cold_start"][profile]
+    images = results["images"]
+    groups = [(c, im) for c in COMMAND_LABELS for im in cs["by_image"] if c in cs["by_image"][im]]
+    modes = [m for m in MODE_LABELS if any(m in cs["by_image"][im][c] for c, im in groups)]
+    fig, ax = plt.subplots(figsize=(10, 5.2), dpi=110)
+    width = 0.8 / len(modes)
+    top = max(cs["by_image"][im][c][m]["median"] for c, im in groups for m in modes if m in cs["by_image"][im][c])
+    for j, mode in enumerate(modes):
+        xs, ys = [], []
+        for i, (c, im) in enumerate(groups):
+            cell = cs["by_image"][im][c].get(mode)
+            if cell is None:
+                continue
+            xs.append(i + (j - (len(modes) - 1) / 2) * width)
+            ys.append(cell["median"])
+        bars = ax.bar(xs, ys, width * 0.95, label=MODE_LABELS[mode], color=MODE_COLORS[mode])
+        for b, y in zip(bars, ys):
+            ax.text(b.get_x() + b.get_width() / 2, y + top * 0.01, f"{y:.1f}", ha="center", va="bottom", fontsize=8)
+    labels = []
+    for c, im in groups:
+        size = images[im]["content_bytes"] / 1e6
+        cell = cs["by_image"][im][c]
+        ratio = ""
+        if "full_pull" in cell and "stream_cold" in cell:
+            ratio = f"\ncold / pull = {cell['stream_cold']['median'] / cell['full_pull']['median']:.2f}"
+        labels.append(f"{COMMAND_LABELS[c]}\n{im} image ({size:.0f} MB){ratio}")
+    ax.set_xticks(range(len(groups)), labels, fontsize=8.5)
+    ax.set_ylabel("seconds from start to first output (median)")
+    link = cs["link"]
+    ax.set_title(f"Cold start vs full pull — regional link {link['rate_mbit']:g} Mbit/s, {link['rtt_ms']:g} ms RTT "
+                 f"(median of {cs['runs']} runs)", fontsize=10.5)
+    ax.set_ylim(0, top * 1.12)
+    ax.legend(fontsize=8.5, loc="upper left")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    path = out / f"coldstart_{profile}.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def fanout(results: dict, out: pathlib.Path) -> pathlib.Path:
+    plt = _plt()
+    fo = results["fanout"]
+    ns = sorted(int(n) for n in fo["by_n"])
+    cells = [fo["by_n"][str(n)] for n in ns]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4.2), dpi=110)
+    a.plot(ns, [c["start_median_s"] for c in cells], "o-", color="#2f6db5", label="start, median of the N nodes")
+    a.plot(ns, [c["start_max_s"] for c in cells], "s--", color="#2f6db5", alpha=0.6, label="start, slowest node")
+    a.plot(ns, [c["fetch_all_seconds"] for c in cells], "^-", color="#b0413e", label="every node gets every chunk")
+    a.set_xlabel("cold nodes starting the image at once (N)")
+    a.set_ylabel("seconds")
+    a.set_xticks(ns)
+    a.set_ylim(bottom=0)
+    a.grid(alpha=0.3)
+    a.legend(fontsize=8)
+    a.set_title(f"{fo['image']} image, one zonal cache", fontsize=10)
+    b.plot(ns, [c["regional_reads_per_unique_chunk"] for c in cells], "o-", color="#55a868",
+           label="regional reads per unique chunk (Cassandra)")
+    b.plot(ns, [c["link_bytes_per_image_byte"] for c in cells], "s--", color="#8c8c8c",
+           label="bytes over the regional link per image byte")
+    b.axhline(1.05, color="#b0413e", lw=1, ls=":", label="target 1.05")
+    b.set_xlabel("N")
+    b.set_xticks(ns)
+    b.set_ylim(0, max(1.5, max(c["regional_reads_per_unique_chunk"] for c in cells) * 1.15))
+    b.grid(alpha=0.3)
+    b.legend(fontsize=8, loc="lower right")
+    b.set_title("requests coalesced at the zonal cache", fontsize=10)
+    fig.tight_layout()
+    path = out / "fanout.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def tiers(results: dict, out: pathlib.Path) -> pathlib.Path:
+    plt = _plt()
+    t = results["tiers"]
+    labels = [k for k in TIER_LABELS if k in t]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4), dpi=110)
+    ys = range(len(labels))
+    a.barh([y + 0.2 for y in ys], [t[k]["p50_ms"] for k in labels], 0.4, label="p50", color="#2f6db5")
+    a.barh([y - 0.2 for y in ys], [t[k]["p99_ms"] for k in labels], 0.4, label="p99", color="#b0413e")
+    a.set_xscale("log")
+    a.set_yticks(list(ys), [TIER_LABELS[k] for k in labels], fontsize=8)
+    a.set_xlabel("ms per chunk fetch (log scale)")
+    a.legend(fontsize=8)
+    a.grid(axis="x", alpha=0.3)
+    b.barh(list(ys), [t[k]["throughput_mb_s"] for k in labels], 0.6, color="#55a868")
+    b.set_yticks(list(ys), ["" for _ in labels])
+    b.set_xlabel("MB/s, 16 fetches in flight")
+    b.grid(axis="x", alpha=0.3)
+    fig.suptitle(f"Chunk fetch per tier ({t['sample_chunks']} chunks of the {t['image']} image)", fontsize=10)
+    fig.tight_layout()
+    path = out / "tiers.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+TIER_LABELS = {
+    "node_memory_hit": "node memory hit",
+    "node_disk_hit_page_cache_hot": "node disk hit (page cache hot)",
+    "node_disk_hit_page_cache_dropped": "node disk hit (page cache dropped)",
+    "zonal_hit": "zonal hit (Redis)",
+    "regional_direct": "regional hit (no link)",
+    "regional_via_default_link": "regional hit (default link)",
+}

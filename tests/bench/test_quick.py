@@ -1,0 +1,168 @@
+"""The benchmark's quick mode runs in the suite so that it cannot rot: a tiny image, one run, on the
+session's stack behind a real emulated link (netns + veth + tbf + delaying proxy), and the JSON it
+writes is checked field by field."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT, needs_fuse, run_cli
+
+pytestmark = [pytest.mark.services, needs_fuse,
+              pytest.mark.skipif(shutil.which("tc") is None or shutil.which("ip") is None,
+                                 reason="needs iproute2 (ip netns, tc) for the emulated link")]
+
+MODES = ("full_pull", "stream_cold", "stream_profile", "warm")
+TIERS = ("regional_direct", "regional_via_default_link", "zonal_hit", "node_memory_hit",
+         "node_disk_hit_page_cache_dropped", "node_disk_hit_page_cache_hot")
+
+
+@pytest.fixture(scope="module")
+def quick(stack, tmp_path_factory):  # type: ignore[no-untyped-def]
+    out = tmp_path_factory.mktemp("bench")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "services"), str(ROOT)])}
+    result = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--use-running-stack", "--out", str(out)],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    return out, json.loads((out / "bench.json").read_text()), result.stdout
+
+
+def _positive(x: object, upper: float = float("inf")) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and 0 < x < upper
+
+
+def test_run_and_settings(quick) -> None:  # type: ignore[no-untyped-def]
+    _, r, _ = quick
+    assert r["quick"] is True
+    assert {"cpu", "cores", "memory_gib", "kernel", "python"} <= r["machine"].keys()
+    assert len(r["load_before"]) == 3 and len(r["load_after"]) == 3
+    s = r["settings"]
+    assert s["runs"] == 1 and s["fanout_n"]
+    for link in ("default_link", "slow_link"):
+        assert _positive(s[link]["rate_mbit"]) and s[link]["rtt_ms"] >= 0
+    assert s["link_address"].startswith("10.231.")
+
+
+def test_images(quick) -> None:  # type: ignore[no-untyped-def]
+    _, r, _ = quick
+    base, large = r["images"]["base"], r["images"]["large"]
+    for im in (base, large):
+        assert _positive(im["content_bytes"]) and _positive(im["compressed_bytes"]) and _positive(im["chunks"])
+        assert _positive(im["index_bytes"]) and len(im["index_hash"]) == 64
+        assert im["compressed_bytes"] < 2 * im["content_bytes"]
+    # the filler is incompressible and never read: the large image is the base plus about its size
+    grown = large["compressed_bytes"] - base["compressed_bytes"]
+    assert 0.9 * large["filler_mb"] * 2**20 < grown < 1.2 * large["filler_mb"] * 2**20
+
+
+def test_cold_start_cells(quick) -> None:  # type: ignore[no-untyped-def]
+    _, r, _ = quick
+    cs = r["cold_start"]["default"]
+    assert cs["runs"] == 1 and "tbf" in cs["qdiscs"]
+    cells = cs["by_image"]
+    assert set(cells["base"]["python"]) == set(MODES)
+    assert set(cells["base"]["http"]) == {"stream_cold", "warm"}
+    assert set(cells["large"]["python"]) == {"full_pull", "stream_cold"}
+    for image, commands in cells.items():
+        for command, modes in commands.items():
+            for mode, c in modes.items():
+                assert len(c["samples"]) == 1 and c["median"] == c["samples"][0], (image, command, mode)
+                assert _positive(c["median"], 600), (image, command, mode)
+                if mode != "full_pull":
+                    assert c["blocking_fetches"] and all(n >= 0 for n in c["blocking_fetches"])
+    # a full pull moves the whole image over the regional link before the command can start
+    for image in ("base", "large"):
+        moved = cells[image]["python"]["full_pull"]["link_bytes_median"]
+        assert moved >= 0.95 * r["images"][image]["compressed_bytes"], image
+    # a cold streamed start must fetch something from the region; a warm one needs no blocking fetch
+    assert cells["base"]["python"]["stream_cold"]["link_bytes_median"] > 0
+    assert cells["base"]["python"]["stream_cold"]["blocking_fetches_median"] > 0
+    assert cells["base"]["python"]["warm"]["blocking_fetches_median"] == 0
+
+
+def test_bytes_before_first_output(quick) -> None:  # type: ignore[no-untyped-def]
+    _, r, _ = quick
+    for label, b in r["bytes"].items():
+        image = r["images"][label]
+        assert b["reads"] > 0 and 0 < b["files"] <= b["reads"]
+        assert 0 < b["bytes_read"] <= b["chunk_bytes_touched"] + b["files"] * 2**20
+        assert 0 < b["chunks_touched"] <= image["chunks"]
+        assert 0 < b["share_chunks_of_content"] <= 1.0 and 0 < b["share_read_of_content"] <= 1.0
+        assert 0 < b["share_link_of_compressed"] < 1.5 and _positive(b["seconds"], 600)
+
+
+def test_fanout(quick) -> None:  # type: ignore[no-untyped-def]
+    _, r, _ = quick
+    fo = r["fanout"]
+    assert fo["unique_chunks"] == r["images"]["base"]["chunks"] + 1
+    for n, c in fo["by_n"].items():
+        n = int(n)
+        assert len(c["start_seconds"]) == n and c["start_max_s"] >= c["start_median_s"] > 0
+        assert _positive(c["fetch_all_seconds"], 600)
+        # the zonal cache was cold: every chunk was read from the region at least once, and at most once per node
+        # (plus the node's own foreground/background duplicates)
+        assert 0.99 <= c["regional_reads_per_unique_chunk"] <= n + 1
+        assert c["regional_reads_total"] >= c["regional_reads_start"] >= 0
+        assert 0.9 <= c["link_bytes_per_image_byte"] <= n + 1
+
+
+def test_tiers(quick) -> None:  # type: ignore[no-untyped-def]
+    _, r, _ = quick
+    t = r["tiers"]
+    for tier in TIERS:
+        c = t[tier]
+        assert c["samples"] == t["sample_chunks"] > 0
+        assert 0 < c["p50_ms"] <= c["p99_ms"] < 60_000, tier
+        assert _positive(c["throughput_mb_s"]) and _positive(c["throughput_chunks_s"]) and _positive(c["mean_chunk_bytes"])
+    # the emulated link adds its round-trip time to every regional fetch
+    rtt = r["settings"]["default_link"]["rtt_ms"]
+    assert t["regional_via_default_link"]["p50_ms"] >= rtt
+
+
+def test_warm_reads(quick) -> None:  # type: ignore[no-untyped-def]
+    _, r, _ = quick
+    w = r["warm_reads"]
+    assert w["files"] > 0 and w["bytes"] > 0 and w["block_bytes"] == 4096
+    for side in ("fuse", "disk"):
+        for kind in ("seq", "rand"):
+            for cache in ("dropped", "hot"):
+                assert _positive(w[f"{side}_{kind}_{cache}"]["median_mb_s"])
+    for kind in ("seq", "rand"):
+        for cache in ("dropped", "hot"):
+            ratio = w[f"ratio_{kind}_{cache}"]
+            assert ratio == pytest.approx(w[f"fuse_{kind}_{cache}"]["median_mb_s"] / w[f"disk_{kind}_{cache}"]["median_mb_s"])
+
+
+def test_targets_and_report(quick) -> None:  # type: ignore[no-untyped-def]
+    out, r, _ = quick
+    keys = {t["key"] for t in r["targets"]}
+    assert {"cold_vs_pull:python:stream_cold", "flat:python:stream_cold", "bytes:link", "bytes:app", "fanout",
+            "warm_seq:dropped"} <= keys
+    for t in r["targets"]:
+        assert isinstance(t["met"], bool) and isinstance(t["measured"], float) and t["limit"] > 0
+        assert t["met"] or t["note"], t["key"]  # a missed target says why
+    md = (out / "bench.md").read_text()
+    for heading in ("## Targets", "## Cold start to first output", "## Bytes before the first output",
+                    "## Tier latency", "## Fan-out", "## Warm reads"):
+        assert heading in md
+    assert r["charts"]
+    for name in r["charts"]:
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"]({name})" in md
+
+
+def test_stack_is_left_as_it_was(quick) -> None:  # type: ignore[no-untyped-def]
+    from imagestream.stack import local
+
+    _, _, stdout = quick
+    assert all(p["ready"] for p in local.status())
+    assert "bench/" not in run_cli("images").stdout
+    netns = stdout.split("link: netns ", 1)[1].split()[0].rstrip(",")
+    assert netns not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
