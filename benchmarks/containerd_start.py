@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import pathlib
+import shutil
 import subprocess
 import tempfile
 import time
@@ -53,7 +54,19 @@ def main() -> None:
         ref = f"{registry}/debian-python:bench"
         samples: dict[str, list[float]] = {"stream_pull": [], "stream_run": [], "import": [], "normal_run": []}
 
+        def fresh_snapshotter() -> None:
+            """A new node agent with no snapshots and no mounts (its containerd is new each run, too)."""
+            from imagestream import mounts
+
+            local.down(lambda _: None, only="snapshotter")
+            for m in mounts.list_mounts():
+                if m.mountpoint.startswith(str(config.snapshotter_root())):
+                    mounts.unmount(m.mountpoint)
+            shutil.rmtree(config.snapshotter_root(), ignore_errors=True)
+            local.up(lambda _: None, only="snapshotter")
+
         def streamed() -> float:
+            fresh_snapshotter()
             local.empty_caches()
             daemon = PrivateContainerd(pathlib.Path(tempfile.mkdtemp(prefix="bench-ctrd-")),
                                        config.snapshotter_socket(), (registry,))
