@@ -34,8 +34,8 @@ class VerifiedStore(ChunkStore):
         self.name = inner.name
         self.stats = inner.stats
 
-    async def get(self, digest: Digest) -> bytes:
-        data = await self.inner.get(digest)
+    async def _check(self, digest: Digest, data: bytes) -> None:
+        """CorruptChunk (after deleting the inner copy) if `data` does not match `digest`."""
         try:
             # large chunks are checked off the event loop (zstd and hashlib release the GIL)
             await asyncio.to_thread(verify, digest, data) if len(data) > 64 * 1024 else verify(digest, data)
@@ -44,17 +44,18 @@ class VerifiedStore(ChunkStore):
             log.warning("%s: dropping corrupt chunk %s: %s", self.name, digest, e)
             await self.inner.delete(digest)
             raise
+
+    async def get(self, digest: Digest) -> bytes:
+        data = await self.inner.get(digest)
+        await self._check(digest, data)
         return data
 
     async def get_many(self, digests, concurrency: int = 16):  # type: ignore[no-untyped-def]
         """The inner store's batch, checked chunk by chunk; a corrupt one is dropped and not yielded."""
         async for digest, data in self.inner.get_many(digests, concurrency):
             try:
-                await asyncio.to_thread(verify, digest, data) if len(data) > 64 * 1024 else verify(digest, data)
-            except CorruptChunk as e:
-                self.stats.corrupt_dropped += 1
-                log.warning("%s: dropping corrupt chunk %s: %s", self.name, digest, e)
-                await self.inner.delete(digest)
+                await self._check(digest, data)
+            except CorruptChunk:
                 continue
             yield digest, data
 
