@@ -71,7 +71,7 @@ def fanout(results: dict, out: pathlib.Path) -> pathlib.Path:
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4.2), dpi=110)
     a.plot(ns, [c["start_median_s"] for c in cells], "o-", color="#2f6db5", label="start, median of the N nodes")
     a.plot(ns, [c["start_max_s"] for c in cells], "s--", color="#2f6db5", alpha=0.6, label="start, slowest node")
-    a.plot(ns, [c["fetch_all_seconds"] for c in cells], "^-", color="#b0413e", label="every node gets every chunk")
+    a.plot(ns, [c["fetch_all_seconds"] for c in cells], "^-", color="#b0413e", label="then every node fetches every chunk")
     a.set_xlabel("cold nodes starting the image at once (N)")
     a.set_ylabel("seconds")
     a.set_xticks(ns)
