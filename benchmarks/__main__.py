@@ -1,6 +1,6 @@
 """Cold start against a full pull, across image sizes, tiers and nodes, over an emulated regional link.
 
-    python -m benchmarks                 # everything: about 45 minutes; writes docs/benchmarks/bench.*
+    python -m benchmarks                 # everything: about an hour; writes docs/benchmarks/bench.*
     python -m benchmarks --quick --out /tmp/b   # tiny image, one run, fewer cells: a couple of minutes
 
 Starts a private stack (own home, ports from --port-base), puts the regional

@@ -47,6 +47,8 @@ def cold_start(results: dict, profile: str, out: pathlib.Path) -> pathlib.Path:
         ratio = ""
         if "full_pull" in cell and "stream_cold" in cell:
             ratio = f"\ncold / pull = {cell['stream_cold']['median'] / cell['full_pull']['median']:.2f}"
+        if "full_pull" in cell and "stream_profile" in cell:
+            ratio += f"\nprofile / pull = {cell['stream_profile']['median'] / cell['full_pull']['median']:.3f}"
         labels.append(f"{COMMAND_LABELS[c]}\n{im} image ({size:.0f} MB){ratio}")
     ax.set_xticks(range(len(groups)), labels, fontsize=8.5)
     ax.set_ylabel("seconds from start to first output (median)")
