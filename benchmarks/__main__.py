@@ -1,6 +1,6 @@
 """Cold start against a full pull, across image sizes, tiers and nodes, over an emulated regional link.
 
-    python -m benchmarks                 # everything: about 45 minutes; writes docs/benchmarks/bench.*
+    python -m benchmarks                 # everything: about an hour; writes docs/benchmarks/bench.*
     python -m benchmarks --quick --out /tmp/b   # tiny image, one run, fewer cells: a couple of minutes
 
 Starts a private stack (own home, ports from --port-base), puts the regional
@@ -185,7 +185,8 @@ def parts(args: argparse.Namespace, setup: Setup, images: list, default: LinkPro
         cap = int(default.rate_mbit * 1e6 / 8 / 4)
         log(f"experiment: background download capped at {cap / 1e6:.1f} MB/s (a quarter of the link)")
         cells = coldstart.measure(setup, images, args.runs,
-                                  {im.label: {"python": ("stream_cold", coldstart.BGCAP)} for im in images}, bg_cap=cap)
+                                  {im.label: {"python": ("full_pull", "stream_cold", coldstart.BGCAP)} for im in images},
+                                  bg_cap=cap)
         r["bgcap"] = {"link": link_dict(default), "cap_bytes_per_s": cap, "runs": args.runs, "by_image": cells}
 
     for name, fn in (("bgcap", bgcap), ("coldstart", cold_start), ("bytes", bytes_), ("slow", slow), ("fanout", fan_out),
@@ -201,6 +202,7 @@ def parts(args: argparse.Namespace, setup: Setup, images: list, default: LinkPro
             with contextlib.suppress(Exception):
                 setup.empty_caches()
         r.setdefault("part_seconds", {})[name] = round(time.monotonic() - started, 1)
+        r.setdefault("load_after_part", {})[name] = loadavg()  # the machine is shared: how busy it was
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "bench.partial.json").write_text(json.dumps(r, indent=2) + "\n")  # survives a crash
     r["targets"] = targets(r)
@@ -219,7 +221,9 @@ NOTES = {
         "then waits behind up to ~30 MiB of background data (2.5 s at 100 Mbit/s), so the cold start of the "
         "large image takes about as long as a good part of a full pull. With the startup profile the needed "
         "chunks are fetched first, in parallel, and the same start is flat and about 1/15 of the pull (rows "
-        "'streaming + profile'). Closing it without a profile: keep the background download back while a "
+        "'streaming + profile'). The node's existing cap on the background download "
+        "(IMAGESTREAM_NODE_BACKGROUND_BANDWIDTH) at a quarter of the link also makes the cold start flat (see the "
+        "experiment section, when it was run). Closing it without a profile or a cap: keep the background download back while a "
         "mount is starting (e.g. until no foreground miss for a second, or for its first seconds), make its "
         "batches small enough that a foreground read never waits behind more than one RTT of data, and give "
         "foreground reads priority at the zonal cache too (a separate upstream channel and a limit on the "
@@ -236,7 +240,7 @@ NOTES = {
     "fanout": (
         "Misses of one chunk coalesce at the zonal cache only while the first regional fetch is in flight "
         "(CoalescingStore). A node's batch (GetChunks: the background download) looks every chunk of the batch "
-        "up in Redis first and then fetches the misses one after another; a chunk another node's request "
+        "up in Redis first and then fetches all the misses from the region, 16 at a time; a chunk another node's request "
         "fetched and stored in the meantime is fetched from the region again, and so is a miss that arrives "
         "between the end of a fetch and its write to Redis. The node's own foreground reads, which never join "
         "a background batch, add a few more. Closing it, in the zonal cache: look in Redis again right before "
@@ -309,10 +313,14 @@ def _table(rows: list[list[str]]) -> list[str]:
 def markdown(r: dict, pngs: list[str]) -> str:
     mb = lambda n: f"{n / 1e6:,.1f} MB"  # noqa: E731
     m = r["machine"]
+    loads = [r["load_before"][0], *(v[0] for v in r.get("load_after_part", {}).values()), r["load_after"][0]]
+    load = (f"1-minute load average {r['load_before'][0]:.1f} before, {r['load_after'][0]:.1f} after"
+            + (f", {min(loads):.1f}–{max(loads):.1f} between parts" if r.get("load_after_part") else "")
+            + (f"; {r['load_note']}" if r.get("load_note") else ""))
     L = [f"# imagestream benchmark{' (quick mode)' if r['quick'] else ''}", "",
          f"Measured {r['started']} – {r['finished']} on {m['cores']} cores ({m['cpu']}), {m['memory_gib']} GiB, "
-         f"Linux {m['kernel']}, Python {m['python']}; load average {r['load_before'][0]:.1f} before, "
-         f"{r['load_after'][0]:.1f} after (the machine is shared). Medians of the runs in `bench.json`.", ""]
+         f"Linux {m['kernel']}, Python {m['python']}; {load} (the machine is shared). "
+         "Medians of the runs in `bench.json`.", ""]
     s = r["settings"]
     L += [f"Links (tbf burst {s['default_link']['tbf_burst']}, queue {s['default_link']['tbf_latency']}; RTT from "
           f"`benchmarks/linkproxy.py`): **default** {s['default_link']['rate_mbit']:g} Mbit/s, "
@@ -361,7 +369,8 @@ def markdown(r: dict, pngs: list[str]) -> str:
         L += _table(rows) + [""]
         bf = [(im, c, cells["stream_cold"].get("blocking_fetches_median"), cells.get("stream_profile", {}).get("blocking_fetches_median"))
               for im, cmds in cs["by_image"].items() for c, cells in cmds.items() if "stream_cold" in cells]
-        L += ["Blocking fetches (foreground chunk fetches the node made itself) in a cold start: " + "; ".join(
+        L += ["Blocking fetches (foreground chunk fetches the node made itself; with a profile, a read that comes "
+              "before the profile's batch has arrived is fetched again in the foreground) in a cold start: " + "; ".join(
             f"{c} {im}: {a:g} cold, {b:g} with profile" if b is not None else f"{c} {im}: {a:g} cold"
             for im, c, a, b in bf if a is not None) + ".", ""]
     if "bgcap" in r:
@@ -370,11 +379,14 @@ def markdown(r: dict, pngs: list[str]) -> str:
               f"default link; IMAGESTREAM_NODE_BACKGROUND_BANDWIDTH)", "",
               f"Python program, no startup profile, cold; median of {e['runs']} runs side by side"
               + (f"; measured in a separate run ({e['measured']})" if e.get("measured") else "") + ".", ""]
-        rows = [["image", "streaming cold", "streaming cold, background capped", "MB over the link by first output "
-                 "(uncapped / capped)"]]
+        rows = [["image", "full pull", "streaming cold", "streaming cold, background capped", "capped / pull",
+                 "MB over the link by first output (uncapped / capped)"]]
         for image, cmds in e["by_image"].items():
             c = cmds["python"]
-            rows.append([image, f"{c['stream_cold']['median']:.2f} s", f"{c[coldstart.BGCAP]['median']:.2f} s",
+            pull = c.get("full_pull", {}).get("median")
+            rows.append([image, f"{pull:.2f} s" if pull else "–", f"{c['stream_cold']['median']:.2f} s",
+                         f"{c[coldstart.BGCAP]['median']:.2f} s",
+                         f"{c[coldstart.BGCAP]['median'] / pull:.3f}" if pull else "–",
                          f"{c['stream_cold']['link_bytes_median'] / 1e6:.0f} / {c[coldstart.BGCAP]['link_bytes_median'] / 1e6:.0f}"])
         L += _table(rows) + [""]
     for p in pngs:
@@ -427,6 +439,13 @@ def markdown(r: dict, pngs: list[str]) -> str:
                 rows.append([label, cache, f"{w[f'fuse_{kind}_{cache}']['median_mb_s']:.1f} MB/s",
                              f"{w[f'disk_{kind}_{cache}']['median_mb_s']:.1f} MB/s", f"{w[f'ratio_{kind}_{cache}']:.2f}"])
         L += _table(rows) + [""]
+        L += ["A read that misses the kernel's page cache costs the mount a whole chunk: the FUSE client gets the "
+              "chunk file's path from the node cache, reads it (up to 1 MiB compressed), checks its SHA-256 and "
+              "decompresses it, then keeps it in a 64 MiB LRU. Sequential reads pay that once per chunk and the "
+              "kernel's 4 MiB readahead keeps requests large; random 4 KiB reads over 256 MB pay it for most reads "
+              "(the LRU holds a quarter of the data), hence the low random figure with the page cache dropped. "
+              "Smaller chunks for such files, or node-local chunks kept uncompressed and already verified, would "
+              "close it.", ""]
         if not w["page_cache_droppable"]:
             L += ["(The page cache could not be dropped here: 'dropped' rows are not cold.)", ""]
     return "\n".join(L) + "\n"

@@ -47,6 +47,8 @@ def cold_start(results: dict, profile: str, out: pathlib.Path) -> pathlib.Path:
         ratio = ""
         if "full_pull" in cell and "stream_cold" in cell:
             ratio = f"\ncold / pull = {cell['stream_cold']['median'] / cell['full_pull']['median']:.2f}"
+        if "full_pull" in cell and "stream_profile" in cell:
+            ratio += f"\nprofile / pull = {cell['stream_profile']['median'] / cell['full_pull']['median']:.3f}"
         labels.append(f"{COMMAND_LABELS[c]}\n{im} image ({size:.0f} MB){ratio}")
     ax.set_xticks(range(len(groups)), labels, fontsize=8.5)
     ax.set_ylabel("seconds from start to first output (median)")
@@ -71,7 +73,7 @@ def fanout(results: dict, out: pathlib.Path) -> pathlib.Path:
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4.2), dpi=110)
     a.plot(ns, [c["start_median_s"] for c in cells], "o-", color="#2f6db5", label="start, median of the N nodes")
     a.plot(ns, [c["start_max_s"] for c in cells], "s--", color="#2f6db5", alpha=0.6, label="start, slowest node")
-    a.plot(ns, [c["fetch_all_seconds"] for c in cells], "^-", color="#b0413e", label="every node gets every chunk")
+    a.plot(ns, [c["fetch_all_seconds"] for c in cells], "^-", color="#b0413e", label="then every node fetches every chunk")
     a.set_xlabel("cold nodes starting the image at once (N)")
     a.set_ylabel("seconds")
     a.set_xticks(ns)

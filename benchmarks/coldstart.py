@@ -166,9 +166,9 @@ def measure(setup: Setup, images: list[Image], runs: int, plan: dict | None = No
                         os.environ[BG_CAP_SETTING] = str(bg_cap)  # the node cache restarted next reads it
                     if mode != "warm":
                         setup.empty_caches()
-                        os.environ.pop(BG_CAP_SETTING, None)  # only the node cache just restarted has the cap
                     elif not streamed:
                         _once(setup, image.name, command, "stream_cold", http_port)  # make it warm first
+                    os.environ.pop(BG_CAP_SETTING, None)
                     name = image.profiled if mode == "stream_profile" else image.name  # stream_bgcap: no profile
                     fetches_before = blocking_fetches() if mode != "full_pull" else 0
                     sample = _once(setup, name, command, mode, http_port)
