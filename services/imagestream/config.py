@@ -85,6 +85,8 @@ SETTINGS = {s.name: s for s in [
     Setting("node_disk_dir", "", "on-disk chunk cache folder (default: HOME/node-cache)"),
     Setting("node_background_bandwidth", "0", "cap on the background download, bytes per second (0: none)"),
     Setting("node_background_concurrency", "2", "background download batches in flight at once"),
+    Setting("node_background_quiet", "1.0",
+            "seconds without a foreground fetch before the rest of an image (beyond its startup profile) downloads (0: at once)"),
     # clients
     Setting("registry", "127.0.0.1:50061", "regional store that push, images and rm talk to"),
     Setting("chunk_size", "1MiB", "chunk size used by push"),

@@ -20,7 +20,7 @@ from node_cache.downloads import Downloads
 from node_cache.fetcher import NodeFetcher
 
 SETTINGS = ("home", "node_cache_socket", "node_cache_metrics", "node_upstreams", "node_memory_bytes", "node_disk_bytes", "node_disk_dir",
-            "node_background_bandwidth", "node_background_concurrency")
+            "node_background_bandwidth", "node_background_concurrency", "node_background_quiet")
 
 
 @dataclasses.dataclass
@@ -41,7 +41,8 @@ def build(args: argparse.Namespace) -> Node:
 
     # the background download has connections of its own: its transfers never sit in front of a foreground read
     fetcher = NodeFetcher(remote("foreground"), remote("background"),
-                          config.parse_size(args.node_background_bandwidth) or None)
+                          config.parse_size(args.node_background_bandwidth) or None,
+                          quiet_s=float(args.node_background_quiet))
     disk = DiskStore(config.node_disk_dir(), config.parse_size(args.node_disk_bytes))
     memory = MemoryStore(config.parse_size(args.node_memory_bytes))
     # Memory holds chunks already verified on their way in; disk bytes are checked on every read.

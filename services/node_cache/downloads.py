@@ -2,8 +2,10 @@
 
 While an application runs on streamed data, its whole image is fetched behind
 it: the startup profile's chunks first, then the rest in index order, in
-batches (one upstream call each), a few batches at a time, under an optional
-bandwidth cap, always yielding to foreground fetches (see fetcher.py). Chunks
+batches (one upstream call each, a few MiB at most, so that a foreground read
+never waits long behind one), a few batches at a time, under an optional
+bandwidth cap, always yielding to foreground fetches and holding back the rest
+of the image while the application is starting (see fetcher.py). Chunks
 go to the node's disk, pinned there while the image is mounted; once all are
 local, every read of the mount is served by the node without a network hop.
 """
@@ -34,6 +36,7 @@ class Download:
     chunks: list[Digest] = dataclasses.field(default_factory=list)
     local: set[Digest] = dataclasses.field(default_factory=set)
     profile_chunks: int = 0
+    profile_set: set[Digest] = dataclasses.field(default_factory=set)
     stalled: str = ""
     task: asyncio.Task | None = None
 
@@ -51,17 +54,19 @@ class Download:
 
 class Downloads:
     def __init__(self, store: ChunkStore, disk: DiskStore, fetcher: NodeFetcher,
-                 batch_chunks: int = 16, concurrency: int = 2) -> None:
+                 batch_chunks: int = 16, batch_bytes: int = 4 << 20, concurrency: int = 2) -> None:
         self.store = store  # the node's whole chain, to read the index through
         self.disk = disk
         self.fetcher = fetcher
         self.batch_chunks = batch_chunks
+        self.batch_bytes = batch_bytes  # of chunk (uncompressed) bytes: bounds what a foreground read can wait behind
         self.concurrency = concurrency
         self.downloads: dict[str, Download] = {}
 
     def start(self, mount_id: str, image: str, index: Digest, first: list[Digest]) -> Download:
         self.end(mount_id)
         download = self.downloads[mount_id] = Download(mount_id, image)
+        self.fetcher.gate.touch()  # the application's first reads are coming: the rest of the image waits
         download.task = asyncio.ensure_future(self._run(download, index, first))
         return download
 
@@ -78,6 +83,7 @@ class Downloads:
             in_image = set(everything)
             profile = [d for d in dict.fromkeys(first) if d in in_image]
             download.profile_chunks = len(profile)
+            download.profile_set = set(profile)
             chosen = set(profile)
             download.chunks = profile + [d for d in everything if d not in chosen]
             self.disk.pin(download.mount_id, set(download.chunks) | {index_digest})
@@ -86,8 +92,12 @@ class Downloads:
             log.info("download of %s: %d chunks, %d local, %d first from the profile",
                      download.image, len(download.chunks), len(download.local), len(profile))
             queue: asyncio.Queue[list[Digest]] = asyncio.Queue()
-            for i in range(0, len(todo), self.batch_chunks):
-                queue.put_nowait(todo[i : i + self.batch_chunks])
+            predicted = download.profile_set
+            # the profile's chunks are wanted at once anyway: large batches; the rest in small ones
+            batches = (self._batches([d for d in todo if d in predicted], max_bytes=None)
+                       + self._batches([d for d in todo if d not in predicted], max_bytes=self.batch_bytes))
+            for batch in batches:
+                queue.put_nowait(batch)
             workers = [asyncio.ensure_future(self._worker(download, queue)) for _ in range(self.concurrency)]
             try:
                 await asyncio.gather(*workers)
@@ -102,6 +112,21 @@ class Downloads:
             download.stalled = f"{type(e).__name__}: {e}"
             log.warning("download of %s stopped: %s", download.image, download.stalled)
 
+    def _batches(self, digests: list[Digest], max_bytes: int | None) -> list[list[Digest]]:
+        """Consecutive runs of at most `batch_chunks` chunks and `max_bytes` bytes (but one chunk at least)."""
+        batches: list[list[Digest]] = []
+        current: list[Digest] = []
+        size = 0
+        for d in digests:
+            if current and (len(current) >= self.batch_chunks or (max_bytes is not None and size + d.size > max_bytes)):
+                batches.append(current)
+                current, size = [], 0
+            current.append(d)
+            size += d.size
+        if current:
+            batches.append(current)
+        return batches
+
     async def _worker(self, download: Download, queue: asyncio.Queue[list[Digest]]) -> None:
         while not queue.empty() and not download.stalled:
             batch = []
@@ -115,8 +140,9 @@ class Downloads:
             if not batch:
                 continue
             try:
+                predicted = download.profile_set.issuperset(batch)
                 with telemetry.new_trace("background download batch", image=download.image, chunks=len(batch)):
-                    got = await self.fetcher.fetch_background(batch)
+                    got = await self.fetcher.fetch_background(batch, predicted=predicted)
             except ImagestreamError as e:
                 log.warning("download of %s: batch failed, retrying later: %s", download.image, e)
                 await asyncio.sleep(1.0)

@@ -4,6 +4,11 @@ Foreground gets (a FUSE read that missed the node) always go first:
 * they never wait for a background batch: background transfers use channels of
   their own, and a new background batch starts only while no foreground fetch
   is under way (`ForegroundGate`);
+* while an application is starting, the background stays out of the way
+  altogether: batches beyond the startup profile wait until the foreground has
+  been quiet for a moment (`wait_quiet`), because an import storm is a chain of
+  short misses with gaps between them, and a batch started in a gap would sit
+  on the regional link in front of the next miss;
 * a foreground get never joins a background batch, even one that holds the
   same chunk: the batch may be queued behind the bandwidth cap; the chunk is
   fetched again, at once (a duplicate transfer is the price of priority);
@@ -27,20 +32,42 @@ class ForegroundGate:
 
     def __init__(self) -> None:
         self.active = 0
+        self.last_busy = -float("inf")  # monotonic time a foreground fetch last started or ended
         self._idle = asyncio.Event()
         self._idle.set()
 
     def enter(self) -> None:
         self.active += 1
+        self.last_busy = time.monotonic()
         self._idle.clear()
 
     def leave(self) -> None:
         self.active -= 1
+        self.last_busy = time.monotonic()
         if self.active == 0:
             self._idle.set()
 
+    def touch(self) -> None:
+        """Count as foreground activity now (a mount starting: its reads are about to come)."""
+        self.last_busy = time.monotonic()
+
     async def wait_idle(self) -> None:
         await self._idle.wait()
+
+    async def wait_quiet(self, quiet_s: float, patience_s: float) -> None:
+        """Until no foreground fetch has run for `quiet_s`; after `patience_s`, only until none runs.
+
+        The patience bound keeps a node whose applications read all the time
+        from never downloading in the background.
+        """
+        give_up = time.monotonic() + patience_s
+        while True:
+            await self._idle.wait()
+            now = time.monotonic()
+            wait = min(self.last_busy + quiet_s, give_up) - now
+            if wait <= 0:
+                return
+            await asyncio.sleep(wait)
 
 
 class TokenBucket:
@@ -67,8 +94,11 @@ class NodeFetcher(ChunkStore):
 
     name = "upstream"
 
-    def __init__(self, foreground: ChunkStore, background: ChunkStore, bandwidth_bytes_per_s: float | None = None) -> None:
+    def __init__(self, foreground: ChunkStore, background: ChunkStore, bandwidth_bytes_per_s: float | None = None,
+                 quiet_s: float = 1.0, patience_s: float = 10.0) -> None:
         super().__init__()
+        self.quiet_s = quiet_s  # see ForegroundGate.wait_quiet
+        self.patience_s = patience_s
         self.foreground = foreground
         self.background = background
         self.gate = ForegroundGate()
@@ -101,9 +131,17 @@ class NodeFetcher(ChunkStore):
             self.gate.leave()
             del self._inflight[digest]
 
-    async def fetch_background(self, digests: Sequence[Digest]) -> dict[Digest, bytes]:
-        """Fetch a batch in one upstream call, after any foreground fetch; verified chunks by digest."""
-        await self.gate.wait_idle()
+    async def fetch_background(self, digests: Sequence[Digest], predicted: bool = False) -> dict[Digest, bytes]:
+        """Fetch a batch in one upstream call, after any foreground fetch; verified chunks by digest.
+
+        `predicted` batches (the startup profile: what the application is about
+        to read) go as soon as no foreground fetch is in flight; the rest wait
+        for the foreground to be quiet.
+        """
+        if predicted or not self.quiet_s:
+            await self.gate.wait_idle()
+        else:
+            await self.gate.wait_quiet(self.quiet_s, self.patience_s)
         wanted = [d for d in dict.fromkeys(digests) if d not in self._inflight and d not in self._background]
         self._background.update(wanted)
         got: dict[Digest, bytes] = {}

@@ -25,10 +25,10 @@ async def main(args: argparse.Namespace) -> None:
     except Unavailable as e:  # Redis may come up later; reads go upstream meanwhile
         logging.getLogger(__name__).warning("%s", e)
     regional = FailoverStore([VerifiedStore(GrpcChunkStore(t, name=f"regional {t}")) for t in upstreams])
-    # Misses of one chunk from many nodes at once become one regional fetch.
-    coalescing = CoalescingStore(regional)
-    store = ReadThroughStore(VerifiedStore(redis_store), coalescing, name="zonal")
-    store.fetch_seconds = telemetry.fetch_histogram().labels("zonal")
+    read_through = ReadThroughStore(VerifiedStore(redis_store), regional, name="zonal")
+    read_through.fetch_seconds = telemetry.fetch_histogram().labels("zonal")
+    # Requests for one chunk from many nodes at once become one Redis lookup and at most one regional fetch.
+    store = CoalescingStore(read_through)
     registry = FailoverImageRegistry([GrpcImageRegistry(t) for t in upstreams])
 
     def collect():  # type: ignore[no-untyped-def]
@@ -37,7 +37,7 @@ async def main(args: argparse.Namespace) -> None:
         yield from telemetry.tier_families({"zonal": store})
         c = CounterMetricFamily("imagestream_coalesced_fetches", "Misses that joined a fetch already under way",
                                 labels=["tier"])
-        c.add_metric(["zonal"], coalescing.coalesced)
+        c.add_metric(["zonal"], store.coalesced)
         yield c
 
     await serve("zonal_cache", config.parse_list(args.zonal_cache_listen), store, registry,

@@ -152,3 +152,73 @@ async def test_coalesced_failure_reaches_every_waiter_and_is_not_cached() -> Non
     assert all(isinstance(r, NotFound) for r in results) and regional.gets == 1
     await regional.put(d, data)
     assert await store.get(d) == data
+
+
+class SlowPutStore(MemoryStore):
+    """A cache whose writes take a while (Redis across a zone, say)."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__()
+        self.delay = delay
+
+    async def put(self, digest, compressed):  # type: ignore[no-untyped-def]
+        await asyncio.sleep(self.delay)
+        return await super().put(digest, compressed)
+
+
+async def _drain(it) -> dict:  # type: ignore[no-untyped-def]
+    return {d: data async for d, data in it}
+
+
+async def test_batches_and_single_gets_of_the_same_chunks_share_one_regional_fetch_each() -> None:
+    chunks = dict(chunk(100 + i) for i in range(8))
+    regional = CountingStore(delay=0.05)
+    for d, data in chunks.items():
+        await regional.put(d, data)
+    zonal = CoalescingStore(ReadThroughStore(MemoryStore(), regional))
+    batches = await asyncio.gather(*(_drain(zonal.get_many(list(chunks))) for _ in range(4)),
+                                   *(zonal.get(d) for d in chunks))
+    assert all(b == chunks for b in batches[:4])
+    assert batches[4:] == list(chunks.values())
+    assert regional.gets == len(chunks)
+    assert zonal.coalesced >= 3 * len(chunks)
+
+
+async def test_a_chunk_stays_claimed_until_the_cache_holds_it() -> None:
+    d, data = chunk(120)
+    regional = CountingStore(delay=0.01)
+    await regional.put(d, data)
+    zonal = CoalescingStore(ReadThroughStore(SlowPutStore(delay=0.1), regional))
+    first = asyncio.ensure_future(zonal.get(d))
+    await asyncio.sleep(0.05)  # the regional fetch is done; the cache write is not
+    assert regional.gets == 1
+    assert await _drain(zonal.get_many([d])) == {d: data}
+    assert await first == data
+    assert await zonal.get(d) == data  # from the cache now
+    assert regional.gets == 1
+
+
+async def test_a_batch_given_up_half_way_leaves_its_waiters_a_fetch_of_their_own() -> None:
+    chunks = dict(chunk(130 + i) for i in range(4))
+    regional = CountingStore(delay=0.05)
+    for d, data in chunks.items():
+        await regional.put(d, data)
+    zonal = CoalescingStore(regional)
+    batch = asyncio.ensure_future(_drain(zonal.get_many(list(chunks), concurrency=1)))
+    await asyncio.sleep(0.01)
+    waiters = asyncio.gather(*(zonal.get(d) for d in chunks))
+    await asyncio.sleep(0.01)
+    batch.cancel()  # the node that asked went away
+    assert await waiters == list(chunks.values())
+    assert zonal._inflight == {}
+
+
+async def test_a_missing_chunk_in_a_batch_is_reported_and_released() -> None:
+    (d, data), (absent, _) = chunk(140), chunk(141)
+    regional = CountingStore()
+    await regional.put(d, data)
+    zonal = CoalescingStore(regional)
+    with pytest.raises(NotFound):
+        await _drain(zonal.get_many([d, absent]))
+    assert zonal._inflight == {}
+    assert await zonal.get(d) == data

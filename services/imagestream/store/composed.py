@@ -224,41 +224,96 @@ class FailoverStore(ChunkStore):
             await u.close()
 
 
-class CoalescingStore(ChunkStore):
-    """Concurrent gets of one chunk share one call to `inner`.
+class FetchAbandoned(Unavailable):
+    """The caller that started a shared fetch went away before it finished; a waiter fetches for itself."""
 
-    In the zonal cache this turns N nodes missing the same chunk at once into
-    one regional fetch.
+
+class CoalescingStore(ChunkStore):
+    """Concurrent gets of one chunk share one call to `inner`, single gets and batches alike.
+
+    In the zonal cache it sits over the whole read-through (Redis, then the
+    region), so that N nodes missing the same chunk at once make one regional
+    fetch, and a chunk stays claimed until it is in Redis: a request that comes
+    after the claim is released finds it there.
     """
 
     def __init__(self, inner: ChunkStore) -> None:
         super().__init__()
         self.inner = inner
         self.name = inner.name
+        self.stats = inner.stats
         self._inflight: dict[Digest, asyncio.Future[bytes]] = {}
         self.coalesced = 0
+
+    def _claim(self, digest: Digest) -> asyncio.Future[bytes]:
+        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._inflight[digest] = fut
+        return fut
+
+    def _release(self, digest: Digest, fut: asyncio.Future[bytes], error: BaseException | None = None) -> None:
+        if not fut.done():
+            fut.set_exception(error if isinstance(error, Exception) else FetchAbandoned(f"fetch of {digest.short} abandoned"))
+            fut.exception()  # mark retrieved: nobody else may be waiting
+        if self._inflight.get(digest) is fut:
+            del self._inflight[digest]
+
+    async def _join(self, digest: Digest, pending: asyncio.Future[bytes]) -> bytes:
+        self.coalesced += 1
+        try:
+            return await asyncio.shield(pending)
+        except FetchAbandoned:
+            return await self.get(digest)
 
     async def get(self, digest: Digest) -> bytes:
         pending = self._inflight.get(digest)
         if pending is not None:
-            self.coalesced += 1
-            return await asyncio.shield(pending)
-        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        self._inflight[digest] = fut
+            return await self._join(digest, pending)
+        fut = self._claim(digest)
+        error: BaseException | None = None
         try:
             data = await self.inner.get(digest)
         except BaseException as e:
-            fut.set_exception(e if isinstance(e, Exception) else Unavailable("fetch cancelled"))
-            fut.exception()  # mark retrieved: nobody else may be waiting
+            error = e
             raise
         else:
             fut.set_result(data)
             return data
         finally:
-            del self._inflight[digest]
+            self._release(digest, fut, error)
+
+    async def get_many(self, digests, concurrency: int = 16):  # type: ignore[no-untyped-def]
+        """Chunks another caller is fetching are awaited; the rest go to `inner` as one batch."""
+        mine: dict[Digest, asyncio.Future[bytes]] = {}
+        theirs: dict[Digest, asyncio.Future[bytes]] = {}
+        for digest in dict.fromkeys(digests):
+            pending = self._inflight.get(digest)
+            if pending is not None:
+                theirs[digest] = pending
+            else:
+                mine[digest] = self._claim(digest)
+        try:
+            if mine:
+                async for digest, data in self.inner.get_many(list(mine), concurrency):
+                    fut = mine.get(digest)
+                    if fut is None or fut.done():
+                        continue
+                    fut.set_result(data)
+                    self._release(digest, fut)
+                    yield digest, data
+            for digest, pending in theirs.items():
+                yield digest, await self._join(digest, pending)
+        finally:
+            for digest, fut in mine.items():
+                self._release(digest, fut)
 
     async def put(self, digest: Digest, compressed: bytes) -> bool:
         return await self.inner.put(digest, compressed)
+
+    async def put_verified(self, digest: Digest, compressed: bytes) -> bool:
+        return await self.inner.put_verified(digest, compressed)
+
+    async def local_path(self, digest: Digest) -> str | None:
+        return await self.inner.local_path(digest)
 
     async def contains(self, digest: Digest) -> bool:
         return await self.inner.contains(digest)
