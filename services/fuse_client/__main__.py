@@ -72,7 +72,8 @@ async def run(args: argparse.Namespace) -> None:
     except Exception as e:
         _tell_parent(args.ready_fd, {"error": f"cannot mount {args.name!r}: {e}"})
         raise SystemExit(1) from None
-    reader = ChunkReader(store, index, timeout_s=timeout, retries=int(args.fetch_retries))
+    reader = ChunkReader(store, index, timeout_s=timeout, retries=int(args.fetch_retries),
+                         node_disk=config.node_disk_dir())
     recording = should_record(args.profile, image)
     if recording:
         reader.touched = []
@@ -124,8 +125,8 @@ async def run(args: argparse.Namespace) -> None:
         for task in background:
             task.cancel()
         pyfuse3.close(unmount=True)
-        log.info("unmounted %s; %d reads, %d chunks fetched (%d bytes), %d readaheads",
-                 args.mountpoint, fs.reads, reader.fetches, reader.fetched_bytes, reader.readaheads)
+        log.info("unmounted %s; %d reads, %d chunks fetched (%d bytes, %d read from the node's disk directly), %d readaheads",
+                 args.mountpoint, fs.reads, reader.fetches, reader.fetched_bytes, reader.local_reads, reader.readaheads)
         try:
             await node.end_download(mount_id)
             if recording and reader.touched:

@@ -1,8 +1,10 @@
 """Bytes of a file, from its extents: decompressed chunks kept in a small LRU, fetched on demand.
 
 A read is cut along chunk boundaries; holes are zeros; every chunk comes from
-the node cache (or whichever store is given), is checked against its digest,
-and is retried with a deadline, so one lost upstream call never hangs a read.
+the node's disk folder when it is already there (opened directly: no call to
+the node cache, one trip to a worker thread), else from the node cache (or
+whichever store is given); it is checked against its digest either way, and
+retried with a deadline, so one lost upstream call never hangs a read.
 Sequential reads trigger readahead of the next chunks.
 """
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import pathlib
 from collections import OrderedDict
 
 from imagestream import telemetry
@@ -17,6 +20,7 @@ from imagestream.digests import Digest, decompress_verified
 from imagestream.errors import CorruptChunk, ImagestreamError, NotFound, Unavailable
 from imagestream.index import Index
 from imagestream.store.base import ChunkStore
+from imagestream.store.disk import chunk_file
 from imagestream.v1 import index_pb2
 
 log = logging.getLogger(__name__)
@@ -24,6 +28,19 @@ log = logging.getLogger(__name__)
 
 class ChunkFetchFailed(ImagestreamError):
     """A chunk could not be had after every retry (becomes EIO at the FUSE edge)."""
+
+
+def _read_local(path: pathlib.Path, digest: Digest) -> tuple[bytes, int] | None:
+    """(chunk, compressed size) from a node-local file, or None if it is not there or not intact."""
+    try:
+        compressed = path.read_bytes()
+    except OSError:
+        return None  # not downloaded yet, or evicted: ask the node cache
+    try:
+        return decompress_verified(digest, compressed), len(compressed)
+    except CorruptChunk as e:
+        log.warning("node-local copy of chunk %s is corrupt, asking the node cache: %s", digest, e)
+        return None
 
 
 class ChunkReader:
@@ -35,8 +52,10 @@ class ChunkReader:
         readahead_chunks: int = 8,
         timeout_s: float = 10.0,
         retries: int = 3,
+        node_disk: pathlib.Path | None = None,
     ) -> None:
         self.store = store
+        self.node_disk = node_disk  # the node cache's chunk folder, when it is on this machine
         self.index = index
         self.cache_bytes = cache_bytes
         self.readahead_chunks = readahead_chunks
@@ -48,8 +67,9 @@ class ChunkReader:
         self._last_chunk: dict[int, int] = {}  # inode -> chunk number its last read ended in
         self.touched: list[Digest] | None = None  # when recording a profile: chunks in first-read order
         self._touched_set: set[Digest] = set()
-        self.fetches = 0  # chunks fetched from the node cache (not served from this LRU)
+        self.fetches = 0  # chunks fetched from the node (not served from this LRU)
         self.fetched_bytes = 0
+        self.local_reads = 0  # of those, read from the node's disk folder directly
         self.readaheads = 0
 
     # -- chunks ----------------------------------------------------------
@@ -65,6 +85,19 @@ class ChunkReader:
         return await asyncio.shield(task)
 
     async def _fetch(self, digest: Digest) -> bytes:
+        if self.node_disk is not None:
+            with telemetry.tracer.start_as_current_span("read node-local chunk") as span:
+                local = await asyncio.to_thread(_read_local, chunk_file(self.node_disk, digest), digest)
+                if span.is_recording():
+                    span.set_attributes({"imagestream.chunk": str(digest), "imagestream.tier": "node disk",
+                                         "imagestream.hit": local is not None})
+            if local is not None:
+                data, compressed_size = local
+                self.fetches += 1
+                self.local_reads += 1
+                self.fetched_bytes += compressed_size
+                self._keep(digest, data)
+                return data
         last: Exception | None = None
         for attempt in range(self.retries):
             try:
@@ -95,7 +128,7 @@ class ChunkReader:
         self._cached_bytes += len(data)
 
     # -- files -----------------------------------------------------------
-    async def read(self, ino: int, offset: int, size: int) -> bytes:
+    async def read(self, ino: int, offset: int, size: int) -> bytes | memoryview:
         inode = self.index.inode(ino)
         end = min(offset + size, inode.size)
         if offset >= end:
@@ -112,9 +145,14 @@ class ChunkReader:
         self._last_chunk[ino] = last
         if first == 0 or (previous is not None and previous <= first <= previous + 1):
             self._readahead(extents, last + 1)
-        out = b"".join(parts) if len(parts) > 1 else parts[0]
+        # Slices are views: pyfuse3 replies from any buffer, so a read within one chunk copies nothing here.
         start = offset - first * chunk_size
-        return out[start : start + (end - offset)]
+        views = [memoryview(p) for p in parts]
+        if len(views) == 1:
+            return views[0][start : start + (end - offset)]
+        views[0] = views[0][start:]
+        views[-1] = views[-1][: end - last * chunk_size]
+        return b"".join(views)
 
     def _record(self, extents, first: int, last: int) -> None:  # type: ignore[no-untyped-def]
         assert self.touched is not None
@@ -125,12 +163,12 @@ class ChunkReader:
                     self._touched_set.add(d)
                     self.touched.append(d)
 
-    async def _extent(self, extent: index_pb2.Extent) -> bytes:
+    async def _extent(self, extent: index_pb2.Extent) -> bytes | memoryview:
         if not extent.HasField("chunk"):
             return bytes(extent.length)
         data = await self.chunk(Digest(extent.chunk.hash, extent.chunk.size_bytes))
         if extent.chunk_offset or extent.length != len(data):  # a small file's slice of a pack
-            return data[extent.chunk_offset : extent.chunk_offset + extent.length]
+            return memoryview(data)[extent.chunk_offset : extent.chunk_offset + extent.length]
         return data
 
     def _readahead(self, extents, start: int) -> None:  # type: ignore[no-untyped-def]

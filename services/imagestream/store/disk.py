@@ -13,6 +13,11 @@ from imagestream.errors import NotFound, Unavailable
 from imagestream.store.base import ChunkStore
 
 
+def chunk_file(root: pathlib.Path, digest: Digest) -> pathlib.Path:
+    """Where the node's disk tier keeps a chunk (readers on the same node may open it directly)."""
+    return root / digest.hash[:2] / f"{digest.hash}-{digest.size}"
+
+
 class DiskStore(ChunkStore):
     """Files named by digest under `root/ab/<hash>-<size>`, evicted least recently used first.
 
@@ -37,7 +42,7 @@ class DiskStore(ChunkStore):
         self._scan()
 
     def _path(self, digest: Digest) -> pathlib.Path:
-        return self.root / digest.hash[:2] / f"{digest.hash}-{digest.size}"
+        return chunk_file(self.root, digest)
 
     def _scan(self) -> None:
         found: list[tuple[float, Digest, int]] = []
