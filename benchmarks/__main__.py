@@ -202,7 +202,7 @@ def parts(args: argparse.Namespace, setup: Setup, images: list, default: LinkPro
             with contextlib.suppress(Exception):
                 setup.empty_caches()
         r.setdefault("part_seconds", {})[name] = round(time.monotonic() - started, 1)
-        r.setdefault("load_after_part", {})[name] = loadavg()  # the machine is shared: how busy it was
+        r.setdefault("load_after_part", {})[name] = loadavg()  # how busy the machine was (loaded machines stretch seconds)
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "bench.partial.json").write_text(json.dumps(r, indent=2) + "\n")  # survives a crash
     r["targets"] = targets(r)
@@ -212,46 +212,32 @@ def parts(args: argparse.Namespace, setup: Setup, images: list, default: LinkPro
 
 NOTES = {
     "cold_vs_pull": (
-        "On a cold node the image's background download starts at mount and, without a profile, walks the "
-        "index in tree order — for the large image /opt/filler (800 MiB the command never reads) comes before "
-        "/usr. The node lets a new background batch start whenever no foreground fetch is in flight, which in "
-        "an import storm (read a file, run it, read the next) is most of the time; a batch is 16 chunks (about "
-        "16 MiB, 2 batches at once), and the zonal cache fetches all of a batch from the region at once, over "
-        "the same link and the same zonal->regional connection as the foreground reads. Each foreground miss "
-        "then waits behind up to ~30 MiB of background data (2.5 s at 100 Mbit/s), so the cold start of the "
-        "large image takes about as long as a good part of a full pull. With the startup profile the needed "
-        "chunks are fetched first, in parallel, and the same start is flat and about 1/15 of the pull (rows "
-        "'streaming + profile'). The node's existing cap on the background download "
-        "(IMAGESTREAM_NODE_BACKGROUND_BANDWIDTH) at a quarter of the link also makes the cold start flat (see the "
-        "experiment section, when it was run). Closing it without a profile or a cap: keep the background download back while a "
-        "mount is starting (e.g. until no foreground miss for a second, or for its first seconds), make its "
-        "batches small enough that a foreground read never waits behind more than one RTT of data, and give "
-        "foreground reads priority at the zonal cache too (a separate upstream channel and a limit on the "
-        "background's in-flight bytes there)."),
+        "Without a startup profile a cold start is a chain of blocking fetches: each chunk the program reads "
+        "first is a round trip node -> zonal cache -> region, one after another as the imports go. The "
+        "background download does not stand in their way (it holds back until the node has been quiet for "
+        "IMAGESTREAM_NODE_BACKGROUND_QUIET), so the chain is what is left. Closing it: the startup profile "
+        "fetches those chunks in parallel at mount (rows 'streaming + profile')."),
     "flat": (
-        "Same cause as above: without a profile the large image's start waits behind the background "
-        "download of its 800 MiB of filler, which the base image does not have. With the startup profile "
-        "the start is flat (row 'streaming + profile'). Closing it without a profile: as above."),
+        "The large image differs from the base only by data the command never reads and a larger index; a "
+        "gap here comes from the index fetch at mount and from the blocking fetches' variance. Closing it: "
+        "the startup profile (rows 'streaming + profile')."),
     "bytes": (
-        "Before the first output the link also carries the background download of the whole image, which "
-        "starts at mount; the program itself needs far less (the chunk bytes it touched, row above). "
-        "Closing it: delay the background download for the first seconds of a mount or until the startup "
-        "profile's chunks are in, or rate-limit it (IMAGESTREAM_NODE_BACKGROUND_BANDWIDTH)."),
+        "Before the first output the node moves the chunks the program reads, the FUSE client's readahead "
+        "(up to 8 chunks after a read at the start of a file) and, once the node has been quiet for "
+        "IMAGESTREAM_NODE_BACKGROUND_QUIET, the background download. Closing it: a longer quiet period or "
+        "less readahead, at the cost of a later complete download or slower sequential reads."),
     "fanout": (
-        "Misses of one chunk coalesce at the zonal cache only while the first regional fetch is in flight "
-        "(CoalescingStore). A node's batch (GetChunks: the background download) looks every chunk of the batch "
-        "up in Redis first and then fetches all the misses from the region, 16 at a time; a chunk another node's request "
-        "fetched and stored in the meantime is fetched from the region again, and so is a miss that arrives "
-        "between the end of a fetch and its write to Redis. The node's own foreground reads, which never join "
-        "a background batch, add a few more. Closing it, in the zonal cache: look in Redis again right before "
-        "each upstream fetch of a batch, and keep a finished fetch's result in the coalescing map until its "
-        "Redis write is done."),
+        "The zonal cache coalesces requests for a chunk from the first request until the chunk is in Redis, "
+        "for single gets and batches alike (CoalescingStore over the read-through). What is left are reads "
+        "Cassandra counts that are not chunk fetches of this image, and chunks Redis evicted; see the "
+        "regional reads at start and in total."),
     "warm_seq": (
-        "A FUSE read costs two user/kernel crossings and a Python request handler per request (up to the "
-        "kernel's readahead size), plus reading the chunk file from the node's disk and zstd-decompressing "
-        "it, where local disk is one page-cache copy. Closing it: larger FUSE requests (max_read / "
-        "readahead), splice/passthrough of node-local chunks (FUSE passthrough, Linux 6.9+), or storing "
-        "node-local chunks uncompressed."),
+        "With the page cache dropped, each 1 MiB chunk is read from the node's disk folder by the FUSE "
+        "client itself (no call to the node cache), checked against its SHA-256 and decompressed in worker "
+        "threads, and each FUSE request (up to 1 MiB) crosses the kernel and Python's event loop, on the "
+        "same 2 cores as the reader; local disk is one read into the page cache. Closing it: hand the kernel "
+        "a verified, uncompressed copy of node-local files with FUSE passthrough (Linux 6.9+; pyfuse3 3.5 "
+        "does not expose it), or a compiled read path."),
 }
 
 
@@ -319,7 +305,7 @@ def markdown(r: dict, pngs: list[str]) -> str:
             + (f"; {r['load_note']}" if r.get("load_note") else ""))
     L = [f"# imagestream benchmark{' (quick mode)' if r['quick'] else ''}", "",
          f"Measured {r['started']} – {r['finished']} on {m['cores']} cores ({m['cpu']}), {m['memory_gib']} GiB, "
-         f"Linux {m['kernel']}, Python {m['python']}; {load} (the machine is shared). "
+         f"Linux {m['kernel']}, Python {m['python']}; {load}. "
          "Medians of the runs in `bench.json`.", ""]
     s = r["settings"]
     L += [f"Links (tbf burst {s['default_link']['tbf_burst']}, queue {s['default_link']['tbf_latency']}; RTT from "

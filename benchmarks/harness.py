@@ -27,13 +27,19 @@ def private_stack(port_base: int = 50300) -> Iterator[dict[str, str]]:
     env = local.private_env(home, CACHE, port_base)
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
+    failed = True
     try:
         local.up(lambda line: print(line, flush=True))
         yield env
+        failed = False
     finally:
         local.down(lambda _: None)
         for k, v in saved.items():
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+        if failed:  # the services' logs say why
+            kept = pathlib.Path(tempfile.mkdtemp(prefix="imagestream-bench-logs-"))
+            shutil.copytree(home / "logs", kept, dirs_exist_ok=True)
+            print(f"benchmark failed: the services' logs are kept in {kept}", flush=True)
         shutil.rmtree(home, ignore_errors=True)
 
 

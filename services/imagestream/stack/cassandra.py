@@ -33,7 +33,7 @@ What it took on this machine (Debian 12, 2 cores, OpenJDK 17.0.15, Maven 3.8.7; 
   -Xms=-Xmx=768m meant 1.17 GB RSS at start vs ~650 MB now. -XX:TieredStopAtLevel=1
   saved CPU but no wall time, so not used. shutdown_announce_in_ms=500 trims SIGTERM stop
   (drain) to 3-5 s. The JVM exits 143 on SIGTERM after a clean drain.
-* Measured (machine shared with other busy sessions, load 3-6): start-to-ready 7-10 s
+* Measured (on a busy 2-core machine, load 3-6): start-to-ready 7-10 s
   with the CDS archive (fresh or existing data dir; 11 s without it, ~20 s for the run
   that records it), RSS ~650 MB at ready, ~720 MB after 2+20 MiB blob round-trips.
 

@@ -316,7 +316,8 @@ def empty_caches(log: Callable[[str], None] = lambda _: None) -> None:
     client = redis.Redis.from_url(config.get("redis_url"))
     client.flushall()
     client.close()
-    up(log)
+    for name in ("zonal_cache", "node_cache"):
+        up(log, only=name)
 
 
 def reset() -> None:

@@ -46,11 +46,12 @@ def ensure_jar(cache_dir: pathlib.Path) -> pathlib.Path:
 
 
 def command(jar: pathlib.Path, java: str) -> list[str]:
-    return [java, "-Xms64m", "-Xmx384m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1",
+    # a wedged JVM would keep the port and answer nothing: out of memory, it exits (and `stack up` restarts it)
+    return [java, "-Xms64m", "-Xmx512m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1", "-XX:+ExitOnOutOfMemoryError",
             "-Dlogging.level.root=WARN", "-jar", str(jar)]
 
 
 def env(port: int) -> dict[str, str]:
-    return {"STORAGE_TYPE": "mem", "QUERY_PORT": str(port), "MEM_MAX_SPANS": "500000",
+    return {"STORAGE_TYPE": "mem", "QUERY_PORT": str(port), "MEM_MAX_SPANS": "100000",  # about 200 MB of heap: fits -Xmx512m
             "COLLECTOR_ACTIVEMQ_ENABLED": "false", "COLLECTOR_KAFKA_ENABLED": "false",
             "COLLECTOR_RABBITMQ_ENABLED": "false", "COLLECTOR_SCRIBE_ENABLED": "false"}
