@@ -52,6 +52,6 @@ def command(jar: pathlib.Path, java: str) -> list[str]:
 
 
 def env(port: int) -> dict[str, str]:
-    return {"STORAGE_TYPE": "mem", "QUERY_PORT": str(port), "MEM_MAX_SPANS": "100000",  # about 200 MB of heap: fits -Xmx512m
+    return {"STORAGE_TYPE": "mem", "QUERY_PORT": str(port), "MEM_MAX_SPANS": "100000",  # ~3 KB of heap each: ~300 MB, fits -Xmx512m
             "COLLECTOR_ACTIVEMQ_ENABLED": "false", "COLLECTOR_KAFKA_ENABLED": "false",
             "COLLECTOR_RABBITMQ_ENABLED": "false", "COLLECTOR_SCRIBE_ENABLED": "false"}
