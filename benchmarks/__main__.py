@@ -425,8 +425,8 @@ def markdown(r: dict, pngs: list[str]) -> str:
                 rows.append([label, cache, f"{w[f'fuse_{kind}_{cache}']['median_mb_s']:.1f} MB/s",
                              f"{w[f'disk_{kind}_{cache}']['median_mb_s']:.1f} MB/s", f"{w[f'ratio_{kind}_{cache}']:.2f}"])
         L += _table(rows) + [""]
-        L += ["A read that misses the kernel's page cache costs the mount a whole chunk: the FUSE client gets the "
-              "chunk file's path from the node cache, reads it (up to 1 MiB compressed), checks its SHA-256 and "
+        L += ["A read that misses the kernel's page cache costs the mount a whole chunk: the FUSE client reads the "
+              "chunk's file from the node's disk folder (up to 1 MiB compressed), checks its SHA-256 and "
               "decompresses it, then keeps it in a 64 MiB LRU. Sequential reads pay that once per chunk and the "
               "kernel's 4 MiB readahead keeps requests large; random 4 KiB reads over 256 MB pay it for most reads "
               "(the LRU holds a quarter of the data), hence the low random figure with the page cache dropped. "
