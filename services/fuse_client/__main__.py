@@ -90,20 +90,25 @@ async def run(args: argparse.Namespace) -> None:
     except Exception as e:
         _tell_parent(args.ready_fd, {"error": f"cannot mount on {args.mountpoint}: {e}"})
         raise SystemExit(1) from None
-    mount_s = time.monotonic() - started
-    log.info("ImageStreaming: streaming %s (index %s, %d inodes) on %s, mounted in %.3f s",
-             args.name, image.index.hash[:12], len(index.inodes), args.mountpoint, mount_s)
-    _tell_parent(args.ready_fd, {"ok": True, "pid": os.getpid(), "mount_seconds": mount_s,
-                                 "index": image.index.hash, "inodes": len(index.inodes),
-                                 "profile": bool(image.profile.hash), "recording_profile": recording})
-
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, pyfuse3.terminate)
     loop.add_signal_handler(signal.SIGINT, pyfuse3.terminate)
 
     async def after_init() -> None:
-        await asyncio.sleep(0.1)  # the kernel sets the readahead when it gets our INIT reply: go after it
-        await asyncio.to_thread(_raise_kernel_readahead, args.mountpoint)
+        """Ready once the kernel has our INIT reply and the larger readahead: a file opened before that
+        would keep the 128 KiB default for as long as it is open."""
+        try:
+            await asyncio.wait_for(fs.initialized.wait(), 5)
+            await asyncio.sleep(0.01)  # the kernel sets the mount's readahead from our INIT reply: go after it
+            await asyncio.to_thread(_raise_kernel_readahead, args.mountpoint)
+        except TimeoutError:
+            log.warning("no INIT from the kernel within 5 s; readahead left at its default")
+        mount_s = time.monotonic() - started
+        log.info("ImageStreaming: streaming %s (index %s, %d inodes) on %s, mounted in %.3f s",
+                 args.name, image.index.hash[:12], len(index.inodes), args.mountpoint, mount_s)
+        _tell_parent(args.ready_fd, {"ok": True, "pid": os.getpid(), "mount_seconds": mount_s,
+                                     "index": image.index.hash, "inodes": len(index.inodes),
+                                     "profile": bool(image.profile.hash), "recording_profile": recording})
 
     async def start_download() -> None:
         # the profile's chunks first (fetched in parallel right after mount), then the whole image

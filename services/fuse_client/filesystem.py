@@ -6,6 +6,7 @@ become errno here and nowhere else.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 import os
@@ -44,6 +45,10 @@ class ImageFilesystem(pyfuse3.Operations):
         self._statfs_blocks = total_blocks
         self.reads = 0
         self.recorded: list[tuple[int, int, int]] | None = None  # (inode, offset, size) in order, when recording
+        self.initialized = asyncio.Event()  # the kernel's INIT request has been answered
+
+    def init(self) -> None:
+        self.initialized.set()
 
     def _inode(self, ino: int) -> index_pb2.Inode:
         try:
