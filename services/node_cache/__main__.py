@@ -61,6 +61,7 @@ def collect(node: Node, downloads: Downloads):  # type: ignore[no-untyped-def]
                                   labels=["kind"])
     fetches.add_metric(["blocking"], node.fetcher.blocking_fetches)
     fetches.add_metric(["background"], node.fetcher.background_fetches)
+    fetches.add_metric(["joined"], node.fetcher.joined_fetches)
     yield fetches
     chunks = GaugeMetricFamily("imagestream_download_chunks", "Chunks of a mounted image, by state", labels=["image", "state"])
     nbytes = GaugeMetricFamily("imagestream_download_bytes", "Bytes of a mounted image, by state", labels=["image", "state"])

@@ -11,7 +11,10 @@ Foreground gets (a FUSE read that missed the node) always go first:
   on the regional link in front of the next miss;
 * a foreground get never joins a background batch, even one that holds the
   same chunk: the batch may be queued behind the bandwidth cap; the chunk is
-  fetched again, at once (a duplicate transfer is the price of priority);
+  fetched again, at once (a duplicate transfer is the price of priority) --
+  except a batch of the startup profile, which is the application's own
+  reads fetched ahead, under no cap: a read of one of its chunks waits for
+  it (for `join_timeout_s` at most) instead of fetching it a second time;
 * concurrent foreground gets of one chunk are one upstream fetch.
 """
 
@@ -23,7 +26,7 @@ import time
 from collections.abc import Sequence
 
 from imagestream.digests import Digest, decompress_verified
-from imagestream.errors import CorruptChunk, NotFound
+from imagestream.errors import CorruptChunk, ImagestreamError, NotFound, Unavailable
 from imagestream.store.base import ChunkStore
 
 
@@ -95,8 +98,9 @@ class NodeFetcher(ChunkStore):
     name = "upstream"
 
     def __init__(self, foreground: ChunkStore, background: ChunkStore, bandwidth_bytes_per_s: float | None = None,
-                 quiet_s: float = 1.0, patience_s: float = 10.0) -> None:
+                 quiet_s: float = 1.0, patience_s: float = 10.0, join_timeout_s: float = 5.0) -> None:
         super().__init__()
+        self.join_timeout_s = join_timeout_s
         self.quiet_s = quiet_s  # see ForegroundGate.wait_quiet
         self.patience_s = patience_s
         self.foreground = foreground
@@ -105,7 +109,9 @@ class NodeFetcher(ChunkStore):
         self.bucket = TokenBucket(bandwidth_bytes_per_s)
         self._inflight: dict[Digest, asyncio.Future[bytes]] = {}  # foreground fetches under way
         self._background: set[Digest] = set()  # chunks in background batches under way
+        self._predicted: dict[Digest, asyncio.Future[bytes]] = {}  # chunks of startup-profile batches under way
         self.blocking_fetches = 0  # foreground gets that started an upstream fetch of their own
+        self.joined_fetches = 0  # foreground gets served by a startup-profile batch already under way
         self.background_fetches = 0
         self.recent: collections.deque[tuple[float, int]] = collections.deque(maxlen=512)  # (time, bytes) fetched
 
@@ -113,6 +119,11 @@ class NodeFetcher(ChunkStore):
         pending = self._inflight.get(digest)
         if pending is not None:
             return await asyncio.shield(pending)
+        predicted = self._predicted.get(digest)
+        if predicted is not None:
+            data = await self._join_predicted(predicted)
+            if data is not None:
+                return data
         fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._inflight[digest] = fut
         self.gate.enter()
@@ -131,6 +142,18 @@ class NodeFetcher(ChunkStore):
             self.gate.leave()
             del self._inflight[digest]
 
+    async def _join_predicted(self, predicted: asyncio.Future[bytes]) -> bytes | None:
+        """The chunk from the profile batch bringing it; None if that batch fails or is late."""
+        self.gate.enter()  # the application is waiting: no new background batch meanwhile
+        try:
+            data = await asyncio.wait_for(asyncio.shield(predicted), self.join_timeout_s)
+        except (TimeoutError, ImagestreamError):
+            return None
+        finally:
+            self.gate.leave()
+        self.joined_fetches += 1
+        return data
+
     async def fetch_background(self, digests: Sequence[Digest], predicted: bool = False) -> dict[Digest, bytes]:
         """Fetch a batch in one upstream call, after any foreground fetch; verified chunks by digest.
 
@@ -144,6 +167,9 @@ class NodeFetcher(ChunkStore):
             await self.gate.wait_quiet(self.quiet_s, self.patience_s)
         wanted = [d for d in dict.fromkeys(digests) if d not in self._inflight and d not in self._background]
         self._background.update(wanted)
+        loop = asyncio.get_running_loop()
+        waiting = {d: loop.create_future() for d in wanted} if predicted else {}
+        self._predicted.update(waiting)
         got: dict[Digest, bytes] = {}
         try:
             async for digest, data in self.background.get_many(wanted):
@@ -156,9 +182,18 @@ class NodeFetcher(ChunkStore):
                 got[digest] = data
                 self.background_fetches += 1
                 self.recent.append((time.monotonic(), digest.size))
-                await self.bucket.consume(len(data))
+                if digest in waiting:
+                    waiting[digest].set_result(data)
+                else:
+                    await self.bucket.consume(len(data))  # the profile's chunks are the foreground's, uncapped
         finally:
             self._background.difference_update(wanted)
+            for digest, fut in waiting.items():
+                if not fut.done():
+                    fut.set_exception(Unavailable(f"chunk {digest.short} did not come with its profile batch"))
+                    fut.exception()  # mark retrieved: nobody may be waiting
+                if self._predicted.get(digest) is fut:
+                    del self._predicted[digest]
         return got
 
     def rate(self, window_s: float = 5.0) -> float:

@@ -68,3 +68,68 @@ def test_batches_are_bounded_by_chunks_and_bytes() -> None:
     assert [len(b) for b in downloads._batches(digests, max_bytes=None)] == [4, 4, 2]
     big = [chunk(i, size=20_000)[0] for i in range(2)]
     assert [len(b) for b in downloads._batches(big, max_bytes=10_000)] == [1, 1]  # one chunk at least
+
+
+class SlowStore(MemoryStore):
+    """Counts gets (single and in batches); each takes `delay`; can be made to fail."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__()
+        self.delay = delay
+        self.gets = 0
+        self.fail = False
+
+    async def get(self, digest):  # type: ignore[no-untyped-def]
+        self.gets += 1
+        await asyncio.sleep(self.delay)
+        if self.fail:
+            from imagestream.errors import Unavailable
+
+            raise Unavailable("upstream down")
+        return await super().get(digest)
+
+
+async def test_a_read_of_a_chunk_its_profile_batch_is_bringing_waits_for_it() -> None:
+    foreground, background = SlowStore(0.05), SlowStore(0.2)
+    for d, data in [chunk(i) for i in range(3)]:
+        await foreground.put(d, data)
+        await background.put(d, data)
+    digests = [chunk(i)[0] for i in range(3)]
+    fetcher = NodeFetcher(foreground, background, quiet_s=1.0)
+    batch = asyncio.ensure_future(fetcher.fetch_background(digests, predicted=True))
+    await asyncio.sleep(0.01)
+    assert await fetcher.get(digests[1]) == chunk(1)[1]
+    assert (foreground.gets, fetcher.joined_fetches, fetcher.blocking_fetches) == (0, 1, 0)
+    assert len(await batch) == 3
+
+
+async def test_a_read_whose_profile_batch_fails_fetches_the_chunk_itself() -> None:
+    foreground, background = SlowStore(0.01), SlowStore(0.1)
+    d, data = chunk(7)
+    await foreground.put(d, data)
+    await background.put(d, data)
+    background.fail = True
+    fetcher = NodeFetcher(foreground, background)
+    batch = asyncio.ensure_future(fetcher.fetch_background([d], predicted=True))
+    await asyncio.sleep(0.01)
+    assert await fetcher.get(d) == data
+    assert (foreground.gets, fetcher.joined_fetches, fetcher.blocking_fetches) == (1, 0, 1)
+    try:
+        await batch
+    except Exception:  # noqa: BLE001 - the batch's own failure is the download's business
+        pass
+    assert fetcher._predicted == {}
+
+
+async def test_a_read_never_waits_for_a_batch_that_is_not_the_profile() -> None:
+    foreground, background = SlowStore(0.01), SlowStore(0.3)
+    d, data = chunk(8)
+    await foreground.put(d, data)
+    await background.put(d, data)
+    fetcher = NodeFetcher(foreground, background, quiet_s=0)
+    batch = asyncio.ensure_future(fetcher.fetch_background([d]))
+    await asyncio.sleep(0.01)
+    started = time.monotonic()
+    assert await fetcher.get(d) == data
+    assert time.monotonic() - started < 0.2 and fetcher.blocking_fetches == 1
+    await batch
