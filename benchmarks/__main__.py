@@ -355,8 +355,8 @@ def markdown(r: dict, pngs: list[str]) -> str:
         L += _table(rows) + [""]
         bf = [(im, c, cells["stream_cold"].get("blocking_fetches_median"), cells.get("stream_profile", {}).get("blocking_fetches_median"))
               for im, cmds in cs["by_image"].items() for c, cells in cmds.items() if "stream_cold" in cells]
-        L += ["Blocking fetches (foreground chunk fetches the node made itself; with a profile, a read that comes "
-              "before the profile's batch has arrived is fetched again in the foreground) in a cold start: " + "; ".join(
+        L += ["Blocking fetches (foreground chunk fetches the node made itself, not served by a batch already "
+              "under way) in a cold start: " + "; ".join(
             f"{c} {im}: {a:g} cold, {b:g} with profile" if b is not None else f"{c} {im}: {a:g} cold"
             for im, c, a, b in bf if a is not None) + ".", ""]
     if "bgcap" in r:
