@@ -92,12 +92,8 @@ class ChunkReader:
                     span.set_attributes({"imagestream.chunk": str(digest), "imagestream.tier": "node disk",
                                          "imagestream.hit": local is not None})
             if local is not None:
-                data, compressed_size = local
-                self.fetches += 1
                 self.local_reads += 1
-                self.fetched_bytes += compressed_size
-                self._keep(digest, data)
-                return data
+                return self._fetched(digest, *local)
         last: Exception | None = None
         for attempt in range(self.retries):
             try:
@@ -111,12 +107,15 @@ class ChunkReader:
                 log.warning("chunk %s: attempt %d/%d failed: %s", digest, attempt + 1, self.retries, e or "timeout")
                 await asyncio.sleep(0.1 * 2**attempt)
                 continue
-            self.fetches += 1
-            self.fetched_bytes += len(compressed)
-            self._keep(digest, data)
-            return data
+            return self._fetched(digest, data, len(compressed))
         log.error("chunk %s: giving up after %d attempts: %s", digest, self.retries, last)
         raise ChunkFetchFailed(f"chunk {digest}: {last}")
+
+    def _fetched(self, digest: Digest, data: bytes, compressed_size: int) -> bytes:
+        self.fetches += 1
+        self.fetched_bytes += compressed_size
+        self._keep(digest, data)
+        return data
 
     def _keep(self, digest: Digest, data: bytes) -> None:
         if digest in self._cache or len(data) > self.cache_bytes:

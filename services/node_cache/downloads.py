@@ -35,8 +35,7 @@ class Download:
     image: str
     chunks: list[Digest] = dataclasses.field(default_factory=list)
     local: set[Digest] = dataclasses.field(default_factory=set)
-    profile_chunks: int = 0
-    profile_set: set[Digest] = dataclasses.field(default_factory=set)
+    profile: set[Digest] = dataclasses.field(default_factory=set)  # chunks of its startup profile
     stalled: str = ""
     task: asyncio.Task | None = None
 
@@ -48,7 +47,7 @@ class Download:
         return node_pb2.Download(
             mount_id=self.mount_id, image=self.image, chunks_total=len(self.chunks), chunks_local=len(self.local),
             bytes_total=sum(d.size for d in self.chunks), bytes_local=sum(d.size for d in self.local),
-            rate_bytes_per_s=rate, done=self.done, stalled=self.stalled, profile_chunks=self.profile_chunks,
+            rate_bytes_per_s=rate, done=self.done, stalled=self.stalled, profile_chunks=len(self.profile),
         )
 
 
@@ -82,20 +81,17 @@ class Downloads:
             everything = index.chunks()
             in_image = set(everything)
             profile = [d for d in dict.fromkeys(first) if d in in_image]
-            download.profile_chunks = len(profile)
-            download.profile_set = set(profile)
-            chosen = set(profile)
-            download.chunks = profile + [d for d in everything if d not in chosen]
+            download.profile = set(profile)
+            download.chunks = profile + [d for d in everything if d not in download.profile]
             self.disk.pin(download.mount_id, set(download.chunks) | {index_digest})
             download.local = {d for d in download.chunks if await self.disk.contains(d)}
             todo = [d for d in download.chunks if d not in download.local]
             log.info("download of %s: %d chunks, %d local, %d first from the profile",
                      download.image, len(download.chunks), len(download.local), len(profile))
             queue: asyncio.Queue[list[Digest]] = asyncio.Queue()
-            predicted = download.profile_set
             # the profile's chunks are wanted at once anyway: large batches; the rest in small ones
-            batches = (self._batches([d for d in todo if d in predicted], max_bytes=None)
-                       + self._batches([d for d in todo if d not in predicted], max_bytes=self.batch_bytes))
+            batches = (self._batches([d for d in todo if d in download.profile], max_bytes=None)
+                       + self._batches([d for d in todo if d not in download.profile], max_bytes=self.batch_bytes))
             for batch in batches:
                 queue.put_nowait(batch)
             workers = [asyncio.ensure_future(self._worker(download, queue)) for _ in range(self.concurrency)]
@@ -140,7 +136,7 @@ class Downloads:
             if not batch:
                 continue
             try:
-                predicted = download.profile_set.issuperset(batch)
+                predicted = download.profile.issuperset(batch)
                 with telemetry.new_trace("background download batch", image=download.image, chunks=len(batch)):
                     got = await self.fetcher.fetch_background(batch, predicted=predicted)
             except ImagestreamError as e:
