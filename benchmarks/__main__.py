@@ -58,7 +58,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help=f"comma-separated subset of {','.join(PARTS)} (default: all but bgcap, an experiment)")
     p.add_argument("--out", type=pathlib.Path, default=None,
                    help="folder for bench.json, bench.md and the PNGs (default docs/benchmarks; required with --quick)")
-    p.add_argument("--port-base", type=int, default=51000, help="ports of the private stack (see private_env)")
+    p.add_argument("--port-base", type=int, default=21000, help="ports of the private stack (see private_env)")
     p.add_argument("--report-only", type=pathlib.Path, default=None, metavar="BENCH_JSON",
                    help="measure nothing: write the Markdown and charts again from an earlier bench.json")
     p.add_argument("--use-running-stack", action="store_true",

@@ -40,7 +40,7 @@ def record_reads(image: pathlib.Path) -> list[dict]:
     from imagestream import mounts
     from imagestream.push import push
 
-    with private_stack(port_base=50400):
+    with private_stack(port_base=20400):
         push(image, "bench/trace", progress=False)
         trace = pathlib.Path(tempfile.mkstemp(suffix=".jsonl")[1])
         mnt = pathlib.Path(tempfile.mkdtemp())

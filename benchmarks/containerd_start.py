@@ -1,6 +1,6 @@
 """`ctr run` to the container's first output: streamed through the snapshotter vs imported and unpacked.
 
-    python -m benchmarks.containerd_start [--runs 3] [--port-base 52300]
+    python -m benchmarks.containerd_start [--runs 3] [--port-base 22300]
 
 Streamed: a fresh private containerd and a cold node (node and zonal caches
 emptied), the image pulled as the kubelet pulls (CRI: manifest and config only),
@@ -39,7 +39,7 @@ def first_output(daemon, *args: str, namespace: str) -> float:  # type: ignore[n
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--port-base", type=int, default=52300)
+    parser.add_argument("--port-base", type=int, default=22300)
     args = parser.parse_args()
     from imagestream import config, imagebuild
     from imagestream.stack import local

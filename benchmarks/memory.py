@@ -39,7 +39,7 @@ def main() -> None:
     budget = config.parse_size(args.budget)
     image = imagebuild.build_debian_python(CACHE, CACHE / "images", fmt="oci")
     os.environ["IMAGESTREAM_NODE_MEMORY_BYTES"] = str(budget)
-    with private_stack(port_base=50700):
+    with private_stack(port_base=20700):
         from imagestream.push import push
 
         push(image, "bench/memory", progress=False)

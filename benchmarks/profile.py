@@ -31,7 +31,7 @@ def main() -> None:
 
     image = imagebuild.build_debian_python(CACHE, CACHE / "images", fmt="oci")
     r: dict = {"runs": args.runs, "program": PROGRAM}
-    with private_stack(port_base=50800):
+    with private_stack(port_base=20800):
         cli("push", "-q", str(image), "bench/plain")
         cli("push", "-q", str(image), "bench/profiled")
         cli("profile", "bench/profiled", "--", "python3", "-c", PROGRAM)

@@ -104,7 +104,7 @@ def main() -> None:
     image = imagebuild.build_debian_python(CACHE, CACHE / "images", fmt="oci")
     samples: dict[str, dict[str, list[float]]] = {"on": {"cold_fetch_ms": [], "warm_read_mb_s": []},
                                                   "off": {"cold_fetch_ms": [], "warm_read_mb_s": []}}
-    with private_stack(port_base=50900):
+    with private_stack(port_base=20900):
         push(image, "bench/tracing", progress=False)
         for _ in range(args.rounds):
             for setting in ("on", "off"):

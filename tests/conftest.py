@@ -40,7 +40,7 @@ def stack(stack_home: pathlib.Path):  # type: ignore[no-untyped-def]
 
     # ports of its own, so that a developer's stack on the default ports can keep running
     # IMAGESTREAM_TEST_PORT_BASE moves the whole stack, so that two suites can run side by side
-    port_base = int(os.environ.get("IMAGESTREAM_TEST_PORT_BASE", "50100"))
+    port_base = int(os.environ.get("IMAGESTREAM_TEST_PORT_BASE", "20100"))
     env = {**local.private_env(stack_home, CACHE, port_base), "IMAGESTREAM_REDIS_MAXMEMORY": "512MiB",
            "IMAGESTREAM_NODE_MEMORY_BYTES": "64MiB",
            "OTEL_BSP_SCHEDULE_DELAY": "200"}  # spans reach Zipkin quickly

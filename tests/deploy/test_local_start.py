@@ -22,7 +22,7 @@ from tests.deploy.manifests import OVERLAYS, Workload, annotation, quantity, ren
 from tests.deploy.tilt import Tilt
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-PORT_BASE = 50300  # the session's stack uses 50100, a developer's the defaults
+PORT_BASE = 20300  # the session's stack uses 20100, a developer's the defaults
 
 
 def _rss_bytes(pid: int) -> int:

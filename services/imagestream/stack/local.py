@@ -282,27 +282,35 @@ def status() -> list[dict]:
     return rows
 
 
-def private_env(home: pathlib.Path, cache_dir: pathlib.Path, port_base: int = 50100) -> dict[str, str]:
-    """Settings for a stack of its own (tests, benchmarks): its own home and ports, beside a developer's stack."""
-    chunk_store, zonal = f"127.0.0.1:{port_base + 61}", f"127.0.0.1:{port_base + 62}"
+def private_env(home: pathlib.Path, cache_dir: pathlib.Path, port_base: int = 20100) -> dict[str, str]:
+    """Settings for a stack of its own (tests, benchmarks): its own home and ports, beside a developer's stack.
+
+    Its ports are port_base to port_base + 19. Keep them below the kernel's ephemeral range
+    (/proc/sys/net/ipv4/ip_local_port_range, 32768 and up here): a port in that range can be held
+    by any outgoing connection at the moment a service wants to listen on it.
+    """
+    def address(offset: int) -> str:
+        return f"127.0.0.1:{port_base + offset}"
+
+    chunk_store, zonal = address(1), address(2)
     return {
         "IMAGESTREAM_HOME": str(home),
         "IMAGESTREAM_CACHE_DIR": str(cache_dir),
+        "IMAGESTREAM_DISTRIBUTION_LISTEN": address(0),
         "IMAGESTREAM_CHUNK_STORE_LISTEN": chunk_store,
-        "IMAGESTREAM_DISTRIBUTION_LISTEN": f"127.0.0.1:{port_base + 60}",
         "IMAGESTREAM_ZONAL_CACHE_LISTEN": zonal,
         "IMAGESTREAM_ZONAL_UPSTREAMS": chunk_store,
         "IMAGESTREAM_NODE_UPSTREAMS": f"{zonal},{chunk_store}",
         "IMAGESTREAM_REGISTRY": chunk_store,
-        "IMAGESTREAM_REDIS_URL": f"redis://127.0.0.1:{port_base - 50100 + 6391}/0",
-        "IMAGESTREAM_CASSANDRA_PORT": str(port_base - 50100 + 9142),
-        "IMAGESTREAM_CASSANDRA_STORAGE_PORT": str(port_base - 50100 + 7100),
-        "IMAGESTREAM_CASSANDRA_JMX_PORT": str(port_base - 50100 + 7299),
-        "IMAGESTREAM_ZIPKIN_PORT": str(port_base - 50100 + 9511),
-        "IMAGESTREAM_CHUNK_STORE_METRICS": f"127.0.0.1:{port_base - 50100 + 9561}",
-        "IMAGESTREAM_ZONAL_CACHE_METRICS": f"127.0.0.1:{port_base - 50100 + 9562}",
-        "IMAGESTREAM_NODE_CACHE_METRICS": f"127.0.0.1:{port_base - 50100 + 9563}",
-        "IMAGESTREAM_SNAPSHOTTER_METRICS": f"127.0.0.1:{port_base - 50100 + 9564}",
+        "IMAGESTREAM_REDIS_URL": f"redis://{address(3)}/0",
+        "IMAGESTREAM_CASSANDRA_PORT": str(port_base + 4),
+        "IMAGESTREAM_CASSANDRA_STORAGE_PORT": str(port_base + 5),
+        "IMAGESTREAM_CASSANDRA_JMX_PORT": str(port_base + 6),
+        "IMAGESTREAM_ZIPKIN_PORT": str(port_base + 7),
+        "IMAGESTREAM_CHUNK_STORE_METRICS": address(11),
+        "IMAGESTREAM_ZONAL_CACHE_METRICS": address(12),
+        "IMAGESTREAM_NODE_CACHE_METRICS": address(13),
+        "IMAGESTREAM_SNAPSHOTTER_METRICS": address(14),
     }
 
 
