@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from imagestream.digests import Digest, decompress_verified
 from imagestream.errors import CorruptChunk, ImagestreamError, NotFound, Unavailable
 from imagestream.store.base import ChunkStore
+from imagestream.store.singleflight import Flights
 
 
 class ForegroundGate:
@@ -107,40 +108,36 @@ class NodeFetcher(ChunkStore):
         self.background = background
         self.gate = ForegroundGate()
         self.bucket = TokenBucket(bandwidth_bytes_per_s)
-        self._inflight: dict[Digest, asyncio.Future[bytes]] = {}  # foreground fetches under way
+        self.foreground_flights = Flights()  # foreground fetches under way
         self._background: set[Digest] = set()  # chunks in background batches under way
-        self._predicted: dict[Digest, asyncio.Future[bytes]] = {}  # chunks of startup-profile batches under way
+        self.profile_flights = Flights()  # chunks of startup-profile batches under way
         self.blocking_fetches = 0  # foreground gets that started an upstream fetch of their own
         self.joined_fetches = 0  # foreground gets served by a startup-profile batch already under way
         self.background_fetches = 0
         self.recent: collections.deque[tuple[float, int]] = collections.deque(maxlen=512)  # (time, bytes) fetched
 
     async def get(self, digest: Digest) -> bytes:
-        pending = self._inflight.get(digest)
+        pending = self.foreground_flights.pending(digest)
         if pending is not None:
             return await asyncio.shield(pending)
-        predicted = self._predicted.get(digest)
+        predicted = self.profile_flights.pending(digest)
         if predicted is not None:
             data = await self._join_predicted(predicted)
             if data is not None:
                 return data
-        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        self._inflight[digest] = fut
+        fut = self.foreground_flights.claim(digest)
         self.gate.enter()
         self.blocking_fetches += 1
         try:
             data = await self.foreground.get(digest)
         except BaseException as e:
-            fut.set_exception(e if isinstance(e, Exception) else NotFound("fetch cancelled"))
-            fut.exception()
+            self.foreground_flights.abandon(digest, fut, e if isinstance(e, Exception) else NotFound("fetch cancelled"))
             raise
-        else:
-            fut.set_result(data)
-            self.recent.append((time.monotonic(), digest.size))
-            return data
         finally:
             self.gate.leave()
-            del self._inflight[digest]
+        self.foreground_flights.land(digest, fut, data)
+        self.recent.append((time.monotonic(), digest.size))
+        return data
 
     async def _join_predicted(self, predicted: asyncio.Future[bytes]) -> bytes | None:
         """The chunk from the profile batch bringing it; None if that batch fails or is late."""
@@ -165,11 +162,9 @@ class NodeFetcher(ChunkStore):
             await self.gate.wait_idle()
         else:
             await self.gate.wait_quiet(self.quiet_s, self.patience_s)
-        wanted = [d for d in dict.fromkeys(digests) if d not in self._inflight and d not in self._background]
+        wanted = [d for d in dict.fromkeys(digests) if d not in self.foreground_flights and d not in self._background]
         self._background.update(wanted)
-        loop = asyncio.get_running_loop()
-        waiting = {d: loop.create_future() for d in wanted} if predicted else {}
-        self._predicted.update(waiting)
+        waiting = {d: self.profile_flights.claim(d) for d in wanted} if predicted else {}
         got: dict[Digest, bytes] = {}
         try:
             async for digest, data in self.background.get_many(wanted):
@@ -183,17 +178,14 @@ class NodeFetcher(ChunkStore):
                 self.background_fetches += 1
                 self.recent.append((time.monotonic(), digest.size))
                 if digest in waiting:
-                    waiting[digest].set_result(data)
+                    self.profile_flights.land(digest, waiting[digest], data)
                 else:
                     await self.bucket.consume(len(data))  # the profile's chunks are the foreground's, uncapped
         finally:
             self._background.difference_update(wanted)
-            for digest, fut in waiting.items():
-                if not fut.done():
-                    fut.set_exception(Unavailable(f"chunk {digest.short} did not come with its profile batch"))
-                    fut.exception()  # mark retrieved: nobody may be waiting
-                if self._predicted.get(digest) is fut:
-                    del self._predicted[digest]
+            for digest, fut in waiting.items():  # those the batch did not bring
+                self.profile_flights.abandon(digest, fut,
+                                             Unavailable(f"chunk {digest.short} did not come with its profile batch"))
         return got
 
     def rate(self, window_s: float = 5.0) -> float:

@@ -118,7 +118,7 @@ async def test_a_read_whose_profile_batch_fails_fetches_the_chunk_itself() -> No
         await batch
     except Exception:  # noqa: BLE001 - the batch's own failure is the download's business
         pass
-    assert fetcher._predicted == {}
+    assert len(fetcher.profile_flights) == 0
 
 
 async def test_a_read_never_waits_for_a_batch_that_is_not_the_profile() -> None:

@@ -210,7 +210,7 @@ async def test_a_batch_given_up_half_way_leaves_its_waiters_a_fetch_of_their_own
     await asyncio.sleep(0.01)
     batch.cancel()  # the node that asked went away
     assert await waiters == list(chunks.values())
-    assert zonal._inflight == {}
+    assert len(zonal.flights) == 0
 
 
 async def test_a_missing_chunk_in_a_batch_is_reported_and_released() -> None:
@@ -220,5 +220,23 @@ async def test_a_missing_chunk_in_a_batch_is_reported_and_released() -> None:
     zonal = CoalescingStore(regional)
     with pytest.raises(NotFound):
         await _drain(zonal.get_many([d, absent]))
-    assert zonal._inflight == {}
+    assert len(zonal.flights) == 0
     assert await zonal.get(d) == data
+
+
+async def test_a_flight_abandoned_late_does_not_drop_a_newer_claim_of_the_same_chunk() -> None:
+    from imagestream.store.singleflight import Flights
+
+    flights = Flights()
+    digest, _ = chunk(90)
+    first = flights.claim(digest)
+    flights.abandon(digest, first, Unavailable("gone"))
+    assert flights.pending(digest) is None
+    with pytest.raises(Unavailable):
+        first.result()
+    second = flights.claim(digest)
+    flights.abandon(digest, first, Unavailable("the old caller cleans up again"))
+    assert flights.pending(digest) is second and not second.done()
+    flights.land(digest, second, b"data")
+    flights.abandon(digest, second, Unavailable("after it landed"))
+    assert second.result() == b"data" and digest not in flights

@@ -11,6 +11,7 @@ from imagestream.digests import Digest, verify
 from imagestream.errors import CorruptChunk, NotFound, Unavailable
 from imagestream.failover import Failover
 from imagestream.store.base import ChunkStore
+from imagestream.store.singleflight import Flights
 
 log = logging.getLogger(__name__)
 
@@ -242,20 +243,12 @@ class CoalescingStore(ChunkStore):
         self.inner = inner
         self.name = inner.name
         self.stats = inner.stats
-        self._inflight: dict[Digest, asyncio.Future[bytes]] = {}
+        self.flights = Flights()
         self.coalesced = 0
 
-    def _claim(self, digest: Digest) -> asyncio.Future[bytes]:
-        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        self._inflight[digest] = fut
-        return fut
-
-    def _release(self, digest: Digest, fut: asyncio.Future[bytes], error: BaseException | None = None) -> None:
-        if not fut.done():
-            fut.set_exception(error if isinstance(error, Exception) else FetchAbandoned(f"fetch of {digest.short} abandoned"))
-            fut.exception()  # mark retrieved: nobody else may be waiting
-        if self._inflight.get(digest) is fut:
-            del self._inflight[digest]
+    @staticmethod
+    def _abandoned(digest: Digest, error: BaseException | None = None) -> Exception:
+        return error if isinstance(error, Exception) else FetchAbandoned(f"fetch of {digest.short} abandoned")
 
     async def _join(self, digest: Digest, pending: asyncio.Future[bytes]) -> bytes:
         self.coalesced += 1
@@ -265,46 +258,41 @@ class CoalescingStore(ChunkStore):
             return await self.get(digest)
 
     async def get(self, digest: Digest) -> bytes:
-        pending = self._inflight.get(digest)
+        pending = self.flights.pending(digest)
         if pending is not None:
             return await self._join(digest, pending)
-        fut = self._claim(digest)
-        error: BaseException | None = None
+        fut = self.flights.claim(digest)
         try:
             data = await self.inner.get(digest)
         except BaseException as e:
-            error = e
+            self.flights.abandon(digest, fut, self._abandoned(digest, e))
             raise
-        else:
-            fut.set_result(data)
-            return data
-        finally:
-            self._release(digest, fut, error)
+        self.flights.land(digest, fut, data)
+        return data
 
     async def get_many(self, digests, concurrency: int = 16):  # type: ignore[no-untyped-def]
         """Chunks another caller is fetching are awaited; the rest go to `inner` as one batch."""
         mine: dict[Digest, asyncio.Future[bytes]] = {}
         theirs: dict[Digest, asyncio.Future[bytes]] = {}
         for digest in dict.fromkeys(digests):
-            pending = self._inflight.get(digest)
+            pending = self.flights.pending(digest)
             if pending is not None:
                 theirs[digest] = pending
             else:
-                mine[digest] = self._claim(digest)
+                mine[digest] = self.flights.claim(digest)
         try:
             if mine:
                 async for digest, data in self.inner.get_many(list(mine), concurrency):
                     fut = mine.get(digest)
                     if fut is None or fut.done():
                         continue
-                    fut.set_result(data)
-                    self._release(digest, fut)
+                    self.flights.land(digest, fut, data)
                     yield digest, data
             for digest, pending in theirs.items():
                 yield digest, await self._join(digest, pending)
         finally:
-            for digest, fut in mine.items():
-                self._release(digest, fut)
+            for digest, fut in mine.items():  # those the batch did not bring
+                self.flights.abandon(digest, fut, self._abandoned(digest))
 
     async def put(self, digest: Digest, compressed: bytes) -> bool:
         return await self.inner.put(digest, compressed)
