@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import pathlib
 import select
 import shutil
@@ -49,8 +48,9 @@ class NodeCaches:
                 d.mkdir(parents=True)
                 env = {**os.environ, **proc.env, "IMAGESTREAM_NODE_CACHE_SOCKET": sock,
                        "IMAGESTREAM_NODE_DISK_DIR": str(d / "disk"), "IMAGESTREAM_NODE_MEMORY_BYTES": memory,
-                       # a metrics port of its own: the stack's node cache holds the configured one
-                       "IMAGESTREAM_NODE_CACHE_METRICS": f"127.0.0.1:{_free_port()}"}
+                       # a metrics port of its own (the stack's node cache holds the configured one),
+                       # chosen by the kernel when it binds: nothing is scraped here
+                       "IMAGESTREAM_NODE_CACHE_METRICS": "127.0.0.1:0"}
                 with open(d / "node_cache.log", "ab") as out:
                     self.procs.append(subprocess.Popen(proc.command, env=env, stdout=out, stderr=subprocess.STDOUT,
                                                        stdin=subprocess.DEVNULL, start_new_session=True))
@@ -175,8 +175,3 @@ def measure(setup: Setup, image: Image, ns=(1, 2, 4, 8)) -> dict:  # type: ignor
             f"{cell['regional_reads_per_unique_chunk']:.3f}, link bytes per image byte {cell['link_bytes_per_image_byte']:.3f}")
     return out
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

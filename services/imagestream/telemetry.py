@@ -151,8 +151,8 @@ def serve_metrics(listen: str, collect: Callable[[], Iterator[object]]) -> None:
 
     prometheus_client.REGISTRY.register(_Collector())
     host, _, port = listen.rpartition(":")
-    prometheus_client.start_http_server(int(port), addr=host or "0.0.0.0")
-    log.info("metrics on http://%s/metrics", listen)
+    server, _ = prometheus_client.start_http_server(int(port), addr=host or "0.0.0.0")
+    log.info("metrics on http://%s:%d/metrics", host or "0.0.0.0", server.server_port)  # port 0: the kernel's pick
 
 
 FETCH_SECONDS = None
