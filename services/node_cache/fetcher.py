@@ -25,8 +25,8 @@ import collections
 import time
 from collections.abc import Sequence
 
-from imagestream.digests import Digest, decompress_verified
-from imagestream.errors import CorruptChunk, ImagestreamError, NotFound, Unavailable
+from imagestream.digests import Digest
+from imagestream.errors import ImagestreamError, Unavailable
 from imagestream.store.base import ChunkStore
 from imagestream.store.singleflight import Flights
 
@@ -94,7 +94,10 @@ class TokenBucket:
 
 
 class NodeFetcher(ChunkStore):
-    """Upstream of the node's disk tier: `get` is the foreground, `fetch_background` the background."""
+    """Upstream of the node's disk tier: `get` is the foreground, `fetch_background` the background.
+
+    Both upstream chains check what they return (VerifiedStore): chunks are not checked again here.
+    """
 
     name = "upstream"
 
@@ -119,23 +122,22 @@ class NodeFetcher(ChunkStore):
     async def get(self, digest: Digest) -> bytes:
         pending = self.foreground_flights.pending(digest)
         if pending is not None:
-            return await asyncio.shield(pending)
+            data = await self.foreground_flights.follow(pending)
+            return data if data is not None else await self.get(digest)
         predicted = self.profile_flights.pending(digest)
         if predicted is not None:
             data = await self._join_predicted(predicted)
             if data is not None:
                 return data
-        fut = self.foreground_flights.claim(digest)
+        return await self.foreground_flights.lead(digest, lambda: self._fetch_foreground(digest))
+
+    async def _fetch_foreground(self, digest: Digest) -> bytes:
         self.gate.enter()
         self.blocking_fetches += 1
         try:
             data = await self.foreground.get(digest)
-        except BaseException as e:
-            self.foreground_flights.abandon(digest, fut, e if isinstance(e, Exception) else NotFound("fetch cancelled"))
-            raise
         finally:
             self.gate.leave()
-        self.foreground_flights.land(digest, fut, data)
         self.recent.append((time.monotonic(), digest.size))
         return data
 
@@ -152,7 +154,7 @@ class NodeFetcher(ChunkStore):
         return data
 
     async def fetch_background(self, digests: Sequence[Digest], predicted: bool = False) -> dict[Digest, bytes]:
-        """Fetch a batch in one upstream call, after any foreground fetch; verified chunks by digest.
+        """Fetch a batch in one upstream call, after any foreground fetch; the chunks it brought, by digest.
 
         `predicted` batches (the startup profile: what the application is about
         to read) go as soon as no foreground fetch is in flight; the rest wait
@@ -170,10 +172,6 @@ class NodeFetcher(ChunkStore):
             async for digest, data in self.background.get_many(wanted):
                 if digest in got or digest not in self._background:
                     continue
-                try:
-                    decompress_verified(digest, data)
-                except CorruptChunk:
-                    continue  # left missing: a later batch or a foreground read fetches it again
                 got[digest] = data
                 self.background_fetches += 1
                 self.recent.append((time.monotonic(), digest.size))

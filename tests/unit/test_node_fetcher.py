@@ -133,3 +133,17 @@ async def test_a_read_never_waits_for_a_batch_that_is_not_the_profile() -> None:
     assert await fetcher.get(d) == data
     assert time.monotonic() - started < 0.2 and fetcher.blocking_fetches == 1
     await batch
+
+
+async def test_a_read_whose_leader_is_cancelled_fetches_the_chunk_itself() -> None:
+    foreground, background = SlowStore(0.1), SlowStore(0.1)
+    d, data = chunk(9)
+    await foreground.put(d, data)
+    fetcher = NodeFetcher(foreground, background)
+    leader = asyncio.ensure_future(fetcher.get(d))
+    await asyncio.sleep(0.01)
+    follower = asyncio.ensure_future(fetcher.get(d))
+    await asyncio.sleep(0.01)
+    leader.cancel()  # e.g. the FUSE client gave up on that read
+    assert await follower == data
+    assert foreground.gets == 2 and fetcher.gate.active == 0 and len(fetcher.foreground_flights) == 0

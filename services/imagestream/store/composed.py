@@ -11,7 +11,7 @@ from imagestream.digests import Digest, verify
 from imagestream.errors import CorruptChunk, NotFound, Unavailable
 from imagestream.failover import Failover
 from imagestream.store.base import ChunkStore
-from imagestream.store.singleflight import Flights
+from imagestream.store.singleflight import FetchAbandoned, Flights
 
 log = logging.getLogger(__name__)
 
@@ -225,10 +225,6 @@ class FailoverStore(ChunkStore):
             await u.close()
 
 
-class FetchAbandoned(Unavailable):
-    """The caller that started a shared fetch went away before it finished; a waiter fetches for itself."""
-
-
 class CoalescingStore(ChunkStore):
     """Concurrent gets of one chunk share one call to `inner`, single gets and batches alike.
 
@@ -246,29 +242,16 @@ class CoalescingStore(ChunkStore):
         self.flights = Flights()
         self.coalesced = 0
 
-    @staticmethod
-    def _abandoned(digest: Digest, error: BaseException | None = None) -> Exception:
-        return error if isinstance(error, Exception) else FetchAbandoned(f"fetch of {digest.short} abandoned")
-
     async def _join(self, digest: Digest, pending: asyncio.Future[bytes]) -> bytes:
         self.coalesced += 1
-        try:
-            return await asyncio.shield(pending)
-        except FetchAbandoned:
-            return await self.get(digest)
+        data = await self.flights.follow(pending)
+        return data if data is not None else await self.get(digest)
 
     async def get(self, digest: Digest) -> bytes:
         pending = self.flights.pending(digest)
         if pending is not None:
             return await self._join(digest, pending)
-        fut = self.flights.claim(digest)
-        try:
-            data = await self.inner.get(digest)
-        except BaseException as e:
-            self.flights.abandon(digest, fut, self._abandoned(digest, e))
-            raise
-        self.flights.land(digest, fut, data)
-        return data
+        return await self.flights.lead(digest, lambda: self.inner.get(digest))
 
     async def get_many(self, digests, concurrency: int = 16):  # type: ignore[no-untyped-def]
         """Chunks another caller is fetching are awaited; the rest go to `inner` as one batch."""
@@ -292,7 +275,7 @@ class CoalescingStore(ChunkStore):
                 yield digest, await self._join(digest, pending)
         finally:
             for digest, fut in mine.items():  # those the batch did not bring
-                self.flights.abandon(digest, fut, self._abandoned(digest))
+                self.flights.abandon(digest, fut, FetchAbandoned(f"fetch of {digest.short} abandoned"))
 
     async def put(self, digest: Digest, compressed: bytes) -> bool:
         return await self.inner.put(digest, compressed)

@@ -8,8 +8,14 @@ reads of a chunk its startup-profile batch is bringing).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 from imagestream.digests import Digest
+from imagestream.errors import Unavailable
+
+
+class FetchAbandoned(Unavailable):
+    """The caller that started a shared fetch went away before it finished; a waiter fetches for itself."""
 
 
 class Flights:
@@ -27,6 +33,25 @@ class Flights:
     def pending(self, digest: Digest) -> asyncio.Future[bytes] | None:
         """The future of a fetch of `digest` under way, if any."""
         return self._futures.get(digest)
+
+    async def lead(self, digest: Digest, fetch: Callable[[], Awaitable[bytes]]) -> bytes:
+        """Fetch `digest` for everyone who asks meanwhile; if this caller is cancelled, they get FetchAbandoned."""
+        fut = self.claim(digest)
+        try:
+            data = await fetch()
+        except BaseException as e:
+            self.abandon(digest, fut, e if isinstance(e, Exception) else FetchAbandoned(f"fetch of {digest.short} abandoned"))
+            raise
+        self.land(digest, fut, data)
+        return data
+
+    @staticmethod
+    async def follow(pending: asyncio.Future[bytes]) -> bytes | None:
+        """The leader's chunk (or its error); None if the leader went away: then fetch for yourself."""
+        try:
+            return await asyncio.shield(pending)
+        except FetchAbandoned:
+            return None
 
     def claim(self, digest: Digest) -> asyncio.Future[bytes]:
         """Start a flight: the caller must `land` or `abandon` the future it gets."""
