@@ -62,6 +62,7 @@ RUN /opt/build/bin/pip wheel --no-deps --no-build-isolation --wheel-dir /wheels 
 FROM source AS build-node-agent
 COPY services/node_cache services/node_cache
 COPY services/fuse_client services/fuse_client
+COPY services/imagestream_cli services/imagestream_cli
 RUN /opt/build/bin/pip wheel --no-deps --no-build-isolation --wheel-dir /wheels . \
  && /opt/build/bin/pip --python /opt/imagestream/bin/python install --no-deps /wheels/*.whl
 
@@ -78,7 +79,7 @@ USER 10001:10001
 ENV IMAGESTREAM_CHUNK_STORE_LISTEN=0.0.0.0:50061
 EXPOSE 50061
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s \
-  CMD ["python", "-m", "imagestream.healthcheck", "chunk_store"]
+  CMD ["python", "-m", "imagestream.rpc.healthcheck", "chunk_store"]
 ENTRYPOINT ["python", "-m", "chunk_store"]
 
 # The zonal cache: gRPC on 50062, Redis behind it. Runs as a non-root user.
@@ -88,7 +89,7 @@ USER 10001:10001
 ENV IMAGESTREAM_ZONAL_CACHE_LISTEN=0.0.0.0:50062
 EXPOSE 50062
 HEALTHCHECK --interval=15s --timeout=5s --start-period=30s \
-  CMD ["python", "-m", "imagestream.healthcheck", "zonal_cache"]
+  CMD ["python", "-m", "imagestream.rpc.healthcheck", "zonal_cache"]
 ENTRYPOINT ["python", "-m", "zonal_cache"]
 
 # The node agent: the node cache (gRPC on a Unix socket, no TCP port) and the FUSE client with the
@@ -103,6 +104,6 @@ COPY --from=build-node-agent /opt/imagestream /opt/imagestream
 ENV IMAGESTREAM_HOME=/var/lib/imagestream \
     IMAGESTREAM_NODE_CACHE_SOCKET=/run/imagestream/node-cache.sock
 HEALTHCHECK --interval=15s --timeout=5s --start-period=30s \
-  CMD ["python", "-m", "imagestream.healthcheck", "node_cache"]
+  CMD ["python", "-m", "imagestream.rpc.healthcheck", "node_cache"]
 ENTRYPOINT ["tini", "--"]
 CMD ["python", "-m", "node_cache"]

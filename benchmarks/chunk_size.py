@@ -37,8 +37,8 @@ RTT_S, BANDWIDTH_BYTES_S, PARALLEL = 0.020, 100e6 / 8, 8
 
 
 def record_reads(image: pathlib.Path) -> list[dict]:
-    from imagestream import mounts
-    from imagestream.push import push
+    from fuse_client import mounts
+    from imagestream_cli.push import push
 
     with private_stack(port_base=20400):
         push(image, "bench/trace", progress=False)
@@ -61,11 +61,11 @@ def record_reads(image: pathlib.Path) -> list[dict]:
 
 
 def main() -> None:
-    from imagestream import imagebuild
-    from imagestream.convert import convert
+    from imagestream_dev import imagebuild
+    from imagestream_cli.convert import convert
     from imagestream.digests import Digest
     from imagestream.index import Index
-    from imagestream.oci import open_image
+    from imagestream_cli.source import open_image
 
     image = imagebuild.build_debian_python(CACHE, CACHE / "images", fmt="oci")
     reads = record_reads(image)

@@ -69,7 +69,8 @@ def _stop(proc: subprocess.Popen, timeout_s: float = 30.0) -> int:
 
 def unmount_runs() -> None:
     """Unmount what a killed `imagestream run` left behind."""
-    from imagestream import config, mounts
+    from fuse_client import mounts
+    from imagestream import config
 
     runs = str(config.home() / "runs")
     for m in mounts.list_mounts():
@@ -132,7 +133,7 @@ def start_http(setup: Setup, name: str, mode: str, port: int, timeout_s: float =
 
 
 def blocking_fetches() -> int:
-    from imagestream.grpc_client import node_status
+    from imagestream.rpc.client import node_status
 
     return node_status().blocking_fetches
 

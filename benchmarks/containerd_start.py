@@ -41,8 +41,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--port-base", type=int, default=22300)
     args = parser.parse_args()
-    from imagestream import config, imagebuild
-    from imagestream.stack import local
+    from imagestream import config
+    from imagestream_dev import imagebuild
+    from imagestream_dev.stack import local
     from snapshotter.containerd_local import PrivateContainerd
     from snapshotter.cri import pull
 
@@ -56,7 +57,7 @@ def main() -> None:
 
         def fresh_snapshotter() -> None:
             """A new node agent with no snapshots and no mounts (its containerd is new each run, too)."""
-            from imagestream import mounts
+            from fuse_client import mounts
 
             local.down(lambda _: None, only="snapshotter")
             for m in mounts.list_mounts():

@@ -24,7 +24,7 @@ BIG_FILE_MB = 200
 
 def big_file_image(out: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
     """An image whose one file is 200 MB of incompressible data, and that file on local disk."""
-    from imagestream import imagebuild
+    from imagestream_dev import imagebuild
 
     src = CACHE / "bench" / "bigfile"
     data = src / "big.bin"
@@ -60,8 +60,8 @@ def main() -> None:
     parser.add_argument("--out", type=pathlib.Path, default=ROOT / "docs" / "benchmarks")
     args = parser.parse_args()
 
-    from imagestream import imagebuild
-    from imagestream.stack import local
+    from imagestream_dev import imagebuild
+    from imagestream_dev.stack import local
 
     debian = imagebuild.build_debian_python(CACHE, CACHE / "images", fmt="oci")
     rootfs = imagebuild.build_rootfs(CACHE / "rootfs")
@@ -81,7 +81,7 @@ def main() -> None:
         mnt = pathlib.Path(tempfile.mkdtemp(prefix="bench-mnt-"))
 
         def mount_once() -> float:
-            from imagestream import mounts
+            from fuse_client import mounts
 
             m = mounts.mount("bench/debian", mnt)
             mounts.unmount(mnt)
@@ -100,7 +100,7 @@ def main() -> None:
             args.runs, lambda: timed(lambda: subprocess.run(["chroot", str(rootfs), "python3", "-c", "pass"], check=True)))
 
         # warm sequential reads: chunks local on the node; page cache dropped (first read) and hot (second)
-        from imagestream import mounts
+        from fuse_client import mounts
 
         mounts.mount("bench/bigfile", mnt)
         read_all(mnt / "big.bin")  # brings every chunk to the node

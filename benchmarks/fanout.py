@@ -1,7 +1,7 @@
 """Fan-out: N cold nodes behind one zonal cache start the same image at once.
 
 For each N, the zonal cache (Redis) is emptied and N node caches are started,
-each a `node_cache` process as `imagestream.stack.local.processes()` defines it,
+each a `node_cache` process as `imagestream_dev.stack.local.processes()` defines it,
 with its own socket, disk folder and memory (the stack's own node cache idles).
 Then:
 1. start: N `imagestream run IMAGE -- python3 ...` at once, one per node (each
@@ -36,7 +36,7 @@ class NodeCaches:
     """N extra node caches of the zone: started from the stack's own definition of `node_cache`."""
 
     def __init__(self, workdir: pathlib.Path, n: int, memory: str = "64MiB") -> None:
-        from imagestream.stack import local
+        from imagestream_dev.stack import local
 
         self.dirs = [workdir / f"node-{i}" for i in range(n)]
         self.sockets = [str(d / "node.sock") for d in self.dirs]
@@ -121,7 +121,7 @@ def start_all(setup: Setup, image: Image, sockets: list[str], timeout_s: float =
 
 
 async def fetch_all(sockets: list[str], chunks, batch: int = 32) -> float:  # type: ignore[no-untyped-def]
-    from imagestream.grpc_client import GrpcChunkStore
+    from imagestream.rpc.client import GrpcChunkStore
 
     stores = [GrpcChunkStore("unix:" + s, timeout_s=300) for s in sockets]
 

@@ -21,7 +21,7 @@ CACHE = pathlib.Path(os.environ.get("IMAGESTREAM_CACHE_DIR", ROOT / ".cache")).a
 @contextlib.contextmanager
 def private_stack(port_base: int = 20300) -> Iterator[dict[str, str]]:
     """A stack of the benchmark's own (own home and ports), torn down afterwards."""
-    from imagestream.stack import local
+    from imagestream_dev.stack import local
 
     home = pathlib.Path(tempfile.mkdtemp(prefix="imagestream-bench-"))
     env = local.private_env(home, CACHE, port_base)

@@ -33,14 +33,16 @@ def main() -> None:
     parser.add_argument("--readers", type=int, default=32)
     args = parser.parse_args()
 
-    from imagestream import config, imagebuild, mounts
-    from imagestream.stack import local
+    from fuse_client import mounts
+    from imagestream import config
+    from imagestream_dev import imagebuild
+    from imagestream_dev.stack import local
 
     budget = config.parse_size(args.budget)
     image = imagebuild.build_debian_python(CACHE, CACHE / "images", fmt="oci")
     os.environ["IMAGESTREAM_NODE_MEMORY_BYTES"] = str(budget)
     with private_stack(port_base=20700):
-        from imagestream.push import push
+        from imagestream_cli.push import push
 
         push(image, "bench/memory", progress=False)
         local.empty_caches()
@@ -72,7 +74,7 @@ def main() -> None:
         elapsed = time.monotonic() - started
         done.set()
         sampler.join()
-        from imagestream.grpc_client import node_status
+        from imagestream.rpc.client import node_status
 
         status = node_status()
         mounts.unmount(mnt)

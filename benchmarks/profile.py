@@ -25,9 +25,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args()
 
-    from imagestream import imagebuild
-    from imagestream.grpc_client import node_status
-    from imagestream.stack import local
+    from imagestream_dev import imagebuild
+    from imagestream.rpc.client import node_status
+    from imagestream_dev.stack import local
 
     image = imagebuild.build_debian_python(CACHE, CACHE / "images", fmt="oci")
     r: dict = {"runs": args.runs, "program": PROGRAM}

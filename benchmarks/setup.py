@@ -42,7 +42,7 @@ def log(message: str) -> None:
 
 def debian_image(filler_mb: int) -> pathlib.Path:
     """The Debian bookworm minbase + python3 image (OCI layout), plus filler_mb MiB of never-read data."""
-    from imagestream import imagebuild
+    from imagestream_dev import imagebuild
 
     return imagebuild.build_debian_python(CACHE, CACHE / "images", fmt="oci", filler_mb=filler_mb)
 
@@ -59,7 +59,7 @@ def _tiny_keep(rel: str) -> bool:
 
 def tiny_image(filler_mb: int) -> pathlib.Path:
     """A tiny real image for the quick mode: the Debian tree cut down to python3, its libraries and stdlib."""
-    from imagestream import imagebuild
+    from imagestream_dev import imagebuild
 
     debian_image(filler_mb)  # builds the (filler) tree
     rootfs = imagebuild.build_rootfs(CACHE / "rootfs")
@@ -105,7 +105,7 @@ class Setup:
     def empty_caches(self) -> None:
         """A cold node in a cold zone: node memory and disk, Redis, and earlier full pulls, all gone."""
         from imagestream import config
-        from imagestream.stack import local
+        from imagestream_dev.stack import local
 
         local.empty_caches()
         shutil.rmtree(config.home() / "pulled", ignore_errors=True)
@@ -113,7 +113,7 @@ class Setup:
     # -- commands -------------------------------------------------------------------
     def cli_args(self, *args: str) -> list[str]:
         """The imagestream command line of this checkout (not whichever `imagestream` is on PATH)."""
-        return [sys.executable, "-m", "imagestream.cli", *args]
+        return [sys.executable, "-m", "imagestream_cli.main", *args]
 
     def cli(self, *args: str, env: dict | None = None, timeout: float = 1800) -> str:
         result = subprocess.run(self.cli_args(*args), capture_output=True, text=True, timeout=timeout,
@@ -128,7 +128,7 @@ class Setup:
         source = tiny_image(filler_mb) if tiny else debian_image(filler_mb)
         image = Image(label, f"bench/{label}", f"bench/{label}-profiled", filler_mb)
         started = time.monotonic()
-        out = self.cli("push", "-q", str(source), image.name, env={"IMAGESTREAM_REGISTRY": self.regional})
+        out = self.cli("push", "-q", str(source), image.name, env={"IMAGESTREAM_REGION": self.regional})
         log(f"  {out.strip()} [{time.monotonic() - started:.0f} s]")
         asyncio.run(self._measure(image))
         # the profile is recorded on a warm node, not over the emulated link (it is set-up, not measured)
@@ -137,11 +137,11 @@ class Setup:
 
     async def _measure(self, image: Image) -> None:
         from imagestream.digests import Digest
-        from imagestream.grpc_client import GrpcChunkStore, GrpcImageRegistry
+        from imagestream.rpc.client import GrpcChunkStore, GrpcImageNames
         from imagestream.index import load_index
         from imagestream.v1 import images_pb2
 
-        store, registry = GrpcChunkStore(self.regional), GrpcImageRegistry(self.regional)
+        store, registry = GrpcChunkStore(self.regional), GrpcImageNames(self.regional)
         try:
             record = await registry.resolve(image.name)
             index_digest = Digest.from_proto(record.index)
@@ -167,11 +167,11 @@ class Setup:
     def image_chunks(self, image: Image):  # type: ignore[no-untyped-def]
         """(index digest, index) of an image, read straight from the regional store (no link, no caches)."""
         from imagestream.digests import Digest
-        from imagestream.grpc_client import GrpcChunkStore, GrpcImageRegistry
+        from imagestream.rpc.client import GrpcChunkStore, GrpcImageNames
         from imagestream.index import load_index
 
         async def fetch():  # type: ignore[no-untyped-def]
-            store, registry = GrpcChunkStore(self.regional), GrpcImageRegistry(self.regional)
+            store, registry = GrpcChunkStore(self.regional), GrpcImageNames(self.regional)
             try:
                 record = await registry.resolve(image.name)
                 digest = Digest.from_proto(record.index)
@@ -204,7 +204,7 @@ class Setup:
     def remove_images(self, images: list[Image]) -> None:
         for image in images:
             for name in (image.name, image.profiled):
-                subprocess.run(self.cli_args("rm", name), capture_output=True, env={**os.environ, "IMAGESTREAM_REGISTRY": self.regional})
+                subprocess.run(self.cli_args("rm", name), capture_output=True, env={**os.environ, "IMAGESTREAM_REGION": self.regional})
 
     def close(self) -> None:
         if self._cassandra is not None:

@@ -29,7 +29,7 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 async def _latencies(target: str, digests) -> tuple[list[float], int]:  # type: ignore[no-untyped-def]
-    from imagestream.grpc_client import GrpcChunkStore
+    from imagestream.rpc.client import GrpcChunkStore
 
     store = GrpcChunkStore(target)
     try:
@@ -46,7 +46,7 @@ async def _latencies(target: str, digests) -> tuple[list[float], int]:  # type: 
 
 
 async def _throughput(target: str, digests, concurrency: int = 16) -> tuple[float, int]:  # type: ignore[no-untyped-def]
-    from imagestream.grpc_client import GrpcChunkStore
+    from imagestream.rpc.client import GrpcChunkStore
 
     store = GrpcChunkStore(target)
     try:
@@ -76,7 +76,7 @@ def _summary(latencies: list[float], nbytes: int, tput: tuple[float, int]) -> di
 
 def measure(setup: Setup, image: Image, sample_chunks: int = 200) -> dict:
     from imagestream import config
-    from imagestream.stack import local
+    from imagestream_dev.stack import local
 
     _, index = setup.image_chunks(image)
     chunks = index.chunks()

@@ -25,7 +25,7 @@ SERVICES = ("chunk_store", "zonal_cache", "node_cache")
 
 
 def set_tracing(on: bool) -> None:
-    from imagestream.stack import local
+    from imagestream_dev.stack import local
 
     if on:
         os.environ.pop("OTEL_TRACES_EXPORTER", None)
@@ -42,15 +42,15 @@ def cold_fetch_ms(name: str, count: int = 150) -> float:
     """Mean latency of fetching chunks one after another through node -> zonal -> regional, caches empty."""
     from imagestream import config
     from imagestream.digests import Digest
-    from imagestream.grpc_client import GrpcChunkStore, GrpcImageRegistry
+    from imagestream.rpc.client import GrpcChunkStore, GrpcImageNames
     from imagestream.index import load_index
-    from imagestream.stack import local
+    from imagestream_dev.stack import local
 
     local.empty_caches()
 
     async def run() -> float:
         target = "unix:" + config.node_cache_socket()
-        store, registry = GrpcChunkStore(target), GrpcImageRegistry(target)
+        store, registry = GrpcChunkStore(target), GrpcImageNames(target)
         try:
             image = await registry.resolve(name)
             chunks = (await load_index(store, Digest.from_proto(image.index))).chunks()[:count]
@@ -67,8 +67,8 @@ def cold_fetch_ms(name: str, count: int = 150) -> float:
 
 def warm_read_mb_s(name: str) -> float:
     """Read every file of the image through a fresh mount, every chunk already on the node, page cache dropped."""
-    from imagestream import mounts
-    from imagestream.grpc_client import node_status
+    from fuse_client import mounts
+    from imagestream.rpc.client import node_status
 
     mnt = pathlib.Path(tempfile.mkdtemp())
     m = mounts.mount(name, mnt)
@@ -98,8 +98,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
 
-    from imagestream import imagebuild
-    from imagestream.push import push
+    from imagestream_dev import imagebuild
+    from imagestream_cli.push import push
 
     image = imagebuild.build_debian_python(CACHE, CACHE / "images", fmt="oci")
     samples: dict[str, dict[str, list[float]]] = {"on": {"cold_fetch_ms": [], "warm_read_mb_s": []},

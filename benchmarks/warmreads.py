@@ -31,7 +31,7 @@ BLOCK = 4096
 
 
 def local_tree(image: Image) -> pathlib.Path:
-    from imagestream import imagebuild
+    from imagestream_dev import imagebuild
 
     rootfs = imagebuild.build_rootfs(CACHE / "rootfs")
     return rootfs.parent / f"{rootfs.name}-filler{image.filler_mb}m-s0"
@@ -76,7 +76,7 @@ def random_reads(root: pathlib.Path, plan: list[tuple[str, int]]) -> float:
 
 
 def measure(setup: Setup, image: Image, runs: int, budget_mb: int = 256, random_reads_n: int = 4000) -> dict:
-    from imagestream import mounts
+    from fuse_client import mounts
 
     local = local_tree(image)
     files = pick_files(local, budget_mb << 20)

@@ -36,7 +36,7 @@ def stack_home() -> pathlib.Path:
 @pytest.fixture(scope="session")
 def stack(stack_home: pathlib.Path):  # type: ignore[no-untyped-def]
     """The real local stack, up for the whole session; yields the environment that reaches it."""
-    from imagestream.stack import local
+    from imagestream_dev.stack import local
 
     # ports of its own, so that a developer's stack on the default ports can keep running
     # IMAGESTREAM_TEST_PORT_BASE moves the whole stack, so that two suites can run side by side
@@ -62,14 +62,14 @@ def stack(stack_home: pathlib.Path):  # type: ignore[no-untyped-def]
 @pytest.fixture(scope="session")
 def debian_image() -> pathlib.Path:
     """A real Debian bookworm minbase + python3 image (OCI layout), built by debootstrap once and cached."""
-    from imagestream import imagebuild
+    from imagestream_dev import imagebuild
 
     return imagebuild.build_debian_python(CACHE, CACHE / "images", fmt="oci")
 
 
 @pytest.fixture(scope="session")
 def debian_rootfs(debian_image: pathlib.Path) -> pathlib.Path:
-    from imagestream import imagebuild
+    from imagestream_dev import imagebuild
 
     return imagebuild.build_rootfs(CACHE / "rootfs")
 

@@ -6,14 +6,15 @@ import argparse
 import asyncio
 
 from imagestream import config, telemetry
-from imagestream.distribution import Distribution, DistributionServicer
-from imagestream.grpc_server import serve, service_main
+from chunk_store.distribution.blobs import Distribution
+from chunk_store.distribution.grpc_service import DistributionServicer
+from imagestream.rpc.server import serve, service_main
 from imagestream.store import VerifiedStore
 from imagestream.v1 import distribution_pb2_grpc
 
-from chunk_store import oci_http
-from chunk_store.cassandra_blobs import CassandraBlobIndex
-from chunk_store.cassandra_backend import CassandraChunkStore, CassandraImageRegistry, connect_from_settings
+from chunk_store.distribution import http as oci_http
+from chunk_store.distribution.cassandra_blobs import CassandraBlobIndex
+from chunk_store.cassandra_backend import CassandraChunkStore, CassandraImageNames, connect_from_settings
 
 SETTINGS = (
     "chunk_store_listen", "chunk_store_metrics", "distribution_listen", "cassandra_hosts", "cassandra_port",
@@ -27,13 +28,13 @@ async def main(args: argparse.Namespace) -> None:
     # row is deleted and reported missing rather than served.
     cassandra = CassandraChunkStore(db)
     store = VerifiedStore(cassandra)
-    registry = CassandraImageRegistry(db)
+    names = CassandraImageNames(db)
     # what push received, for pulls the normal way: gRPC to write, OCI Distribution (HTTP) to read
     distribution = Distribution(store, await asyncio.to_thread(CassandraBlobIndex, db))
     http = await oci_http.start(distribution, args.distribution_listen) if args.distribution_listen else None
     try:
         await serve(
-            "chunk_store", config.parse_list(args.chunk_store_listen), store, registry, source_of_truth=True,
+            "chunk_store", config.parse_list(args.chunk_store_listen), store, names, source_of_truth=True,
             metrics=(args.chunk_store_metrics, lambda: telemetry.tier_families({"regional": cassandra})),
             add_servicers=lambda server: distribution_pb2_grpc.add_DistributionServicer_to_server(
                 DistributionServicer(distribution), server),

@@ -19,10 +19,10 @@ import pyfuse3.asyncio
 
 from imagestream import config, telemetry
 from imagestream.digests import Digest
-from imagestream.grpc_client import GrpcChunkStore, GrpcImageRegistry, NodeClient
-from imagestream.grpc_server import setup_logging
+from imagestream.rpc.client import GrpcChunkStore, GrpcImageNames, NodeClient
+from imagestream.rpc.server import setup_logging
 from imagestream.index import load_index
-from imagestream.profiles import load_profile, save_profile, should_record
+from fuse_client.profiles import load_profile, save_profile, should_record
 
 from fuse_client.filesystem import ImageFilesystem
 from fuse_client.reader import ChunkReader
@@ -63,10 +63,10 @@ async def run(args: argparse.Namespace) -> None:
     timeout = float(args.fetch_timeout)
     # the node cache sits on this machine: chunks on its disk are read from there directly
     store = GrpcChunkStore(target, name="node cache", timeout_s=timeout, accept_local_path=True)
-    registry = GrpcImageRegistry(target, timeout_s=timeout)
+    names = GrpcImageNames(target, timeout_s=timeout)
     node = NodeClient(target, timeout_s=timeout)
     try:
-        image = await registry.resolve(args.name)
+        image = await names.resolve(args.name)
         index_digest = Digest.from_proto(image.index)
         index = await load_index(store, index_digest)
     except Exception as e:
@@ -135,12 +135,12 @@ async def run(args: argparse.Namespace) -> None:
         try:
             await node.end_download(mount_id)
             if recording and reader.touched:
-                digest = await save_profile(store, registry, image, reader.touched)
+                digest = await save_profile(store, names, image, reader.touched)
                 log.info("startup profile of %s recorded: %d chunks (%s)", args.name, len(reader.touched), digest)
         except Exception as e:  # noqa: BLE001 - the unmount itself must finish
             log.warning("after unmount of %s: %s", args.name, e)
         await store.close()
-        await registry.close()
+        await names.close()
         await node.close()
         if fs.recorded is not None:
             write_recording(args.record_reads, index, fs.recorded)

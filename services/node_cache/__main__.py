@@ -9,8 +9,8 @@ import grpc
 
 from imagestream import config, telemetry
 from imagestream.digests import Digest
-from imagestream.grpc_client import FailoverImageRegistry, GrpcChunkStore, GrpcImageRegistry
-from imagestream.grpc_server import serve, service_main
+from imagestream.rpc.client import FailoverImageNames, GrpcChunkStore, GrpcImageNames
+from imagestream.rpc.server import serve, service_main
 from imagestream.store import FailoverStore, MemoryStore, ReadThroughStore, VerifiedStore
 from imagestream.store.base import ChunkStore
 from imagestream.store.disk import DiskStore
@@ -112,9 +112,9 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
 async def main(args: argparse.Namespace) -> None:
     node = build(args)
     downloads = Downloads(node.store, node.disk, node.fetcher, concurrency=int(args.node_background_concurrency))
-    registry = FailoverImageRegistry([GrpcImageRegistry(t) for t in config.parse_list(args.node_upstreams)])
+    names = FailoverImageNames([GrpcImageNames(t) for t in config.parse_list(args.node_upstreams)])
     await serve(
-        "node_cache", ["unix:" + config.node_cache_socket()], node.store, registry,
+        "node_cache", ["unix:" + config.node_cache_socket()], node.store, names,
         add_servicers=lambda server: node_pb2_grpc.add_NodeServicer_to_server(NodeServicer(node, downloads), server),
         metrics=(args.node_cache_metrics, lambda: collect(node, downloads)),
     )

@@ -2,7 +2,7 @@
 
 An image is mounted when the first snapshot on it is prepared (or its mounts
 asked for) and unmounted when the last one is removed. The FUSE clients are
-processes of their own (`imagestream.mounts`): running containers keep their
+processes of their own (`fuse_client.mounts`): running containers keep their
 image when the snapshotter restarts. On start, `reconcile` removes what a crash
 left behind: a mount whose FUSE client died (ENOTCONN) is unmounted and, if
 snapshots still use it, mounted again; a mount nobody uses is unmounted.
@@ -21,8 +21,8 @@ import subprocess
 import time
 from collections.abc import Callable
 
-from imagestream import mounts
-from imagestream.distribution import StreamedLayer
+from fuse_client import mounts
+from imagestream.snapshot_labels import StreamedLayer
 from imagestream.errors import FailedPrecondition
 from imagestream.proc import alive
 

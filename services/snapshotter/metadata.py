@@ -14,7 +14,7 @@ import pathlib
 import sqlite3
 import time
 
-from imagestream.distribution import StreamedLayer
+from imagestream.snapshot_labels import StreamedLayer
 from imagestream.digests import parse as parse_digest
 
 VIEW, ACTIVE, COMMITTED = 1, 2, 3  # the API's Kind numbers

@@ -4,7 +4,7 @@ Two kinds of layer snapshot:
 
 * **streamed** — containerd unpacks an image and prepares a layer snapshot with the
   labels `containerd.io/snapshot.ref` (the chain ID it wants) and, from the layer's
-  annotations, `containerd.io/snapshot/imagestream.*` (see imagestream.distribution).
+  annotations, `containerd.io/snapshot/imagestream.*` (see imagestream.snapshot_labels).
   If the node can stream (FUSE) and the regional store still names that image at
   that index, the snapshotter commits the layer itself, with no files, and answers
   ALREADY_EXISTS: containerd skips fetching and unpacking the layer, as it does for
@@ -26,7 +26,7 @@ import pathlib
 import shutil
 
 from imagestream import config
-from imagestream.distribution import LABEL_PREFIX, StreamedLayer
+from imagestream.snapshot_labels import LABEL_PREFIX, StreamedLayer
 from imagestream.errors import FailedPrecondition, ImagestreamError, InvalidArgument, NotFound
 
 from snapshotter import filters
@@ -363,19 +363,19 @@ class Snapshotter:
 async def _streaming_check(layer: StreamedLayer) -> str | None:
     """None if this node can stream the layer's image now, else why not (then it is unpacked as usual)."""
     from imagestream.digests import Digest
-    from imagestream.grpc_client import GrpcImageRegistry
-    from imagestream.pull import streaming_unavailable_reason
+    from imagestream.rpc.client import GrpcImageNames
+    from imagestream_cli.pull import streaming_unavailable_reason
 
     reason = streaming_unavailable_reason(False)
     if reason is not None:
         return reason
-    registry = GrpcImageRegistry("unix:" + config.node_cache_socket(), timeout_s=10)
+    names = GrpcImageNames("unix:" + config.node_cache_socket(), timeout_s=10)
     try:
-        image = await registry.resolve(layer.image)
+        image = await names.resolve(layer.image)
     except ImagestreamError as e:
         return f"the image cannot be resolved ({e})"
     finally:
-        await registry.close()
+        await names.close()
     if image.streaming_disabled:
         return "the image was pushed with streaming disabled"
     if Digest.from_proto(image.index) != layer.index:

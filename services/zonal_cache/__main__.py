@@ -8,8 +8,8 @@ import logging
 
 from imagestream import config, telemetry
 from imagestream.errors import Unavailable
-from imagestream.grpc_client import FailoverImageRegistry, GrpcChunkStore, GrpcImageRegistry
-from imagestream.grpc_server import serve, service_main
+from imagestream.rpc.client import FailoverImageNames, GrpcChunkStore, GrpcImageNames
+from imagestream.rpc.server import serve, service_main
 from imagestream.store import CoalescingStore, FailoverStore, ReadThroughStore, VerifiedStore
 
 from zonal_cache.redis_backend import RedisChunkStore
@@ -29,7 +29,7 @@ async def main(args: argparse.Namespace) -> None:
     read_through.fetch_seconds = telemetry.fetch_histogram().labels("zonal")
     # Requests for one chunk from many nodes at once become one Redis lookup and at most one regional fetch.
     store = CoalescingStore(read_through)
-    registry = FailoverImageRegistry([GrpcImageRegistry(t) for t in upstreams])
+    names = FailoverImageNames([GrpcImageNames(t) for t in upstreams])
 
     def collect():  # type: ignore[no-untyped-def]
         from prometheus_client.core import CounterMetricFamily
@@ -40,7 +40,7 @@ async def main(args: argparse.Namespace) -> None:
         c.add_metric(["zonal"], store.coalesced)
         yield c
 
-    await serve("zonal_cache", config.parse_list(args.zonal_cache_listen), store, registry,
+    await serve("zonal_cache", config.parse_list(args.zonal_cache_listen), store, names,
                 metrics=(args.zonal_cache_metrics, collect))
 
 

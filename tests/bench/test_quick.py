@@ -159,7 +159,7 @@ def test_targets_and_report(quick) -> None:  # type: ignore[no-untyped-def]
 
 
 def test_stack_is_left_as_it_was(quick) -> None:  # type: ignore[no-untyped-def]
-    from imagestream.stack import local
+    from imagestream_dev.stack import local
 
     _, _, stdout = quick
     assert all(p["ready"] for p in local.status())

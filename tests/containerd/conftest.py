@@ -72,7 +72,7 @@ def fuse_mounts_under(path: pathlib.Path) -> list[tuple[str, str]]:
 
 
 def snapshotter_restart() -> None:
-    from imagestream.stack import local
+    from imagestream_dev.stack import local
 
     local.down(lambda _: None, only="snapshotter")
     local.up(lambda _: None, only="snapshotter")

@@ -53,8 +53,8 @@ def layer_digest(image: str) -> str:
 
 
 def test_streamed_image_runs_without_being_pulled(containerd, pushed_images) -> None:  # type: ignore[no-untyped-def]
-    from imagestream.grpc_client import node_status
-    from imagestream.stack import local
+    from imagestream.rpc.client import node_status
+    from imagestream_dev.stack import local
     from snapshotter.cri import pull
 
     local.empty_caches()  # a cold node: nothing of the image on it

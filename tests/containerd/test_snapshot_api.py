@@ -116,7 +116,7 @@ def streamed_labels(image: str, index: str, layer: str, ref: str) -> dict[str, s
 def streamed_layer(snapshots, pushed_images):  # type: ignore[no-untyped-def]
     """The streamed image's (only) layer, committed by the snapshotter itself as containerd's unpack asks."""
     from imagestream import config
-    from imagestream.sandbox import describe
+    from imagestream_cli.sandbox import describe
 
     image, _ = describe(pushed_images["streamed"])
     index = f"sha256:{image.index.hash}/{image.index.size_bytes}"
@@ -169,8 +169,9 @@ def test_containers_share_one_image_mount_which_goes_with_the_last(snapshots, st
 
 def test_restart_leaves_no_dead_mounts(snapshots, streamed_layer) -> None:  # type: ignore[no-untyped-def]
     from containerd.services.snapshots.v1 import snapshots_pb2_grpc
-    from imagestream import config, mounts
-    from imagestream.stack import local
+    from fuse_client import mounts
+    from imagestream import config
+    from imagestream_dev.stack import local
 
     S = pb()
     ref, image, root = streamed_layer
@@ -208,7 +209,7 @@ def test_a_lower_layer_of_a_streamed_image_is_unpacked_when_another_image_builds
     import json
     import urllib.request
 
-    from imagestream.sandbox import describe
+    from imagestream_cli.sandbox import describe
     from tests.containerd.conftest import registry_host
 
     S = pb()

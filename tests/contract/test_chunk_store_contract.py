@@ -84,12 +84,12 @@ async def store(request, tmp_path):  # type: ignore[no-untyped-def]
 
         s = CassandraChunkStore(request.getfixturevalue("cassandra_db"))
     else:
-        from imagestream.grpc_client import GrpcChunkStore
-        from imagestream.grpc_server import start_server
-        from imagestream.registry import MemoryRegistry
+        from imagestream.rpc.client import GrpcChunkStore
+        from imagestream.rpc.server import start_server
+        from imagestream.names import MemoryNames
 
         target = f"unix:{tmp_path}/store.sock"
-        server, _ = await start_server("test", [target], MemoryStore(), MemoryRegistry())
+        server, _ = await start_server("test", [target], MemoryStore(), MemoryNames())
         cleanup.append(lambda: server.stop(None))
         s = GrpcChunkStore(target)
     yield s

@@ -49,8 +49,8 @@ def tilt_local(tilt_env: dict[str, str]) -> Tilt:
 
 @pytest.fixture
 def definition(tilt_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> list:
-    """imagestream.stack.local.processes(), read here with the environment Tilt had."""
-    from imagestream.stack import local
+    """imagestream_dev.stack.local.processes(), read here with the environment Tilt had."""
+    from imagestream_dev.stack import local
 
     for key in [k for k in os.environ if k.startswith("IMAGESTREAM_")]:
         monkeypatch.delenv(key)

@@ -7,7 +7,8 @@ import re
 
 import pytest
 
-from imagestream import config, healthcheck
+from imagestream import config
+from imagestream.rpc import healthcheck
 from tests.deploy import dockerfile
 
 ARGS, STAGES = dockerfile.parse()
@@ -62,7 +63,7 @@ def test_health_check_asks_the_service_it_runs(target: str) -> None:
     words = check.value.split("CMD", 1)[1]
     command = dockerfile.Instruction("CMD", words).exec_form()
     module = dockerfile.python_module(dockerfile.final_command(STAGES, target))
-    assert command == ["python", "-m", "imagestream.healthcheck", module]
+    assert command == ["python", "-m", "imagestream.rpc.healthcheck", module]
     assert module in healthcheck.TIERS
 
 

@@ -54,7 +54,7 @@ def _wait_ready(resource: dict, process: subprocess.Popen, env: dict[str, str], 
 @pytest.mark.services
 @pytest.mark.timeout(900)
 def test_local_branch_starts_every_process_and_the_smoke_test_passes(tmp_path: pathlib.Path) -> None:
-    from imagestream.stack import local
+    from imagestream_dev.stack import local
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("IMAGESTREAM_", "TILT_"))}
     env.update(local.private_env(tmp_path / "home", CACHE, port_base=PORT_BASE))
@@ -89,7 +89,7 @@ def test_local_branch_starts_every_process_and_the_smoke_test_passes(tmp_path: p
         (smoke,) = [r for r in tilt.called("local_resource") if r["name"] == "smoke-test"]
         if not have_fuse():
             pytest.skip("the smoke test mounts and chroots: needs /dev/fuse and root")
-        from imagestream import imagebuild
+        from imagestream_dev import imagebuild
 
         image = imagebuild.build_debian_python(CACHE, CACHE / "images", fmt="oci")
         smoked = subprocess.run(smoke["cmd"], env={**env, **smoke["env"], "SMOKE_IMAGE": str(image)}, cwd=ROOT,

@@ -74,7 +74,7 @@ def module_settings(module: str | None) -> set[str]:
 
 def listen_setting(module: str) -> str | None:
     """The IMAGESTREAM_*_LISTEN variable of a tier (None: the node cache, on a Unix socket)."""
-    from imagestream import healthcheck
+    from imagestream.rpc import healthcheck
 
     setting = healthcheck.TIERS.get(module)
     return config.SETTINGS[setting].env if setting and setting.endswith("_listen") else None
@@ -83,7 +83,7 @@ def listen_setting(module: str) -> str | None:
 def addresses(env: dict[str, str | None]) -> list[tuple[str, str, int]]:
     """(variable, host, port) of every upstream a container is told to reach."""
     found = []
-    for name in ("IMAGESTREAM_ZONAL_UPSTREAMS", "IMAGESTREAM_NODE_UPSTREAMS", "IMAGESTREAM_REGISTRY"):
+    for name in ("IMAGESTREAM_ZONAL_UPSTREAMS", "IMAGESTREAM_NODE_UPSTREAMS", "IMAGESTREAM_REGION"):
         for address in config.parse_list(env.get(name) or ""):
             host, _, port = address.rpartition(":")
             found.append((name, host, int(port)))
@@ -212,7 +212,7 @@ def test_node_cache_is_on_a_node_socket_only(overlay: str, objects: Objects) -> 
     assert not agent.pod.get("hostNetwork")
     assert not [s for s in objects.of_kind("Service") if agent in objects.selected(s)], "no Service for it"
     for kind in ("readinessProbe", "livenessProbe"):
-        assert node_cache[kind]["exec"]["command"] == ["python", "-m", "imagestream.healthcheck", "node_cache"]
+        assert node_cache[kind]["exec"]["command"] == ["python", "-m", "imagestream.rpc.healthcheck", "node_cache"]
 
     def host_dir(container: dict, path: str) -> str:
         """The node directory a container sees at `path` (it must be a hostPath mount)."""
@@ -384,7 +384,7 @@ def test_node_agent_can_mount_fuse_on_the_node(overlay: str, objects: Objects) -
 
 def test_cassandra_racks_data_centre_and_replication_agree(overlay: str, objects: Objects) -> None:
     from chunk_store.cassandra_backend import parse_replication
-    from imagestream.stack.cassandra import CASSANDRA_VERSION
+    from imagestream_dev.stack.cassandra import CASSANDRA_VERSION
 
     statefulset = Workload(objects.get("StatefulSet", "cassandra"))
     (configmap,) = [c for c in objects.of_kind("ConfigMap") if c["metadata"]["name"].startswith("cassandra")]
@@ -443,8 +443,8 @@ def test_regional_store_survives_a_drain(overlay: str, objects: Objects) -> None
 
 
 def test_cassandra_settings_agree_with_the_local_stack(overlay: str, objects: Objects, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """The blob limits the chunk store needs are the local stack's (services/imagestream/stack/cassandra.py)."""
-    from imagestream.stack import cassandra
+    """The blob limits the chunk store needs are the local stack's (devtools/imagestream_dev/stack/cassandra.py)."""
+    from imagestream_dev.stack import cassandra
 
     script = load_configure_script()
     (configmap,) = [c for c in objects.of_kind("ConfigMap") if c["metadata"]["name"].startswith("cassandra")]

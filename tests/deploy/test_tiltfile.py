@@ -123,9 +123,9 @@ def test_local_branch_prepares_checks_and_orders_like_stack_up(tilt_local: Tilt,
     served = [c for c in tilt_local.called("local_resource") if c["serve_cmd"]]
     for i, (resource, process) in enumerate(zip(served, definition)):
         # cmd runs before serve_cmd: the process's one-time set-up, through the same module
-        assert resource["cmd"][-4:] == ["-m", "imagestream.stack.local", "--prepare", process.name]
+        assert resource["cmd"][-4:] == ["-m", "imagestream_dev.stack.local", "--prepare", process.name]
         probe = resource["readiness_probe"]
-        assert probe["exec"]["command"][-4:] == ["-m", "imagestream.stack.local", "--check", process.name]
+        assert probe["exec"]["command"][-4:] == ["-m", "imagestream_dev.stack.local", "--check", process.name]
         assert probe["timeout_secs"] >= 5, "the CQL check alone may take a few seconds"
         phase = getattr(process, "phase", None)  # processes of one phase start together, as in `stack up`
         waits = [r["name"] for r, p in zip(served[:i], definition) if phase is None or p.phase < phase]
@@ -144,7 +144,7 @@ def test_local_branch_restarts_a_service_when_its_code_changes(tilt_local: Tilt,
 
 def test_local_branch_starts_a_phase_together(tilt_env: dict[str, str], tmp_path: pathlib.Path) -> None:
     """A definition with start phases (backends together, then the tiers): each resource waits for the
-    earlier phases only. The definition is given by a stand-in for `python -m imagestream.stack.local`."""
+    earlier phases only. The definition is given by a stand-in for `python -m imagestream_dev.stack.local`."""
     definition = [
         {"name": "zipkin", "command": ["java", "-jar", "zipkin.jar"], "ready": ["http", "u"], "env": {}, "phase": 0},
         {"name": "redis", "command": ["redis-server"], "ready": ["redis", "h", 1], "env": {}, "phase": 0},

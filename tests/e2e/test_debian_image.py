@@ -112,7 +112,7 @@ def test_bad_images_are_refused_and_nothing_is_published(stack, tmp_path, bad) -
     import json
     import tarfile
 
-    from imagestream import imagebuild
+    from imagestream_dev import imagebuild
 
     layer_tar = tmp_path / "layer.tar"
     with tarfile.open(layer_tar, "w") as tar:

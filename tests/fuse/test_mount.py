@@ -9,10 +9,10 @@ import stat
 
 import pytest
 
-from imagestream import mounts
+from fuse_client import mounts
 from imagestream.digests import compress, Digest
-from imagestream.grpc_server import start_server
-from imagestream.registry import MemoryRegistry
+from imagestream.rpc.server import start_server
+from imagestream.names import MemoryNames
 from imagestream.store import MemoryStore
 from imagestream.v1 import images_pb2
 
@@ -25,7 +25,7 @@ pytestmark = needs_fuse
 @pytest.fixture
 async def mounted(tmp_path, monkeypatch):  # type: ignore[no-untyped-def]
     message, chunks, expected = sample()
-    store, registry = MemoryStore(), MemoryRegistry()
+    store, registry = MemoryStore(), MemoryNames()
     for d, data in chunks.items():
         await store.put(d, data)
     index_bytes = message.SerializeToString(deterministic=True)

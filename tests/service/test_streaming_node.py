@@ -17,9 +17,10 @@ import time
 
 import pytest
 
-from imagestream import config, mounts
-from imagestream.grpc_client import GrpcImageRegistry, node_status
-from imagestream.stack import local
+from fuse_client import mounts
+from imagestream import config
+from imagestream.rpc.client import GrpcImageNames, node_status
+from imagestream_dev.stack import local
 
 from tests.conftest import needs_fuse, run_cli
 
@@ -52,7 +53,7 @@ def restart_node(**settings: str) -> None:
 
 
 def big_image(tmp: pathlib.Path, megabytes: int) -> tuple[pathlib.Path, bytes]:
-    from imagestream import imagebuild
+    from imagestream_dev import imagebuild
 
     data = random.Random(megabytes).randbytes(megabytes << 20)
     layer = tmp / "layer.tar"
@@ -134,7 +135,7 @@ def test_a_startup_profile_makes_a_cold_start_block_less(stack, debian_image) ->
     first = cold_run()  # no profile yet: this run records one
 
     async def resolve():  # type: ignore[no-untyped-def]
-        registry = GrpcImageRegistry(config.get("registry"))
+        registry = GrpcImageNames(config.get("region"))
         try:
             return await registry.resolve(name)
         finally:

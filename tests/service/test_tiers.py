@@ -11,8 +11,8 @@ import pytest
 from imagestream import config
 from imagestream.digests import Digest, compress
 from imagestream.errors import FailedPrecondition
-from imagestream.grpc_client import GrpcChunkStore, GrpcImageRegistry
-from imagestream.stack import local
+from imagestream.rpc.client import GrpcChunkStore, GrpcImageNames
+from imagestream_dev.stack import local
 from imagestream.v1 import chunk_store_pb2, chunk_store_pb2_grpc, images_pb2
 
 pytestmark = pytest.mark.services
@@ -129,7 +129,7 @@ async def test_a_node_falls_back_to_the_regional_store_when_its_zonal_cache_is_g
 
 async def test_publish_refuses_an_image_whose_chunks_are_not_stored(stack) -> None:  # type: ignore[no-untyped-def]
     t = targets(stack)
-    registry, regional = GrpcImageRegistry(t["chunk_store"]), GrpcChunkStore(t["chunk_store"])
+    registry, regional = GrpcImageNames(t["chunk_store"]), GrpcChunkStore(t["chunk_store"])
     try:
         digest, _, _ = fresh_chunk("never-stored-index")
         with pytest.raises(FailedPrecondition, match="index .* is not stored"):

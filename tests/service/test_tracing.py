@@ -10,8 +10,9 @@ import urllib.request
 
 import pytest
 
-from imagestream import config, mounts
-from imagestream.stack import local
+from fuse_client import mounts
+from imagestream import config
+from imagestream_dev.stack import local
 
 from tests.conftest import needs_fuse, run_cli
 

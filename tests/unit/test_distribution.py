@@ -9,8 +9,9 @@ import json
 import pytest
 
 from imagestream.digests import Digest, compress
-from imagestream.distribution import (LABEL_INDEX, BlobRecord, Distribution, MemoryBlobIndex, StreamedLayer,
-                                      annotate_for_streaming, repository_and_tag)
+from chunk_store.distribution.blobs import Distribution, MemoryBlobIndex
+from imagestream.oci import BlobRecord, repository_and_tag
+from imagestream.snapshot_labels import LABEL_INDEX, StreamedLayer, annotate_for_streaming
 from imagestream.errors import FailedPrecondition, InvalidArgument
 from imagestream.store import MemoryStore
 
@@ -29,7 +30,7 @@ async def stored_blob(dist: Distribution, data: bytes, media_type: str, piece: i
 async def test_registry_serves_what_was_stored_and_refuses_what_does_not_add_up() -> None:
     from aiohttp.test_utils import TestClient, TestServer
 
-    from chunk_store.oci_http import app
+    from chunk_store.distribution.http import app
 
     dist = Distribution(MemoryStore(), MemoryBlobIndex())
     config = await stored_blob(dist, b'{"rootfs": {"diff_ids": []}}', "application/vnd.oci.image.config.v1+json")

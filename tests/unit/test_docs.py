@@ -7,7 +7,7 @@ import pathlib
 from click.testing import CliRunner
 
 from imagestream import config
-from imagestream.cli import main
+from imagestream_cli.main import main
 
 README = (pathlib.Path(__file__).resolve().parents[2] / "README.md").read_text()
 

@@ -1,4 +1,4 @@
-"""The containers' health check (`python -m imagestream.healthcheck`) against a real gRPC health service."""
+"""The containers' health check (`python -m imagestream.rpc.healthcheck`) against a real gRPC health service."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from imagestream import healthcheck
+from imagestream.rpc import healthcheck
 
 SERVICES = pathlib.Path(__file__).resolve().parents[2] / "services"
 
@@ -57,7 +57,7 @@ def test_command_line_exit_status(health_server) -> None:  # type: ignore[no-unt
     target, servicer = health_server
 
     def run(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "imagestream.healthcheck", *args], capture_output=True,
+        return subprocess.run([sys.executable, "-m", "imagestream.rpc.healthcheck", *args], capture_output=True,
                               text=True, env={"PYTHONPATH": str(SERVICES)}, timeout=60)
 
     ok = run(target, "--service", "chunk_store")

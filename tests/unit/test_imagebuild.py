@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from imagestream import imagebuild as ib
+from imagestream_dev import imagebuild as ib
 
 IS_ROOT = os.geteuid() == 0
 MTIME = 1_600_000_000

@@ -11,7 +11,7 @@ import re
 
 import pytest
 
-from imagestream.stack import local
+from imagestream_dev.stack import local
 
 EPHEMERAL = pathlib.Path("/proc/sys/net/ipv4/ip_local_port_range")
 
@@ -42,4 +42,4 @@ def test_the_upstreams_of_a_private_stack_are_its_own_services() -> None:
     assert env["IMAGESTREAM_ZONAL_UPSTREAMS"] == env["IMAGESTREAM_CHUNK_STORE_LISTEN"]
     assert env["IMAGESTREAM_NODE_UPSTREAMS"].split(",") == [env["IMAGESTREAM_ZONAL_CACHE_LISTEN"],
                                                             env["IMAGESTREAM_CHUNK_STORE_LISTEN"]]
-    assert env["IMAGESTREAM_REGISTRY"] == env["IMAGESTREAM_CHUNK_STORE_LISTEN"]
+    assert env["IMAGESTREAM_REGION"] == env["IMAGESTREAM_CHUNK_STORE_LISTEN"]

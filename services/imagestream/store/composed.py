@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from imagestream import telemetry
 from imagestream.digests import Digest, verify
 from imagestream.errors import CorruptChunk, NotFound, Unavailable
-from imagestream.failover import Failover
+from imagestream.store.failover import Failover
 from imagestream.store.base import ChunkStore
 from imagestream.store.singleflight import FetchAbandoned, Flights
 

@@ -22,7 +22,7 @@ def validate_name(name: str) -> str:
     return name
 
 
-class ImageRegistry(abc.ABC):
+class ImageNames(abc.ABC):
     """Name -> Image record. Only the regional store holds names; other tiers forward."""
 
     @abc.abstractmethod
@@ -46,7 +46,7 @@ class ImageRegistry(abc.ABC):
         pass
 
 
-class MemoryRegistry(ImageRegistry):
+class MemoryNames(ImageNames):
     def __init__(self) -> None:
         self._images: dict[str, images_pb2.Image] = {}
 

@@ -1,4 +1,4 @@
-"""Serve any ChunkStore and ImageRegistry over gRPC, with the standard health service.
+"""Serve any ChunkStore and ImageNames over gRPC, with the standard health service.
 
 Every tier's process is `run_service(...)` around the stores it wires together.
 """
@@ -19,9 +19,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from imagestream import config, telemetry
 from imagestream.digests import Digest, decompress_verified
 from imagestream.errors import CorruptChunk, FailedPrecondition, ImagestreamError, InvalidArgument, NotFound, Unavailable
-from imagestream.grpc_client import MAX_MESSAGE_BYTES
+from imagestream.rpc.client import MAX_MESSAGE_BYTES
 from imagestream.index import ensure_complete
-from imagestream.registry import ImageRegistry, validate_name
+from imagestream.names import ImageNames, validate_name
 from imagestream.store.base import ChunkStore
 from imagestream.v1 import chunk_store_pb2, chunk_store_pb2_grpc, images_pb2, images_pb2_grpc
 
@@ -37,7 +37,7 @@ _ERROR_TO_STATUS: list[tuple[type[Exception], grpc.StatusCode]] = [
 
 
 @contextlib.asynccontextmanager
-async def _status_on_error(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+async def status_on_error(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
     """Turn imagestream errors into gRPC statuses; anything else is logged as a bug and is INTERNAL."""
     try:
         yield
@@ -64,7 +64,7 @@ class ChunkStoreServicer(chunk_store_pb2_grpc.ChunkStoreServicer):
         self.store = store
 
     async def GetChunk(self, request, context):  # type: ignore[no-untyped-def]
-        async with _status_on_error(context):
+        async with status_on_error(context):
             digest = _digest(request.digest)
             telemetry.annotate(chunk=str(digest), image=request.image or telemetry.current_image())
             if request.accept_local_path:
@@ -75,14 +75,14 @@ class ChunkStoreServicer(chunk_store_pb2_grpc.ChunkStoreServicer):
             return chunk_store_pb2.Chunk(digest=request.digest, compressed=data)
 
     async def GetChunks(self, request, context):  # type: ignore[no-untyped-def]
-        async with _status_on_error(context):
+        async with status_on_error(context):
             digests = [_digest(d) for d in request.digests]
             async for digest, data in self.store.get_many(digests):
                 yield chunk_store_pb2.Chunk(digest=digest.to_proto(), compressed=data)
 
     async def PutChunks(self, request_iterator, context):  # type: ignore[no-untyped-def]
         stored = 0
-        async with _status_on_error(context):
+        async with status_on_error(context):
             async for request in request_iterator:
                 # the chunks of one request are checked and written concurrently: a push is bound by
                 # the store's write latency otherwise (one Cassandra round trip per chunk)
@@ -102,58 +102,58 @@ class ChunkStoreServicer(chunk_store_pb2_grpc.ChunkStoreServicer):
         return await self.store.put_verified(digest, chunk.compressed)
 
     async def FindMissingChunks(self, request, context):  # type: ignore[no-untyped-def]
-        async with _status_on_error(context):
+        async with status_on_error(context):
             digests = [_digest(d) for d in request.digests]
             missing = await self.store.find_missing(digests)
             return chunk_store_pb2.FindMissingChunksResponse(missing=[d.to_proto() for d in missing])
 
 
 class ImagesServicer(images_pb2_grpc.ImagesServicer):
-    """Serves names from `registry`.
+    """Serves names from `names`.
 
     Given the `store` that is the source of truth (the regional store), a name
     is published only once its index and every chunk it references are stored,
     and a profile is attached only once it is stored.
     """
 
-    def __init__(self, registry: ImageRegistry, store: ChunkStore | None = None) -> None:
-        self.registry = registry
+    def __init__(self, names: ImageNames, store: ChunkStore | None = None) -> None:
+        self.names = names
         self.store = store
 
     async def ResolveImage(self, request, context):  # type: ignore[no-untyped-def]
-        async with _status_on_error(context):
-            return await self.registry.resolve(validate_name(request.name))
+        async with status_on_error(context):
+            return await self.names.resolve(validate_name(request.name))
 
     async def PublishImage(self, request, context):  # type: ignore[no-untyped-def]
-        async with _status_on_error(context):
+        async with status_on_error(context):
             validate_name(request.image.name)
             _digest(request.image.index)
             if self.store is not None:
                 await ensure_complete(self.store, request.image)
-            return await self.registry.publish(request.image)
+            return await self.names.publish(request.image)
 
     async def SetProfile(self, request, context):  # type: ignore[no-untyped-def]
-        async with _status_on_error(context):
+        async with status_on_error(context):
             validate_name(request.name)
             index, profile = _digest(request.index), _digest(request.profile)
             if self.store is not None and await self.store.find_missing([profile]):
                 raise FailedPrecondition(f"image {request.name!r}: profile {profile} is not stored")
-            return await self.registry.set_profile(request.name, index, profile)
+            return await self.names.set_profile(request.name, index, profile)
 
     async def ListImages(self, request, context):  # type: ignore[no-untyped-def]
-        async with _status_on_error(context):
-            return images_pb2.ListImagesResponse(images=await self.registry.list())
+        async with status_on_error(context):
+            return images_pb2.ListImagesResponse(images=await self.names.list())
 
     async def DeleteImage(self, request, context):  # type: ignore[no-untyped-def]
-        async with _status_on_error(context):
-            return images_pb2.DeleteImageResponse(deleted=await self.registry.delete(validate_name(request.name)))
+        async with status_on_error(context):
+            return images_pb2.DeleteImageResponse(deleted=await self.names.delete(validate_name(request.name)))
 
 
 async def start_server(
     service_name: str,
     listen: Sequence[str],
     store: ChunkStore,
-    registry: ImageRegistry,
+    names: ImageNames,
     source_of_truth: bool = False,
     add_servicers: Callable[[grpc.aio.Server], None] | None = None,
 ) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
@@ -165,7 +165,7 @@ async def start_server(
         ]
     )
     chunk_store_pb2_grpc.add_ChunkStoreServicer_to_server(ChunkStoreServicer(store), server)
-    images_pb2_grpc.add_ImagesServicer_to_server(ImagesServicer(registry, store if source_of_truth else None), server)
+    images_pb2_grpc.add_ImagesServicer_to_server(ImagesServicer(names, store if source_of_truth else None), server)
     if add_servicers is not None:
         add_servicers(server)
     health_servicer = health.aio.HealthServicer()
@@ -189,7 +189,7 @@ async def serve(
     service_name: str,
     listen: Sequence[str],
     store: ChunkStore,
-    registry: ImageRegistry,
+    names: ImageNames,
     source_of_truth: bool = False,
     add_servicers: Callable[[grpc.aio.Server], None] | None = None,
     on_stop: Callable[[], Awaitable[None]] | None = None,
@@ -199,7 +199,7 @@ async def serve(
 
     `metrics` is (listen address, collect function) for the Prometheus endpoint.
     """
-    server, health_servicer = await start_server(service_name, listen, store, registry, source_of_truth, add_servicers)
+    server, health_servicer = await start_server(service_name, listen, store, names, source_of_truth, add_servicers)
     if metrics is not None:
         telemetry.serve_metrics(*metrics)
     stop = asyncio.Event()
@@ -213,7 +213,7 @@ async def serve(
     if on_stop is not None:
         await on_stop()
     await store.close()
-    await registry.close()
+    await names.close()
     telemetry.shutdown()
 
 

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from imagestream import config
 from imagestream.digests import Digest, decompress_verified
-from imagestream.grpc_client import GrpcChunkStore, GrpcImageRegistry
+from imagestream.rpc.client import GrpcChunkStore, GrpcImageNames
 from imagestream.index import Index, load_index
 from imagestream.v1 import index_pb2
 
@@ -48,9 +48,9 @@ def streaming_unavailable_reason(image_streaming_disabled: bool = False) -> str 
 
 async def _fetch_all(name: str, progress: bool) -> tuple[Index, dict[Digest, bytes], str]:
     target = "unix:" + config.node_cache_socket()
-    store, registry = GrpcChunkStore(target), GrpcImageRegistry(target)
+    store, names = GrpcChunkStore(target), GrpcImageNames(target)
     try:
-        image = await registry.resolve(name)
+        image = await names.resolve(name)
         index = await load_index(store, Digest.from_proto(image.index))
         chunks = index.chunks()
         data: dict[Digest, bytes] = {}
@@ -63,7 +63,7 @@ async def _fetch_all(name: str, progress: bool) -> tuple[Index, dict[Digest, byt
         return index, data, image.index.hash
     finally:
         await store.close()
-        await registry.close()
+        await names.close()
 
 
 def write_tree(index: Index, chunks: dict[Digest, bytes], root: pathlib.Path) -> None:

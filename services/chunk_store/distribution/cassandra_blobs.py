@@ -7,7 +7,8 @@ bytes themselves are chunks of the `chunks` table, written by push like any othe
 
 from __future__ import annotations
 
-from imagestream.distribution import BlobIndex, BlobRecord
+from chunk_store.distribution.blobs import BlobIndex
+from imagestream.oci import BlobRecord
 
 from chunk_store.cassandra_backend import CassandraConnection
 

@@ -15,7 +15,8 @@ import logging
 
 from aiohttp import web
 
-from imagestream.distribution import Distribution, check_digest
+from chunk_store.distribution.blobs import Distribution
+from imagestream.oci import check_digest
 from imagestream.errors import ImagestreamError, InvalidArgument, NotFound
 
 log = logging.getLogger(__name__)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from imagestream.digests import Digest, compress, decompress_verified
-from imagestream.registry import ImageRegistry
+from imagestream.names import ImageNames
 from imagestream.store.base import ChunkStore
 from imagestream.v1 import images_pb2
 
@@ -26,14 +26,14 @@ async def load_profile(store: ChunkStore, image: images_pb2.Image) -> list[Diges
         return []
 
 
-async def save_profile(store: ChunkStore, registry: ImageRegistry, image: images_pb2.Image,
+async def save_profile(store: ChunkStore, names: ImageNames, image: images_pb2.Image,
                        chunks: list[Digest], command: str = "") -> Digest:
     """Store the profile (written through to the region) and attach it to the image."""
     data = images_pb2.StartupProfile(chunks=[d.to_proto() for d in chunks], command=command).SerializeToString(
         deterministic=True)
     digest = Digest.of(data)
     await store.put(digest, compress(data))
-    await registry.set_profile(image.name, Digest.from_proto(image.index), digest)
+    await names.set_profile(image.name, Digest.from_proto(image.index), digest)
     return digest
 
 

@@ -50,13 +50,21 @@ def main() -> None:
 
 @main.group()
 def stack() -> None:
-    """The local stack: Redis, Cassandra and the three tier services on loopback."""
+    """Developer tooling: the local stack (Redis, Cassandra, the tiers on loopback) and test images.
+
+    These commands need the repository's developer tools (devtools/imagestream_dev), which a checkout
+    installs and production images leave out."""
+    import importlib.util
+
+    if importlib.util.find_spec("imagestream_dev") is None:
+        _fail(ImagestreamError("the stack commands need the developer tools (devtools/imagestream_dev): "
+                               "run them from a checkout of the repository after scripts/bootstrap"))
 
 
 @stack.command("up")
 def stack_up() -> None:
     """Start what is not running and wait until everything is ready (running it twice is harmless)."""
-    from imagestream.stack import local
+    from imagestream_dev.stack import local
 
     click.echo(f"starting the local stack in {config.home()}")
     local.up(click.echo)
@@ -65,7 +73,7 @@ def stack_up() -> None:
 @stack.command("down")
 def stack_down() -> None:
     """Unmount every image and stop every process of the stack."""
-    from imagestream.stack import local
+    from imagestream_dev.stack import local
 
     local.down(click.echo)
 
@@ -73,7 +81,7 @@ def stack_down() -> None:
 @stack.command("status")
 def stack_status() -> None:
     """Which processes run and answer their health checks."""
-    from imagestream.stack import local
+    from imagestream_dev.stack import local
 
     rows = local.status()
     for r in rows:
@@ -87,13 +95,13 @@ def stack_status() -> None:
 @main.command()
 @click.argument("source", type=click.Path(exists=False))
 @click.argument("name")
-@_setting("registry")
+@_setting("region")
 @_setting("chunk_size")
 @click.option("--quiet", "-q", is_flag=True, help="no progress bars")
 @click.option("--no-streaming", is_flag=True, help="nodes must pull this image in full before running it")
 def push(source: str, name: str, quiet: bool, no_streaming: bool) -> None:
     """Convert SOURCE (OCI layout dir, OCI archive, or docker save archive) and publish it as NAME."""
-    from imagestream.push import push as do_push
+    from imagestream_cli.push import push as do_push
 
     try:
         result = do_push(source, name, progress=not quiet, streaming=not no_streaming)
@@ -103,17 +111,17 @@ def push(source: str, name: str, quiet: bool, no_streaming: bool) -> None:
 
 
 @main.command()
-@_setting("registry")
+@_setting("region")
 def images() -> None:
     """The images published in the regional store."""
-    from imagestream.grpc_client import GrpcImageRegistry
+    from imagestream.rpc.client import GrpcImageNames
 
     async def fetch():  # type: ignore[no-untyped-def]
-        registry = GrpcImageRegistry(config.get("registry"))
+        names = GrpcImageNames(config.get("region"))
         try:
-            return await registry.list()
+            return await names.list()
         finally:
-            await registry.close()
+            await names.close()
 
     try:
         found = asyncio.run(fetch())
@@ -127,17 +135,17 @@ def images() -> None:
 
 @main.command()
 @click.argument("name")
-@_setting("registry")
+@_setting("region")
 def rm(name: str) -> None:
     """Remove the name NAME from the regional store (its chunks stay; other images may share them)."""
-    from imagestream.grpc_client import GrpcImageRegistry
+    from imagestream.rpc.client import GrpcImageNames
 
     async def delete() -> bool:
-        registry = GrpcImageRegistry(config.get("registry"))
+        names = GrpcImageNames(config.get("region"))
         try:
-            return await registry.delete(name)
+            return await names.delete(name)
         finally:
-            await registry.close()
+            await names.close()
 
     try:
         if not asyncio.run(delete()):
@@ -157,7 +165,7 @@ def rm(name: str) -> None:
 @click.option("--no-download", is_flag=True, help="stream only: do not fetch the whole image in the background")
 def mount(name: str, mountpoint: str, wait: bool, no_download: bool) -> None:
     """Mount image NAME read-only on MOUNTPOINT (fetches only its index; the rest downloads in the background)."""
-    from imagestream import mounts
+    from fuse_client import mounts
 
     if wait and no_download:
         _fail(click.UsageError("--wait and --no-download exclude each other"))
@@ -172,7 +180,7 @@ def mount(name: str, mountpoint: str, wait: bool, no_download: bool) -> None:
 
 
 def _node_status():  # type: ignore[no-untyped-def]
-    from imagestream.grpc_client import node_status
+    from imagestream.rpc.client import node_status
 
     return node_status()
 
@@ -183,7 +191,7 @@ def _wait_for_download(mountpoint: str) -> None:
 
     from tqdm import tqdm
 
-    from imagestream import mounts
+    from fuse_client import mounts
 
     mount_id = f"{mounts.Mount.find(mountpoint).pid}:{mountpoint}"
     bar = None
@@ -207,7 +215,7 @@ def _wait_for_download(mountpoint: str) -> None:
 @_setting("chunk_store_metrics")
 def status() -> None:
     """This node: mounts, their background download, and each tier's hits and size."""
-    from imagestream import mounts
+    from fuse_client import mounts
 
     try:
         node = _node_status()
@@ -268,7 +276,7 @@ def _tier_counts(address: str, tier: str) -> tuple[float | None, float]:
 @click.argument("mountpoint", type=click.Path())
 def umount(mountpoint: str) -> None:
     """Unmount an image mounted with `imagestream mount`."""
-    from imagestream import mounts
+    from fuse_client import mounts
 
     try:
         mounts.unmount(mountpoint)
@@ -288,7 +296,7 @@ def run(name: str, command: tuple[str, ...], env: tuple[str, ...], keep: bool) -
 
     Exits with the command's status.  Example: imagestream run debian-python -- python3 -c 'print(1)'
     """
-    from imagestream import sandbox
+    from imagestream_cli import sandbox
 
     if os.geteuid() != 0:
         _fail(RuntimeError("run needs root (mount namespaces, overlayfs, chroot)"))
@@ -308,7 +316,7 @@ def profile(name: str, command: tuple[str, ...]) -> None:
 
     Later cold mounts fetch the profiled chunks first, in parallel, right after mounting.
     """
-    from imagestream import sandbox
+    from imagestream_cli import sandbox
 
     if os.geteuid() != 0:
         _fail(RuntimeError("profile needs root (mount namespaces, overlayfs, chroot)"))
@@ -321,15 +329,15 @@ def profile(name: str, command: tuple[str, ...]) -> None:
     sys.exit(0 if code == 0 else code)
 
 
-# -- images for trying it out --------------------------------------------------
+# -- images for trying it out (developer tooling) --------------------------------
 
-@main.command("build-debian")
+@stack.command("build-debian")
 @click.argument("out", type=click.Path(path_type=pathlib.Path))
 @click.option("--format", "fmt", type=click.Choice(["oci", "oci-archive", "docker"]), default="oci", show_default=True)
 @click.option("--filler-mb", type=int, default=0, help="add this much data the command never reads (/opt/filler)")
 def build_debian(out: pathlib.Path, fmt: str, filler_mb: int) -> None:
     """Build a real Debian bookworm image with python3 (debootstrap, cached) and write it to OUT."""
-    from imagestream import imagebuild
+    from imagestream_dev import imagebuild
 
     path = imagebuild.build_debian_python(pathlib.Path(config.get("cache_dir")).absolute(), out, fmt=fmt,
                                           filler_mb=filler_mb)

@@ -21,7 +21,9 @@ import subprocess
 import sys
 import uuid
 
-from imagestream import config, mounts, pull
+from fuse_client import mounts
+from imagestream import config
+from imagestream_cli import pull
 
 CLONE_NEWNS = 0x00020000
 
@@ -29,18 +31,18 @@ CLONE_NEWNS = 0x00020000
 def describe(name: str):  # type: ignore[no-untyped-def]
     """The image record and its runtime config (Env, WorkingDir, ...), read through the node cache."""
     from imagestream.digests import Digest
-    from imagestream.grpc_client import GrpcChunkStore, GrpcImageRegistry
+    from imagestream.rpc.client import GrpcChunkStore, GrpcImageNames
     from imagestream.index import load_index
 
     async def fetch():  # type: ignore[no-untyped-def]
         target = "unix:" + config.node_cache_socket()
-        store, registry = GrpcChunkStore(target), GrpcImageRegistry(target)
+        store, names = GrpcChunkStore(target), GrpcImageNames(target)
         try:
-            image = await registry.resolve(name)
+            image = await names.resolve(name)
             return image, (await load_index(store, Digest.from_proto(image.index))).config()
         finally:
             await store.close()
-            await registry.close()
+            await names.close()
 
     return asyncio.run(fetch())
 
@@ -82,7 +84,7 @@ def run(name: str, command: list[str], extra_env: list[str] = (), keep: bool = F
         try:
             env = container_env(cfg.get("Env") or [], list(extra_env))
             child = subprocess.Popen(
-                [sys.executable, "-m", "imagestream.sandbox", str(run_dir), str(lower), cfg.get("WorkingDir") or "/",
+                [sys.executable, "-m", "imagestream_cli.sandbox", str(run_dir), str(lower), cfg.get("WorkingDir") or "/",
                  "--", *command],
                 env={**env, "PYTHONPATH": str(pathlib.Path(__file__).resolve().parents[1])},
             )
@@ -130,7 +132,7 @@ def enter(run_dir: pathlib.Path, lower: pathlib.Path, workdir: str, command: lis
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="imagestream.sandbox")
+    parser = argparse.ArgumentParser(prog="imagestream_cli.sandbox")
     parser.add_argument("run_dir", type=pathlib.Path)
     parser.add_argument("lower", type=pathlib.Path)
     parser.add_argument("workdir")

@@ -5,7 +5,7 @@ layout directory, an OCI archive (what `skopeo copy oci-archive:` makes) and a
 classic `docker save` archive. Every writer is deterministic: the same input tree
 gives byte-identical output, so digests are stable across runs and machines.
 
-    python -m imagestream.imagebuild debian-python --cache-dir .cache --out .cache/images
+    python -m imagestream_dev.imagebuild debian-python --cache-dir .cache --out .cache/images
 """
 
 from __future__ import annotations
@@ -627,7 +627,7 @@ def build_debian_python(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m imagestream.imagebuild", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m imagestream_dev.imagebuild", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="image", required=True)
     p = sub.add_parser("debian-python", help="Debian bookworm minbase + python3")
     p.add_argument("--cache-dir", type=Path, required=True)

@@ -37,14 +37,14 @@ class Mount:
         return cls(**json.loads(record.read_text()))
 
 
-def _registry() -> pathlib.Path:
+def _records() -> pathlib.Path:
     d = config.home() / "mounts"
     d.mkdir(parents=True, exist_ok=True)
     return d
 
 
 def _record(mountpoint: str) -> pathlib.Path:
-    return _registry() / (hashlib.sha256(mountpoint.encode()).hexdigest()[:16] + ".json")
+    return _records() / (hashlib.sha256(mountpoint.encode()).hexdigest()[:16] + ".json")
 
 
 def is_mountpoint(path: str | os.PathLike) -> bool:
@@ -116,7 +116,7 @@ def unmount(mountpoint: str | os.PathLike, timeout_s: float = 20.0) -> None:
 def list_mounts() -> list[Mount]:
     """Mounts this node's home knows of; records of mounts that are gone are dropped."""
     out = []
-    for record in sorted(_registry().glob("*.json")):
+    for record in sorted(_records().glob("*.json")):
         m = Mount(**json.loads(record.read_text()))
         if alive(m.pid) or is_mountpoint(m.mountpoint):
             out.append(m)

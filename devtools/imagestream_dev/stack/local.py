@@ -57,7 +57,7 @@ def processes() -> list[Process]:
     # the services find the shared package and each other through PYTHONPATH, also when not pip-installed
     env = {"PYTHONPATH": services_path(), "IMAGESTREAM_HOME": str(home)}
 
-    from imagestream.stack import cassandra, zipkin
+    from imagestream_dev.stack import cassandra, zipkin
 
     node = cassandra.CassandraNode(
         cluster_name="imagestream",
@@ -139,7 +139,7 @@ def is_ready(check: tuple) -> bool:
             with socket.create_connection((check[1], check[2]), timeout=1):
                 return True
         if kind == "cql":
-            from imagestream.stack import cassandra
+            from imagestream_dev.stack import cassandra
 
             cassandra.wait_ready(check[1], check[2], timeout_s=2)
             return True
@@ -250,7 +250,7 @@ def _tail(path: pathlib.Path, lines: int = 15) -> str:
 
 def down(log: Callable[[str], None] = print, only: str | None = None) -> None:
     """Stop everything this stack started, last started first (or just the process named `only`)."""
-    from imagestream import mounts
+    from fuse_client import mounts
 
     if only is None:
         for m in mounts.list_mounts():
@@ -301,7 +301,7 @@ def private_env(home: pathlib.Path, cache_dir: pathlib.Path, port_base: int = 20
         "IMAGESTREAM_ZONAL_CACHE_LISTEN": zonal,
         "IMAGESTREAM_ZONAL_UPSTREAMS": chunk_store,
         "IMAGESTREAM_NODE_UPSTREAMS": f"{zonal},{chunk_store}",
-        "IMAGESTREAM_REGISTRY": chunk_store,
+        "IMAGESTREAM_REGION": chunk_store,
         "IMAGESTREAM_REDIS_URL": f"redis://{address(3)}/0",
         "IMAGESTREAM_CASSANDRA_PORT": str(port_base + 4),
         "IMAGESTREAM_CASSANDRA_STORAGE_PORT": str(port_base + 5),
@@ -354,7 +354,7 @@ def main(argv: list[str] | None = None) -> None:
     import argparse
     import logging
 
-    parser = argparse.ArgumentParser(prog="python -m imagestream.stack.local", description=main.__doc__,
+    parser = argparse.ArgumentParser(prog="python -m imagestream_dev.stack.local", description=main.__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     action = parser.add_mutually_exclusive_group()
     action.add_argument("--prepare", metavar="NAME", help="run the one-time set-up of process NAME")
@@ -373,5 +373,5 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps([{**p.describe(), "phase": getattr(p, "phase", None)} for p in processes()], indent=2))
 
 
-if __name__ == "__main__":  # `python -m imagestream.stack.local` prints the definition (used by the Tiltfile)
+if __name__ == "__main__":  # `python -m imagestream_dev.stack.local` prints the definition (used by the Tiltfile)
     main()

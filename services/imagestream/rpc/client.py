@@ -1,4 +1,4 @@
-"""gRPC clients of the next tier: a ChunkStore and an ImageRegistry over the wire."""
+"""gRPC clients of the next tier: a ChunkStore and an ImageNames over the wire."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ import grpc
 from imagestream import telemetry
 from imagestream.digests import Digest
 from imagestream.errors import CorruptChunk, FailedPrecondition, ImagestreamError, InvalidArgument, NotFound, Unavailable
-from imagestream.failover import Failover
-from imagestream.registry import ImageRegistry
+from imagestream.store.failover import Failover
+from imagestream.names import ImageNames
 from imagestream.store.base import ChunkStore
-from imagestream.v1 import chunk_store_pb2, chunk_store_pb2_grpc, images_pb2, images_pb2_grpc, node_pb2, node_pb2_grpc
+from imagestream.v1 import (chunk_store_pb2, chunk_store_pb2_grpc, distribution_pb2, distribution_pb2_grpc, images_pb2,
+                            images_pb2_grpc, node_pb2, node_pb2_grpc)
 
 MAX_MESSAGE_BYTES = 80 * 1024 * 1024  # a 64 MiB blob plus framing
 
@@ -51,18 +52,39 @@ def channel(target: str) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
 
 
-class GrpcChunkStore(ChunkStore):
+class GrpcClient:
+    """A channel to `target` (host:port or unix:/path) and one stub; every call has a deadline, and a
+    failure comes back as an imagestream error naming the target."""
+
+    stub_class: type = type(None)
+
+    def __init__(self, target: str, timeout_s: float) -> None:
+        self.target = target
+        self.timeout_s = timeout_s
+        self._channel = channel(target)
+        self._stub = self.stub_class(self._channel)
+
+    async def _call(self, method, request, timeout_s: float | None = None):  # type: ignore[no-untyped-def]
+        try:
+            return await method(request, timeout=timeout_s or self.timeout_s)
+        except grpc.RpcError as e:
+            raise to_error(self.target, e) from None
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+
+class GrpcChunkStore(GrpcClient, ChunkStore):
     """The ChunkStore of another tier, reached at `target` (host:port or unix:/path)."""
+
+    stub_class = chunk_store_pb2_grpc.ChunkStoreStub
 
     def __init__(self, target: str, name: str | None = None, timeout_s: float = 30.0,
                  accept_local_path: bool = False) -> None:
-        super().__init__()
-        self.target = target
+        ChunkStore.__init__(self)
+        GrpcClient.__init__(self, target, timeout_s)
         self.accept_local_path = accept_local_path
         self.name = name or target
-        self.timeout_s = timeout_s
-        self._channel = channel(target)
-        self._stub = chunk_store_pb2_grpc.ChunkStoreStub(self._channel)
 
     async def get(self, digest: Digest, image: str = "") -> bytes:
         image = image or telemetry.current_image()
@@ -84,10 +106,7 @@ class GrpcChunkStore(ChunkStore):
     async def _get(self, digest: Digest, image: str, accept_local_path: bool) -> chunk_store_pb2.Chunk:
         request = chunk_store_pb2.GetChunkRequest(digest=digest.to_proto(), image=image,
                                                   accept_local_path=accept_local_path)
-        try:
-            return await self._stub.GetChunk(request, timeout=self.timeout_s)
-        except grpc.RpcError as e:
-            raise to_error(self.target, e) from None
+        return await self._call(self._stub.GetChunk, request)
 
     async def get_many(self, digests: Sequence[Digest], concurrency: int = 16) -> AsyncIterator[tuple[Digest, bytes]]:
         request = chunk_store_pb2.GetChunksRequest(digests=[d.to_proto() for d in dict.fromkeys(digests)])
@@ -112,45 +131,28 @@ class GrpcChunkStore(ChunkStore):
             if batch:
                 yield chunk_store_pb2.PutChunksRequest(chunks=batch)
 
-        try:
-            response = await self._stub.PutChunks(batches(), timeout=self.timeout_s * 10)
-        except grpc.RpcError as e:
-            raise to_error(self.target, e) from None
-        return response.stored
+        return (await self._call(self._stub.PutChunks, batches(), self.timeout_s * 10)).stored
 
     async def put(self, digest: Digest, compressed: bytes) -> bool:
         return await self.put_many([(digest, compressed)]) > 0
 
     async def find_missing(self, digests: Iterable[Digest]) -> list[Digest]:
         request = chunk_store_pb2.FindMissingChunksRequest(digests=[d.to_proto() for d in dict.fromkeys(digests)])
-        try:
-            response = await self._stub.FindMissingChunks(request, timeout=self.timeout_s)
-        except grpc.RpcError as e:
-            raise to_error(self.target, e) from None
+        response = await self._call(self._stub.FindMissingChunks, request)
         return [Digest.from_proto(d) for d in response.missing]
 
     async def contains(self, digest: Digest) -> bool:
         return not await self.find_missing([digest])
 
-    async def close(self) -> None:
-        await self._channel.close()
 
-
-class GrpcImageRegistry(ImageRegistry):
+class GrpcImageNames(GrpcClient, ImageNames):
     """Image names, asked of the next tier (ultimately the regional store)."""
 
-    def __init__(self, target: str, timeout_s: float = 30.0) -> None:
-        self.target = target
-        self.name = target
-        self.timeout_s = timeout_s
-        self._channel = channel(target)
-        self._stub = images_pb2_grpc.ImagesStub(self._channel)
+    stub_class = images_pb2_grpc.ImagesStub
 
-    async def _call(self, method, request):  # type: ignore[no-untyped-def]
-        try:
-            return await method(request, timeout=self.timeout_s)
-        except grpc.RpcError as e:
-            raise to_error(self.target, e) from None
+    def __init__(self, target: str, timeout_s: float = 30.0) -> None:
+        super().__init__(target, timeout_s)
+        self.name = target
 
     async def resolve(self, name: str) -> images_pb2.Image:
         return await self._call(self._stub.ResolveImage, images_pb2.ResolveImageRequest(name=name))
@@ -168,15 +170,12 @@ class GrpcImageRegistry(ImageRegistry):
         request = images_pb2.SetProfileRequest(name=name, index=index.to_proto(), profile=profile.to_proto())
         return await self._call(self._stub.SetProfile, request)
 
-    async def close(self) -> None:
-        await self._channel.close()
 
-
-class FailoverImageRegistry(ImageRegistry):
+class FailoverImageNames(ImageNames):
     """Names asked of the first upstream that answers."""
 
-    def __init__(self, upstreams: Sequence[ImageRegistry]) -> None:
-        self.failover: Failover[ImageRegistry] = Failover(upstreams)
+    def __init__(self, upstreams: Sequence[ImageNames]) -> None:
+        self.failover: Failover[ImageNames] = Failover(upstreams)
 
     async def resolve(self, name: str) -> images_pb2.Image:
         return await self.failover.call(f"resolve {name}", lambda u: u.resolve(name))
@@ -198,20 +197,13 @@ class FailoverImageRegistry(ImageRegistry):
             await u.close()
 
 
-class NodeClient:
+class NodeClient(GrpcClient):
     """The node cache's own API: background downloads and status."""
 
-    def __init__(self, target: str, timeout_s: float = 10.0) -> None:
-        self.target = target
-        self.timeout_s = timeout_s
-        self._channel = channel(target)
-        self._stub = node_pb2_grpc.NodeStub(self._channel)
+    stub_class = node_pb2_grpc.NodeStub
 
-    async def _call(self, method, request):  # type: ignore[no-untyped-def]
-        try:
-            return await method(request, timeout=self.timeout_s)
-        except grpc.RpcError as e:
-            raise to_error(self.target, e) from None
+    def __init__(self, target: str, timeout_s: float = 10.0) -> None:
+        super().__init__(target, timeout_s)
 
     async def start_download(self, mount_id: str, image: str, index: Digest, first: Sequence[Digest] = ()) -> None:
         await self._call(self._stub.StartDownload, node_pb2.StartDownloadRequest(
@@ -223,8 +215,26 @@ class NodeClient:
     async def status(self) -> node_pb2.NodeStatus:
         return await self._call(self._stub.GetNodeStatus, node_pb2.GetNodeStatusRequest())
 
-    async def close(self) -> None:
-        await self._channel.close()
+
+class GrpcDistribution(GrpcClient):
+    """The regional Distribution service, as `push` writes to it."""
+
+    stub_class = distribution_pb2_grpc.DistributionStub
+
+    def __init__(self, target: str, timeout_s: float = 120.0) -> None:
+        super().__init__(target, timeout_s)
+
+    async def put_blob(self, record: BlobRecord) -> None:
+        await self._call(self._stub.PutBlob, distribution_pb2.PutBlobRequest(blob=record.to_proto()))
+
+    async def put_manifest(self, repository: str, reference: str, media_type: str, content: bytes) -> str:
+        request = distribution_pb2.PutManifestRequest(repository=repository, reference=reference,
+                                                      media_type=media_type, content=content)
+        return (await self._call(self._stub.PutManifest, request)).digest
+
+    async def find_missing(self, digests: list[str]) -> list[str]:
+        request = distribution_pb2.FindMissingBlobsRequest(digests=digests)
+        return list((await self._call(self._stub.FindMissingBlobs, request)).missing)
 
 
 def node_status(target: str | None = None) -> node_pb2.NodeStatus:

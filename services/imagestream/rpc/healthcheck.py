@@ -1,14 +1,14 @@
 """Exit 0 when a tier's gRPC health service says SERVING: the health check of the containers.
 
-    python -m imagestream.healthcheck chunk_store         # where the chunk store itself listens
-    python -m imagestream.healthcheck node_cache          # its Unix socket
-    python -m imagestream.healthcheck 10.0.0.7:50061 --service chunk_store
+    python -m imagestream.rpc.healthcheck chunk_store         # where the chunk store itself listens
+    python -m imagestream.rpc.healthcheck node_cache          # its Unix socket
+    python -m imagestream.rpc.healthcheck 10.0.0.7:50061 --service chunk_store
 
 A tier's name is resolved through the settings the tier itself reads (IMAGESTREAM_CHUNK_STORE_LISTEN,
 IMAGESTREAM_ZONAL_CACHE_LISTEN, IMAGESTREAM_NODE_CACHE_SOCKET), so an image's HEALTHCHECK or a
 Kubernetes exec probe cannot drift from the address the process serves on; a wildcard listen address
 (0.0.0.0, [::]) is dialled on loopback. The health service asked about is the tier's name, which
-imagestream.grpc_server registers next to "" (the whole server). Prints the status or the gRPC error,
+imagestream.rpc.server registers next to "" (the whole server). Prints the status or the gRPC error,
 which Kubernetes shows in the pod's events when a probe fails.
 """
 
@@ -59,7 +59,7 @@ def status(target: str, service: str = "", timeout_s: float = 3.0) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m imagestream.healthcheck", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m imagestream.rpc.healthcheck", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("target", help=f"a tier ({', '.join(TIERS)}) or a gRPC address (host:port, unix:PATH)")
     parser.add_argument("--service", default=None, help="health service name (default: the tier's name, or '')")

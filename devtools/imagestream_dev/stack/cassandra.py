@@ -47,7 +47,7 @@ Usage::
     ...
     stop(proc)
 
-Debug: ``PYTHONPATH=services python -m imagestream.stack.cassandra --state-dir DIR
+Debug: ``PYTHONPATH=services python -m imagestream_dev.stack.cassandra --state-dir DIR
 --cache-dir .cache/cassandra`` runs a node in the foreground (exec).
 """
 
@@ -224,7 +224,7 @@ def _yaml(node: CassandraNode) -> str:
     seeds = ",".join(node.seeds) if node.seeds else f"{node.address}:{node.storage_port}"
     token = f"initial_token: {_q(node.initial_token)}\n" if node.initial_token else ""
     return f"""\
-# Written by imagestream.stack.cassandra (Cassandra {CASSANDRA_VERSION}); edits are overwritten.
+# Written by imagestream_dev.stack.cassandra (Cassandra {CASSANDRA_VERSION}); edits are overwritten.
 cluster_name: {_q(node.cluster_name)}
 num_tokens: {node.num_tokens}
 {token}partitioner: org.apache.cassandra.dht.Murmur3Partitioner
@@ -276,7 +276,7 @@ authorizer: AllowAllAuthorizer
 def _logback(node: CassandraNode) -> str:
     return """\
 <configuration scan="false" debug="false">
-  <!-- Written by imagestream.stack.cassandra. ${cassandra.logdir} is a JVM system property. -->
+  <!-- Written by imagestream_dev.stack.cassandra. ${cassandra.logdir} is a JVM system property. -->
   <!-- no <shutdownHook>: Cassandra stops logback itself after draining; a logback hook
        would race it and lose the shutdown log lines. -->
   <appender name="SYSTEMLOG" class="ch.qos.logback.core.rolling.RollingFileAppender">
@@ -677,7 +677,7 @@ def wait_ready(
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     p = argparse.ArgumentParser(
-        prog="python -m imagestream.stack.cassandra",
+        prog="python -m imagestream_dev.stack.cassandra",
         description="Fetch Cassandra jars, write config, run one node in the foreground.",
     )
     p.add_argument("--state-dir", required=True, type=pathlib.Path,

@@ -25,7 +25,7 @@ from typing import IO
 
 from imagestream.digests import MAX_BLOB_BYTES, Digest, compress
 from imagestream.errors import BadImage
-from imagestream.oci import ImageSource
+from imagestream_cli.source import ImageSource
 from imagestream.v1 import index_pb2
 
 T = index_pb2.Inode

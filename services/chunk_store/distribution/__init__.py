@@ -1,0 +1,1 @@
+"""The regional tier's OCI Distribution side (see blobs.py)."""

@@ -1,0 +1,137 @@
+"""The regional tier's OCI Distribution side: blob records and tags, checked when recorded and read back
+piece by piece. `push` writes through the Distribution gRPC service (`grpc_service.py`); nodes and
+containerd read over HTTP (`http.py`)."""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import hashlib
+import json
+from collections.abc import AsyncIterator, Iterable
+
+from imagestream.digests import Digest, compress, decompress_verified
+from imagestream.errors import FailedPrecondition, InvalidArgument, NotFound
+from imagestream.oci import MANIFEST_TYPES, REFERENCE, BlobRecord, check_digest
+from imagestream.store.base import ChunkStore
+
+
+class BlobIndex(abc.ABC):
+    """Blob records and tags (the regional store keeps them in Cassandra)."""
+
+    @abc.abstractmethod
+    async def put_blob(self, record: BlobRecord) -> None: ...
+
+    @abc.abstractmethod
+    async def get_blob(self, digest: str) -> BlobRecord | None: ...
+
+    @abc.abstractmethod
+    async def put_tag(self, repository: str, reference: str, digest: str) -> None: ...
+
+    @abc.abstractmethod
+    async def get_tag(self, repository: str, reference: str) -> str | None: ...
+
+
+class MemoryBlobIndex(BlobIndex):
+    def __init__(self) -> None:
+        self.blobs: dict[str, BlobRecord] = {}
+        self.tags: dict[tuple[str, str], str] = {}
+
+    async def put_blob(self, record: BlobRecord) -> None:
+        self.blobs[record.digest] = record
+
+    async def get_blob(self, digest: str) -> BlobRecord | None:
+        return self.blobs.get(digest)
+
+    async def put_tag(self, repository: str, reference: str, digest: str) -> None:
+        self.tags[(repository, reference)] = digest
+
+    async def get_tag(self, repository: str, reference: str) -> str | None:
+        return self.tags.get((repository, reference))
+
+
+class Distribution:
+    """The regional side: checks what is recorded, and reads blobs back."""
+
+    def __init__(self, store: ChunkStore, index: BlobIndex) -> None:
+        self.store = store
+        self.index = index
+
+    async def put_blob(self, record: BlobRecord) -> None:
+        check_digest(record.digest)
+        if sum(p.size for p in record.pieces) != record.size:
+            raise InvalidArgument(f"blob {record.digest}: pieces add up to {sum(p.size for p in record.pieces)} bytes, "
+                                  f"not {record.size}")
+        missing = await self.store.find_missing(record.pieces)
+        if missing:
+            raise FailedPrecondition(f"blob {record.digest}: {len(missing)} of {len(record.pieces)} pieces are not stored")
+        h = hashlib.sha256()
+        async for data in self._read(record):
+            h.update(data)
+        if "sha256:" + h.hexdigest() != record.digest:
+            raise InvalidArgument(f"blob {record.digest}: its pieces make sha256:{h.hexdigest()}, refused")
+        await self.index.put_blob(record)
+
+    async def put_manifest(self, repository: str, reference: str, media_type: str, content: bytes) -> str:
+        if not REFERENCE.match(reference):
+            raise InvalidArgument(f"invalid tag {reference!r}")
+        if media_type not in MANIFEST_TYPES:
+            raise InvalidArgument(f"manifest media type {media_type!r} is not one of {', '.join(MANIFEST_TYPES)}")
+        try:
+            doc = json.loads(content)
+            wanted = [doc["config"]["digest"], *(layer["digest"] for layer in doc.get("layers") or [])]
+        except (ValueError, KeyError, TypeError) as e:
+            raise InvalidArgument(f"manifest for {repository}:{reference} is not an image manifest ({e})") from None
+        missing = [d for d in wanted if await self.index.get_blob(check_digest(d)) is None]
+        if missing:
+            raise FailedPrecondition(f"manifest for {repository}:{reference}: blob {missing[0]} is not stored "
+                                     f"({len(missing)} missing)")
+        piece = Digest.of(content)
+        await self.store.put(piece, compress(content))
+        digest = "sha256:" + piece.hash
+        await self.index.put_blob(BlobRecord(digest, len(content), media_type, [piece]))
+        await self.index.put_tag(repository, reference, digest)
+        return digest
+
+    async def find_missing(self, digests: Iterable[str]) -> list[str]:
+        return [d for d in dict.fromkeys(digests) if await self.index.get_blob(check_digest(d)) is None]
+
+    async def manifest(self, repository: str, reference: str) -> BlobRecord:
+        """The manifest a tag or digest names in `repository`; NotFound otherwise."""
+        digest = reference if reference.startswith("sha256:") else await self.index.get_tag(repository, reference)
+        if digest is None:
+            raise NotFound(f"manifest {repository}:{reference} is unknown")
+        record = await self.index.get_blob(check_digest(digest))
+        if record is None or record.media_type not in MANIFEST_TYPES:
+            raise NotFound(f"manifest {repository}@{digest} is unknown")
+        return record
+
+    async def blob(self, digest: str) -> BlobRecord:
+        record = await self.index.get_blob(check_digest(digest))
+        if record is None:
+            raise NotFound(f"blob {digest} is unknown")
+        return record
+
+    async def read_all(self, record: BlobRecord) -> bytes:
+        return b"".join([data async for data in self._read(record)])
+
+    def read(self, record: BlobRecord) -> AsyncIterator[bytes]:
+        return self._read(record)
+
+    async def _read(self, record: BlobRecord) -> AsyncIterator[bytes]:
+        """The blob's bytes, piece by piece, each checked against its digest; the next piece is fetched
+        while this one is sent."""
+        ahead: asyncio.Task[bytes] | None = None
+
+        async def fetch(piece: Digest) -> bytes:
+            compressed = await self.store.get(piece)
+            return await asyncio.to_thread(decompress_verified, piece, compressed)
+
+        try:
+            for i, piece in enumerate(record.pieces):
+                current = ahead if ahead is not None else asyncio.ensure_future(fetch(piece))
+                ahead = asyncio.ensure_future(fetch(record.pieces[i + 1])) if i + 1 < len(record.pieces) else None
+                yield await current
+        finally:
+            if ahead is not None:
+                ahead.cancel()

@@ -1,0 +1,3 @@
+from imagestream_cli.main import main
+
+main()

@@ -1,0 +1,178 @@
+"""`imagestream push`: convert a source image and publish it to the regional store.
+
+Order matters for "nothing half-published": every blob is read and checked
+and the whole index built before anything is uploaded; chunks and the index
+are uploaded before the name is published; the regional store itself refuses
+to publish a name whose chunks are not all stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import io
+import json
+import pathlib
+import time
+from collections.abc import Iterator
+from typing import IO, Any
+
+from tqdm import tqdm
+
+from imagestream import config, telemetry
+from imagestream.digests import Digest, compress
+from imagestream.errors import BadImage
+from imagestream.names import validate_name
+from imagestream.oci import MEDIA_OCI_CONFIG, MEDIA_OCI_MANIFEST, PIECE_SIZE, BlobRecord, layer_media_type, repository_and_tag
+from imagestream.rpc.client import GrpcChunkStore, GrpcDistribution, GrpcImageNames
+from imagestream.snapshot_labels import annotate_for_streaming
+from imagestream.store.base import ChunkStore
+from imagestream.v1 import images_pb2
+from imagestream_cli.convert import Converted, convert, temporary_spool
+from imagestream_cli.source import open_image
+
+
+@dataclasses.dataclass
+class PushResult:
+    image: images_pb2.Image
+    converted: Converted
+    uploaded_chunks: int
+    uploaded_bytes: int
+    convert_s: float
+    upload_s: float
+    manifest_digest: str = ""  # of the OCI manifest kept for pulls the normal way (chunk_store.distribution)
+
+    def summary(self) -> str:
+        c = self.converted
+        total = self.convert_s + self.upload_s
+        return (
+            f"pushed {self.image.name}: {c.files} files, {c.content_bytes / 1e6:.1f} MB in {len(c.chunks)} chunks; "
+            f"uploaded {self.uploaded_chunks} new chunks ({self.uploaded_bytes / 1e6:.1f} MB compressed); "
+            f"index sha256:{c.index_digest.hash[:12]}; {c.content_bytes / 1e6 / total:.1f} MB/s "
+            f"(convert {self.convert_s:.1f} s, upload {self.upload_s:.1f} s); manifest {self.manifest_digest}"
+        )
+
+
+def push(source: str | pathlib.Path, name: str, region: str | None = None, chunk_size: int | None = None,
+         progress: bool = True, streaming: bool = True) -> PushResult:
+    with telemetry.tracer.start_as_current_span("push") as span:
+        if span.is_recording():
+            span.set_attributes({"imagestream.image": name, "imagestream.source": str(source)})
+        return _push(source, name, region, chunk_size, progress, streaming)
+
+
+def _push(source: str | pathlib.Path, name: str, region: str | None, chunk_size: int | None,
+          progress: bool, streaming: bool) -> PushResult:
+    validate_name(name)
+    region = region or config.get("region")
+    chunk_size = chunk_size or config.parse_size(config.get("chunk_size"))
+    with open_image(source) as image_source, temporary_spool() as spool_dir:
+        started = time.monotonic()
+        with tqdm(total=len(image_source.layers), unit="layer", desc="convert", disable=not progress) as bar:
+            converted, spool = convert(image_source, pathlib.Path(spool_dir), chunk_size,
+                                       on_layer=lambda done, total: bar.update(1))
+        convert_s = time.monotonic() - started
+        started = time.monotonic()
+        image, uploaded, uploaded_bytes, manifest = asyncio.run(
+            _upload(converted, spool, name, region, progress, streaming, image_source))
+        return PushResult(image, converted, uploaded, uploaded_bytes, convert_s, time.monotonic() - started, manifest)
+
+
+async def _upload(converted: Converted, spool, name: str, target: str, progress: bool, streaming: bool,  # type: ignore[no-untyped-def]
+                  source):
+    store = GrpcChunkStore(target, name="regional")
+    names = GrpcImageNames(target)
+    dist = GrpcDistribution(target)
+    try:
+        wanted = [*converted.chunks, converted.index_digest]
+        missing = []
+        for i in range(0, len(wanted), 5000):
+            missing += await store.find_missing(wanted[i : i + 5000])
+        total = sum(spool.sizes.get(d) or spool.path(d).stat().st_size for d in missing)
+        with tqdm(total=total, unit="B", unit_scale=True, desc="upload", disable=not progress) as bar:
+
+            def chunks():  # type: ignore[no-untyped-def]
+                for digest in missing:
+                    data = spool.read(digest)
+                    bar.update(len(data))
+                    yield digest, data
+
+            await store.put_many(chunks())
+        image = images_pb2.Image(name=name, index=converted.index_digest.to_proto(),
+                                 source_digest=converted.source_digest, streaming_disabled=not streaming)
+        published = await names.publish(image)
+        # what was received, kept for pulls the normal way; a streamable image's layers say so
+        with tqdm(unit="B", unit_scale=True, desc="blobs", disable=not progress) as bar:
+            manifest, _ = await push_blobs(source, store, dist, name, converted.index_digest if streaming else None,
+                                           on_bytes=bar.update)
+        return published, len(missing), total, manifest
+    finally:
+        await store.close()
+        await names.close()
+        await dist.close()
+
+
+# -- the blobs as received, for pulls the normal way ------------------------------
+
+def split_pieces(f: IO[bytes]) -> Iterator[tuple[bytes, Digest, bytes]]:
+    """(raw piece, its digest, its zstd frame) for consecutive PIECE_SIZE pieces of `f`."""
+    while piece := f.read(PIECE_SIZE):
+        yield piece, Digest.of(piece), compress(piece)
+
+
+
+async def push_blobs(source, chunks: ChunkStore, dist: GrpcDistribution, name: str,  # type: ignore[no-untyped-def]
+                     index: Digest | None, on_bytes=lambda n: None) -> tuple[str, int]:
+    """Store the source's config and layer blobs as received, then its manifest under NAME's tag.
+
+    `index` set: the image streams, and the stored manifest's layers carry the annotations a node's
+    snapshotter looks for (see the module's doc). An OCI source keeps its manifest (plus those
+    annotations); a docker archive, which has none, gets an OCI manifest made for it. Blobs already
+    recorded are not read again. Returns the stored manifest's digest and the bytes uploaded.
+    """
+    uploaded = 0
+
+    async def store_blob(opener, media_type: str, expected: str | None) -> dict[str, Any]:
+        nonlocal uploaded
+        h, size, pieces = hashlib.sha256(), 0, []
+        with opener() as f:
+            parts = split_pieces(f)
+            while (item := await asyncio.to_thread(next, parts, None)) is not None:
+                raw, digest, compressed = item
+                h.update(raw)
+                size += len(raw)
+                pieces.append(digest)
+                if await chunks.find_missing([digest]):
+                    await chunks.put(digest, compressed)
+                    uploaded += len(compressed)
+                if not media_type:
+                    media_type = layer_media_type(raw[:4])
+                on_bytes(len(raw))
+        actual = "sha256:" + h.hexdigest()
+        if expected is not None and actual != expected:
+            raise BadImage(f"blob {expected} does not match its digest (content is {actual})")
+        await dist.put_blob(BlobRecord(actual, size, media_type, pieces))
+        return {"mediaType": media_type, "digest": actual, "size": size}
+
+    manifest = source.manifest
+    if manifest is not None:  # OCI: the blobs are named by the manifest
+        descriptors = [manifest["config"], *manifest.get("layers", [])]
+        missing = set(await dist.find_missing([d["digest"] for d in descriptors]))
+        if manifest["config"]["digest"] in missing:
+            await store_blob(lambda: io.BytesIO(source.config_bytes), manifest["config"].get("mediaType", MEDIA_OCI_CONFIG),
+                             manifest["config"]["digest"])
+        for layer, descriptor in zip(source.layers, manifest.get("layers", [])):
+            if descriptor["digest"] in missing:
+                await store_blob(lambda layer=layer: source._open(layer.blob_name), descriptor.get("mediaType", ""),
+                                 layer.digest)
+    else:  # docker archive: make an OCI manifest for what it holds
+        config = await store_blob(lambda: io.BytesIO(source.config_bytes), MEDIA_OCI_CONFIG, None)
+        layers = [await store_blob(lambda layer=layer: source._open(layer.blob_name), "", None) for layer in source.layers]
+        manifest = {"schemaVersion": 2, "mediaType": MEDIA_OCI_MANIFEST, "config": config, "layers": layers}
+    if index is not None:
+        manifest = annotate_for_streaming(manifest, name, index)
+    media_type = manifest.get("mediaType") or MEDIA_OCI_MANIFEST
+    content = json.dumps(manifest, separators=(",", ":"), sort_keys=True).encode()
+    repository, tag = repository_and_tag(name)
+    return await dist.put_manifest(repository, tag, media_type, content), uploaded

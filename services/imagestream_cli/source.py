@@ -1,0 +1,327 @@
+"""Read a source image: an OCI image layout directory, an OCI archive, or a `docker save` archive.
+
+Every blob is checked against its digest as it is read; a missing or
+mismatching blob is refused with BadImage naming it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gzip
+import hashlib
+import io
+import json
+import pathlib
+import tarfile
+from collections.abc import Iterator
+from typing import IO, Any
+
+import zstandard
+
+from imagestream.errors import BadImage
+from imagestream.oci import IMAGE_INDEX_TYPES
+
+
+
+@dataclasses.dataclass
+class Layer:
+    """One layer: where its blob is, and the digests it must match."""
+
+    position: int  # 1-based, bottom layer first
+    blob_name: str  # path inside the source, for messages
+    digest: str | None  # digest of the blob as stored (None for docker archives: they list none)
+    diff_id: str | None  # digest of the uncompressed tar, from the image config
+
+    def describe(self) -> str:
+        return f"layer {self.position} ({self.digest or self.blob_name})"
+
+
+class HashingReader(io.RawIOBase):
+    """Reads through `inner`, hashing every byte; `hexdigest()` once drained."""
+
+    def __init__(self, inner: IO[bytes]) -> None:
+        self.inner = inner
+        self.hash = hashlib.sha256()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:  # type: ignore[no-untyped-def]
+        data = self.inner.read(len(b))
+        n = len(data)
+        b[:n] = data
+        self.hash.update(data)
+        return n
+
+    def drain(self) -> None:
+        while self.read(1 << 20):
+            pass
+
+    def hexdigest(self) -> str:
+        return "sha256:" + self.hash.hexdigest()
+
+
+def _decompressed(raw: IO[bytes]) -> IO[bytes]:
+    """gzip, zstd or plain tar, told apart by their magic numbers."""
+    buffered = io.BufferedReader(raw, 1 << 20)  # type: ignore[arg-type]
+    magic = buffered.peek(4)[:4]
+    if magic[:2] == b"\x1f\x8b":
+        return gzip.GzipFile(fileobj=buffered)  # type: ignore[return-value]
+    if magic == b"\x28\xb5\x2f\xfd":
+        return zstandard.ZstdDecompressor().stream_reader(buffered, read_across_frames=True)  # type: ignore[return-value]
+    return buffered
+
+
+class ImageSource:
+    """A source image, whatever its format. Use `open_image(path)`."""
+
+    format = "?"
+
+    def __init__(self, path: pathlib.Path) -> None:
+        self.path = path
+        self.manifest_digest = ""
+        self.manifest: dict[str, Any] | None = None  # the OCI manifest, for formats that have one
+        self.config_bytes = b""
+        self.config: dict[str, Any] = {}
+        self.layers: list[Layer] = []
+
+    # -- per format ------------------------------------------------------
+    def _open(self, name: str) -> IO[bytes]:
+        raise NotImplementedError
+
+    def _exists(self, name: str) -> bool:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> ImageSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- shared ----------------------------------------------------------
+    def _read_blob(self, name: str, digest: str | None, what: str, limit: int = 16 << 20) -> bytes:
+        if not self._exists(name):
+            raise BadImage(f"{what}: blob {digest or name} is missing from {self.path}")
+        with self._open(name) as f:
+            data = f.read(limit + 1)
+        if len(data) > limit:
+            raise BadImage(f"{what}: blob {digest or name} is larger than {limit} bytes")
+        if digest is not None:
+            _check_digest_form(digest, what)
+            actual = "sha256:" + hashlib.sha256(data).hexdigest()
+            if actual != digest:
+                raise BadImage(f"{what}: blob {digest} does not match its digest (content is {actual})")
+        return data
+
+    def _json(self, data: bytes, what: str) -> dict[str, Any]:
+        try:
+            value = json.loads(data)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise BadImage(f"{what}: not valid JSON ({e})") from None
+        if not isinstance(value, dict):
+            raise BadImage(f"{what}: expected a JSON object")
+        return value
+
+    def _set_config(self, data: bytes, what: str) -> None:
+        self.config_bytes = data  # kept as received, for the regional OCI endpoint (chunk_store.distribution)
+        self.config = self._json(data, what)
+        diff_ids = self.config.get("rootfs", {}).get("diff_ids")
+        if not isinstance(diff_ids, list):
+            raise BadImage(f"{what}: rootfs.diff_ids is missing")
+        self._diff_ids = diff_ids
+
+    @contextlib.contextmanager
+    def open_layer(self, layer: Layer) -> Iterator[tarfile.TarFile]:
+        """The layer as a streaming tar; both digests are checked once it has been read to the end.
+
+        Callers must read every member; `verify_layer` is called on normal exit.
+        """
+        if not self._exists(layer.blob_name):
+            raise BadImage(f"{layer.describe()}: blob is missing from {self.path}")
+        with self._open(layer.blob_name) as raw_file:
+            raw = HashingReader(raw_file)
+            try:
+                unpacked = HashingReader(_decompressed(raw))
+                tar = tarfile.open(fileobj=unpacked, mode="r|", errorlevel=2)  # type: ignore[call-overload]
+            except (tarfile.TarError, OSError, EOFError, zstandard.ZstdError) as e:
+                raise BadImage(f"{layer.describe()}: not a readable tar ({e})") from None
+            try:
+                yield tar
+                unpacked.drain()
+                raw.drain()
+            except (tarfile.TarError, OSError, EOFError, zstandard.ZstdError) as e:
+                raise BadImage(f"{layer.describe()}: truncated or corrupt ({type(e).__name__}: {e})") from None
+            if layer.digest is not None and raw.hexdigest() != layer.digest:
+                raise BadImage(f"{layer.describe()}: blob does not match its digest (content is {raw.hexdigest()})")
+            if layer.diff_id is not None and unpacked.hexdigest() != layer.diff_id:
+                raise BadImage(
+                    f"{layer.describe()}: uncompressed tar does not match diff_id {layer.diff_id} "
+                    f"(content is {unpacked.hexdigest()})"
+                )
+
+
+def _check_digest_form(digest: str, what: str) -> None:
+    algo, _, hex_ = digest.partition(":")
+    if algo != "sha256" or len(hex_) != 64 or any(c not in "0123456789abcdef" for c in hex_):
+        raise BadImage(f"{what}: unsupported or malformed digest {digest!r}")
+
+
+
+
+def _pick_manifest(image_index: dict[str, Any], what: str) -> dict[str, Any]:
+    manifests = image_index.get("manifests")
+    if not isinstance(manifests, list) or not manifests:
+        raise BadImage(f"{what}: lists no manifests")
+    for m in manifests:  # prefer linux/amd64 when several platforms are listed
+        platform = m.get("platform") or {}
+        if platform.get("os", "linux") == "linux" and platform.get("architecture", "amd64") == "amd64":
+            return m
+    raise BadImage(f"{what}: no linux/amd64 manifest among {len(manifests)}")
+
+
+class _OciSource(ImageSource):
+    """OCI image layout: oci-layout, index.json, blobs/<algo>/<hex>."""
+
+    def _load(self) -> None:
+        if not self._exists("oci-layout"):
+            raise BadImage(f"{self.path}: no oci-layout file, not an OCI image layout")
+        descriptor = _pick_manifest(self._json(self._read_blob("index.json", None, "index.json"), "index.json"), "index.json")
+        # an image index may point to another image index (multi-platform images)
+        for _ in range(4):
+            digest = descriptor.get("digest", "")
+            _check_digest_form(digest, "index.json")
+            doc = self._json(self._read_blob(self._blob(digest), digest, f"manifest {digest}"), f"manifest {digest}")
+            if doc.get("mediaType") in IMAGE_INDEX_TYPES or "manifests" in doc:
+                descriptor = _pick_manifest(doc, f"image index {digest}")
+                continue
+            break
+        else:
+            raise BadImage("index.json: image indexes nested too deeply")
+        self.manifest_digest = digest
+        self.manifest = doc
+        config = doc.get("config") or {}
+        config_digest = config.get("digest", "")
+        _check_digest_form(config_digest, f"manifest {digest} config")
+        self._set_config(self._read_blob(self._blob(config_digest), config_digest, "image config"), "image config")
+        layers = doc.get("layers")
+        if not isinstance(layers, list):
+            raise BadImage(f"manifest {digest}: no layers list")
+        if len(layers) != len(self._diff_ids):
+            raise BadImage(f"manifest {digest}: {len(layers)} layers but {len(self._diff_ids)} diff_ids in the config")
+        for i, (layer, diff_id) in enumerate(zip(layers, self._diff_ids), 1):
+            layer_digest = layer.get("digest", "")
+            _check_digest_form(layer_digest, f"layer {i}")
+            _check_digest_form(diff_id, f"layer {i} diff_id")
+            self.layers.append(Layer(i, self._blob(layer_digest), layer_digest, diff_id))
+
+    @staticmethod
+    def _blob(digest: str) -> str:
+        algo, _, hex_ = digest.partition(":")
+        return f"blobs/{algo}/{hex_}"
+
+
+class OciLayoutDir(_OciSource):
+    format = "oci-layout"
+
+    def __init__(self, path: pathlib.Path) -> None:
+        super().__init__(path)
+        self._load()
+
+    def _exists(self, name: str) -> bool:
+        return (self.path / name).is_file()
+
+    def _open(self, name: str) -> IO[bytes]:
+        return open(self.path / name, "rb")
+
+
+class _TarMembers:
+    """Random access to the members of a tar file (OCI and docker archives are uncompressed tars)."""
+
+    def __init__(self, path: pathlib.Path) -> None:
+        try:
+            self.tar = tarfile.open(path, "r:*")
+            self.members = {m.name.removeprefix("./"): m for m in self.tar.getmembers() if m.isfile()}
+        except (tarfile.TarError, OSError, EOFError) as e:
+            raise BadImage(f"{path}: not a readable image archive ({e})") from None
+
+    def exists(self, name: str) -> bool:
+        return name in self.members
+
+    def open(self, name: str) -> IO[bytes]:
+        f = self.tar.extractfile(self.members[name])
+        assert f is not None
+        return f
+
+
+class _InArchive(ImageSource):
+    """An image whose files are the members of one tar archive."""
+
+    def __init__(self, path: pathlib.Path, members: _TarMembers) -> None:
+        super().__init__(path)
+        self._members = members
+
+    def _exists(self, name: str) -> bool:
+        return self._members.exists(name)
+
+    def _open(self, name: str) -> IO[bytes]:
+        return self._members.open(name)
+
+    def close(self) -> None:
+        self._members.tar.close()
+
+
+class OciArchive(_InArchive, _OciSource):
+    format = "oci-archive"
+
+    def __init__(self, path: pathlib.Path, members: _TarMembers) -> None:
+        super().__init__(path, members)
+        self._load()
+
+
+class DockerArchive(_InArchive):
+    """`docker save` output: manifest.json naming a config and layer tars."""
+
+    format = "docker-archive"
+
+    def __init__(self, path: pathlib.Path, members: _TarMembers) -> None:
+        super().__init__(path, members)
+        entries = json.loads(self._read_blob("manifest.json", None, "manifest.json"))
+        if not isinstance(entries, list) or not entries or not isinstance(entries[0], dict):
+            raise BadImage("manifest.json: expected a list of images")
+        if len(entries) > 1:
+            raise BadImage(f"manifest.json: holds {len(entries)} images; save one image per archive")
+        entry = entries[0]
+        config_name = entry.get("Config", "")
+        # the config is stored under its own digest (<hex>.json or blobs/sha256/<hex>)
+        stem = pathlib.PurePosixPath(config_name).name.removesuffix(".json")
+        config_digest = f"sha256:{stem}" if len(stem) == 64 else None
+        config_bytes = self._read_blob(config_name, config_digest, "image config")
+        self._set_config(config_bytes, "image config")
+        self.manifest_digest = "sha256:" + hashlib.sha256(config_bytes).hexdigest()
+        layers = entry.get("Layers")
+        if not isinstance(layers, list) or len(layers) != len(self._diff_ids):
+            raise BadImage(f"manifest.json: {len(layers or [])} layers but {len(self._diff_ids)} diff_ids in the config")
+        for i, (name, diff_id) in enumerate(zip(layers, self._diff_ids), 1):
+            _check_digest_form(diff_id, f"layer {i} diff_id")
+            # the blob name is a digest in Docker 25+ archives; older ones name it <id>/layer.tar
+            self.layers.append(Layer(i, name, None, diff_id))
+
+
+def open_image(path: str | pathlib.Path) -> ImageSource:
+    """Open SOURCE as whichever of the three formats it is; BadImage says why not."""
+    path = pathlib.Path(path)
+    if path.is_dir():
+        return OciLayoutDir(path)
+    if not path.exists():
+        raise BadImage(f"{path}: no such file or directory")
+    members = _TarMembers(path)
+    if members.exists("oci-layout"):
+        return OciArchive(path, members)
+    if members.exists("manifest.json"):
+        return DockerArchive(path, members)
+    members.tar.close()
+    raise BadImage(f"{path}: neither an OCI archive (no oci-layout) nor a docker archive (no manifest.json)")
