@@ -226,6 +226,10 @@ def status() -> None:
     found = mounts.list_mounts()
     for m in found:
         d = downloads.get(f"{m.pid}:{m.mountpoint}")
+        if not _serving(m):
+            click.echo(f"  {m.mountpoint}  {m.name}  DEAD: its FUSE client is gone; `imagestream umount "
+                       f"{m.mountpoint}` removes it")
+            continue
         if d is None or not d.chunks_total:
             progress = "streaming (download not started)"
         else:
@@ -253,6 +257,19 @@ def status() -> None:
         click.echo(f"  {tier:12} hit ratio {ratio:>5} ({hits:.0f} hits, {misses:.0f} misses)")
     click.echo(f"  upstream     {node.blocking_fetches} blocking fetches, {node.background_fetches} background fetches, "
                f"{node.pinned_chunks} chunks pinned by mounts")
+
+
+def _serving(m) -> bool:  # type: ignore[no-untyped-def]
+    """The mount's FUSE client runs and the kernel still reaches it (a dead daemon's mount fails with ENOTCONN)."""
+    from imagestream.proc import alive
+
+    if not alive(m.pid):
+        return False
+    try:
+        os.stat(m.mountpoint)
+    except OSError:
+        return False
+    return True
 
 
 def _tier_counts(address: str, tier: str) -> tuple[float | None, float]:
