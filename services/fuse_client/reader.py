@@ -104,6 +104,8 @@ class ChunkReader:
                 data = await asyncio.to_thread(decompress_verified, digest, compressed)
             except (TimeoutError, Unavailable, NotFound, CorruptChunk) as e:
                 last = e
+                if isinstance(e, CorruptChunk) and hasattr(self.store, "distrust_local"):
+                    self.store.distrust_local(digest)  # the next attempt makes the node check and replace its copy
                 log.warning("chunk %s: attempt %d/%d failed: %s", digest, attempt + 1, self.retries, e or "timeout")
                 await asyncio.sleep(0.1 * 2**attempt)
                 continue

@@ -69,6 +69,7 @@ SETTINGS = {s.name: s for s in [
     Setting("cassandra_local_dc", "dc1", "data centre the regional store prefers"),
     Setting("read_consistency", "LOCAL_QUORUM", "Cassandra consistency level for reads"),
     Setting("write_consistency", "LOCAL_QUORUM", "Cassandra consistency level for writes"),
+    Setting("scrub_interval", "0", "seconds between background scrubs of every regional chunk (0: none)"),
     # zonal cache (Redis)
     Setting("zonal_cache_listen", "127.0.0.1:50062", "address the zonal cache serves gRPC on"),
     Setting("zonal_cache_metrics", "127.0.0.1:9462", "address of the zonal cache's Prometheus /metrics"),

@@ -85,11 +85,19 @@ class GrpcChunkStore(GrpcClient, ChunkStore):
         GrpcClient.__init__(self, target, timeout_s)
         self.accept_local_path = accept_local_path
         self.name = name or target
+        self._distrusted: set[Digest] = set()
+
+    def distrust_local(self, digest: Digest) -> None:
+        """The node's file for `digest` held bad bytes: ask for the bytes next time, so the node checks its copy
+        (and replaces it) instead of handing out the same path again."""
+        self._distrusted.add(digest)
 
     async def get(self, digest: Digest, image: str = "") -> bytes:
         image = image or telemetry.current_image()
         data = None
-        if self.accept_local_path:
+        if self.accept_local_path and digest in self._distrusted:
+            self._distrusted.discard(digest)
+        elif self.accept_local_path:
             chunk = await self._get(digest, image, accept_local_path=True)
             if chunk.local_path:
                 try:
