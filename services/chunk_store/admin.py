@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from imagestream.digests import Digest
-from imagestream.errors import InvalidArgument
+from imagestream.errors import InvalidArgument, Unavailable
 from imagestream.rpc.server import status_on_error
 from imagestream.v1 import admin_pb2, admin_pb2_grpc
 
@@ -19,8 +19,12 @@ class RegionalAdminServicer(admin_pb2_grpc.RegionalAdminServicer):
             if request.limit < 0:
                 raise InvalidArgument(f"limit {request.limit} < 0")
             report = await self.store.scrub(limit=request.limit)
-            found = {d: True for d in report.found}
-            chunks = [q for q in await self._quarantine() if Digest.from_proto(q.digest) in found]
+            found = set(report.found)
+            try:
+                chunks = [q for q in await self._quarantine() if Digest.from_proto(q.digest) in found]
+            except Unavailable:  # the report stands without the details
+                chunks = [admin_pb2.QuarantinedChunk(digest=d.to_proto(), reason="see the chunk store's log")
+                          for d in report.found]
             return admin_pb2.ScrubReport(checked=report.checked, bytes=report.bytes, corrupt=report.corrupt,
                                          healed=report.healed, unhealed=report.unhealed, unreadable=report.unreadable,
                                          seconds=report.seconds, found=chunks)

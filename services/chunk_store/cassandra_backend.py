@@ -119,6 +119,9 @@ class CassandraConnection:
     def prepare(self, cql: str, write: bool) -> Any:
         statement = self.session.prepare(cql.format(ks=self.keyspace))
         statement.consistency_level = self.write_cl if write else self.read_cl
+        # Every statement but a lightweight transaction gives the same result when run twice (chunks are
+        # content-addressed): the driver may then retry it on another node when its coordinator dies.
+        statement.is_idempotent = " IF " not in cql.upper()
         return statement
 
     async def execute(self, statement: Any, params: tuple = (), host: Any = None) -> list[Any]:
@@ -208,23 +211,29 @@ class CassandraChunkStore(ChunkStore):
                                       " VALUES (?, ?, ?, ?, ?, ?)", write=True)
         self._quarantined = db.prepare("SELECT hash, size, found_at, reason, bad_sha256, healed FROM {ks}.quarantine",
                                        write=False)
-        self._all_keys = db.prepare("SELECT hash, size FROM {ks}.chunks", write=False)
-        self._all_keys.fetch_size = 1000
+        # DISTINCT over the partition key reads keys only, not the chunks' bytes; ONE: each chunk is then
+        # read replica by replica anyway
+        self._all_keys = db.prepare("SELECT DISTINCT hash, size FROM {ks}.chunks", write=False)
+        self._all_keys.consistency_level = ConsistencyLevel.ONE
+        self._all_keys.fetch_size = 500
 
-    async def copies(self, digest: Digest) -> list[bytes]:
-        """Every copy that can be had: read at ALL, then each replica's own answer (consistency ONE, that replica
-        coordinating). Distinct values, in that order; replicas that are down are skipped."""
+    async def copies(self, digest: Digest, strong: bool = True) -> list[tuple[str, bytes | None]]:
+        """Each replica's own copy ((replica, bytes), None where it has none), read at consistency ONE with that
+        replica coordinating, so that no read repair mixes them; then, with `strong`, the copy read at ALL.
+        Replicas that do not answer are left out."""
         self._prepare_healing()
-        found: list[bytes] = []
-        attempts = [(self._get_all, None)] + [(self._get_one, host) for host in self.db.replicas(self._get_one, (digest.hash, digest.size))]
+        params = (digest.hash, digest.size)
+        attempts = [(self._get_one, host) for host in self.db.replicas(self._get_one, params)]
+        if strong:
+            attempts.append((self._get_all, None))
+        found: list[tuple[str, bytes | None]] = []
         for statement, host in attempts:
             try:
-                rows = await self.db.execute(statement, (digest.hash, digest.size), host=host)
+                rows = await self.db.execute(statement, params, host=host)
             except Unavailable as e:
-                log.info("chunk %s: a copy could not be read (%s): %s", digest.short, host or "ALL", e)
+                log.info("chunk %s: the copy of %s could not be read: %s", digest.short, host or "ALL", e)
                 continue
-            if rows and rows[0].data not in found:
-                found.append(rows[0].data)
+            found.append((str(host.address) if host else "ALL", rows[0].data if rows else None))
         return found
 
     async def rewrite(self, digest: Digest, compressed: bytes) -> None:
@@ -243,8 +252,21 @@ class CassandraChunkStore(ChunkStore):
     def all_digests(self):  # type: ignore[no-untyped-def]
         """Every stored chunk's digest, paged (a blocking iterator: run it in a thread)."""
         self._prepare_healing()
-        for row in self.db.session.execute(self._all_keys):
-            yield row.hash, row.size
+        paging_state = None
+        while True:
+            for attempt in range(3):  # a page that times out (a busy or restarting node) is asked for again
+                try:
+                    result = self.db.session.execute(self._all_keys, paging_state=paging_state)
+                    break
+                except Exception as e:  # noqa: BLE001 - the driver's timeouts and unavailability
+                    if attempt == 2:
+                        raise
+                    log.info("listing chunks: page failed, again: %s", e)
+            for row in result.current_rows:
+                yield row.hash, row.size
+            paging_state = result.paging_state
+            if paging_state is None:
+                return
 
 
 class CassandraImageNames(ImageNames):

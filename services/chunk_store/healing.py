@@ -9,7 +9,9 @@ on every replica. With no good copy the read fails as corrupt, the row stays
 for a later push to overwrite (`find_missing` reports an unhealed chunk as
 missing, so the next push of any image holding it uploads it again).
 
-`scrub` reads every stored chunk through the same path; the chunk store runs it
+`scrub` reads every replica's copy of every stored chunk on its own (a quorum
+read may never look at a bad replica; a replica-by-replica read at consistency
+ONE mixes nothing, so no read repair spreads a bad copy); the chunk store runs it
 on demand (`imagestream scrub`, the RegionalAdmin service) and, optionally, in
 the background (IMAGESTREAM_SCRUB_INTERVAL).
 """
@@ -53,6 +55,10 @@ class ScrubReport:
     found: list[Digest] = dataclasses.field(default_factory=list)
 
 
+def _sha(copies: list[bytes]) -> str:
+    return ",".join(hashlib.sha256(c).hexdigest()[:16] for c in copies)
+
+
 def _ok(digest: Digest, data: bytes) -> bool:
     try:
         verify(digest, data)
@@ -89,22 +95,46 @@ class HealingStore(ChunkStore):
     async def _heal(self, digest: Digest, bad: bytes) -> bytes:
         self.heal_stats.corrupt_found += 1
         self.stats.corrupt_dropped += 1
-        bad_sha = hashlib.sha256(bad).hexdigest()
         log.warning("regional: chunk %s does not match its digest (stored copy sha256 %s): quarantined, "
-                    "looking for a good replica", digest, bad_sha[:16])
-        for copy in await self.inner.copies(digest):
-            if copy != bad and await asyncio.to_thread(_ok, digest, copy):
+                    "looking for a good replica", digest, hashlib.sha256(bad).hexdigest()[:16])
+        good = await self._repair(digest, [bad])
+        if good is None:
+            raise CorruptChunk(f"chunk {digest} is corrupt in the regional store (quarantined)")
+        return good
+
+    async def _repair(self, digest: Digest, bad: list[bytes]) -> bytes | None:
+        """Find a good copy among the replicas and write it again (healed), or quarantine the chunk (None)."""
+        copies = await self.inner.copies(digest)
+        for _, copy in copies:
+            if copy is not None and copy not in bad and await asyncio.to_thread(_ok, digest, copy):
                 await self.inner.rewrite(digest, copy)
-                await self.inner.quarantine(digest, "digest mismatch; healed from a good replica", bad_sha, True)
+                await self.inner.quarantine(digest, "digest mismatch; healed from a good replica", _sha(bad), True)
                 self.heal_stats.healed += 1
                 self._unhealed_set.discard(digest)
                 log.warning("regional: chunk %s healed: a good copy was found and written again", digest)
                 return copy
-        await self.inner.quarantine(digest, "digest mismatch; no good copy found", bad_sha, False)
+        await self.inner.quarantine(digest, "digest mismatch; no good copy found", _sha(bad), False)
         self.heal_stats.unhealed += 1
         self._unhealed_set.add(digest)
         log.error("regional: chunk %s: no replica holds a good copy; kept in quarantine until pushed again", digest)
-        raise CorruptChunk(f"chunk {digest} is corrupt in the regional store (quarantined)")
+        return None
+
+    async def check_replicas(self, digest: Digest) -> tuple[str, int]:
+        """Check each replica's copy of one chunk (what a quorum read may never look at); heal a bad one.
+        Returns ("ok" | "healed" | "unhealed" | "unreadable", bytes of a good copy)."""
+        copies = [(where, data) for where, data in await self.inner.copies(digest, strong=False) if data is not None]
+        if not copies:
+            return "unreadable", 0
+        verdicts = [(data, await asyncio.to_thread(_ok, digest, data)) for _, data in copies]
+        bad = [data for data, ok in verdicts if not ok]
+        if not bad:
+            return "ok", len(copies[0][1])
+        self.heal_stats.corrupt_found += 1
+        self.stats.corrupt_dropped += 1
+        log.warning("scrub: chunk %s: %d of %d replicas hold a copy not matching its digest",
+                    digest, len(bad), len(copies))
+        good = await self._repair(digest, bad)
+        return ("healed", len(good)) if good is not None else ("unhealed", 0)
 
     async def get(self, digest: Digest) -> bytes:
         return await self._checked(digest, await self.inner.get(digest))
@@ -185,21 +215,21 @@ class HealingStore(ChunkStore):
             while (key := await keys.get()) is not None:
                 digest = Digest(*key)
                 report.checked += 1
-                before = self.heal_stats.healed
                 try:
-                    data = await self.get(digest)
-                    report.bytes += len(data)
-                    if self.heal_stats.healed > before:
-                        report.corrupt += 1
-                        report.healed += 1
-                        report.found.append(digest)
-                except CorruptChunk:
-                    report.corrupt += 1
-                    report.unhealed += 1
-                    report.found.append(digest)
+                    verdict, nbytes = await self.check_replicas(digest)
                 except (NotFound, Unavailable) as e:
-                    report.unreadable += 1
+                    verdict, nbytes = "unreadable", 0
                     log.warning("scrub: chunk %s unreadable: %s", digest, e)
+                report.bytes += nbytes
+                if verdict == "unreadable":
+                    report.unreadable += 1
+                elif verdict != "ok":
+                    report.corrupt += 1
+                    report.found.append(digest)
+                    if verdict == "healed":
+                        report.healed += 1
+                    else:
+                        report.unhealed += 1
 
         producer = asyncio.ensure_future(asyncio.to_thread(produce))
         await asyncio.gather(*(check() for _ in range(concurrency)))

@@ -92,7 +92,7 @@ SETTINGS = {s.name: s for s in [
     Setting("region", "127.0.0.1:50061", "the regional store that push, images and rm talk to"),
     Setting("chunk_size", "1MiB", "chunk size used by push"),
     Setting("fetch_timeout", "10", "seconds one upstream chunk fetch may take before it is retried"),
-    Setting("fetch_retries", "3", "attempts for a chunk before a FUSE read fails with EIO"),
+    Setting("fetch_retries", "8", "attempts for a chunk before a FUSE read fails with EIO (8: about 25 s of retries, backing off from 0.1 s)"),
     Setting("streaming", "auto", "'auto': stream where this node can (FUSE), else pull in full; 'off': always pull in full"),
     Setting("profile", "first", "record a startup profile: 'first' run of an image without one, 'always', 'never'"),
     Setting("record_reads", "", "FUSE client: write every read (inode, offset, size, path) to this file at unmount"),
