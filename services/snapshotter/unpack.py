@@ -11,7 +11,6 @@ layer itself has a directory NAME, that directory's trusted.overlay.opaque=y;
 
 from __future__ import annotations
 
-import hashlib
 import os
 import pathlib
 import shutil
@@ -20,20 +19,19 @@ import subprocess
 import urllib.request
 
 from imagestream import whiteouts
+from imagestream.digests import HashingStream
 from imagestream.errors import BadImage, Unavailable
 
 
 def fetch_blob(registry: str, digest: str, out: pathlib.Path, repository: str = "imagestream") -> None:
-    h = hashlib.sha256()
     try:
         with urllib.request.urlopen(f"http://{registry}/v2/{repository}/blobs/{digest}", timeout=60) as r, \
                 open(out, "wb") as f:
-            while data := r.read(1 << 20):
-                h.update(data)
-                f.write(data)
+            written = HashingStream(f)
+            shutil.copyfileobj(r, written, 1 << 20)
     except OSError as e:
         raise Unavailable(f"cannot fetch layer {digest} from {registry}: {e}") from None
-    if "sha256:" + h.hexdigest() != digest:
+    if written.oci_digest() != digest:
         raise BadImage(f"layer {digest} from {registry} does not match its digest")
 
 
