@@ -18,6 +18,8 @@ from __future__ import annotations
 import dataclasses
 import enum
 
+from imagestream.errors import BadImage
+
 PREFIX = ".wh."
 OPAQUE = ".wh..wh..opq"
 
@@ -31,13 +33,17 @@ class Whiteout:
 
 
 def parse(path: str) -> Whiteout | None:
-    """The whiteout a clean relative layer path ("a/b/.wh.c") is, or None for an ordinary entry."""
+    """The whiteout a clean relative layer path ("a/b/.wh.c") is, or None for an ordinary entry; BadImage
+    for a whiteout that names no entry."""
     directory, _, name = path.rpartition("/")
     if name == OPAQUE:
         return Whiteout(directory, True)
-    if name.startswith(PREFIX):
-        return Whiteout(f"{directory}/{name.removeprefix(PREFIX)}" if directory else name.removeprefix(PREFIX), False)
-    return None
+    if not name.startswith(PREFIX):
+        return None
+    hidden = name.removeprefix(PREFIX)
+    if hidden in ("", ".", ".."):  # would reach the directory itself or its parent
+        raise BadImage(f"whiteout {path!r} names no entry")
+    return Whiteout(f"{directory}/{hidden}" if directory else hidden, False)
 
 
 class Layered(enum.Enum):

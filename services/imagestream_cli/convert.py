@@ -181,7 +181,10 @@ class Flattener:
                 continue
             parts = path.split("/")
             layer.update("/".join(parts[:i]) for i in range(1, len(parts)))
-            whiteout = whiteouts.parse(path)
+            try:
+                whiteout = whiteouts.parse(path)
+            except BadImage as e:
+                raise BadImage(f"{what}: {e}") from None
             if whiteout is not None:
                 self._parent(path, what)  # its directory, as unpacking the layer makes it
                 self._white_out(whiteout, layer)

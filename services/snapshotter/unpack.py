@@ -45,7 +45,10 @@ def unpack(blob: pathlib.Path, dest: pathlib.Path) -> None:
     for dirpath, dirnames, filenames in os.walk(dest):
         for name in filenames + dirnames:
             rel = os.path.relpath(os.path.join(dirpath, name), dest)
-            whiteout = whiteouts.parse(rel)
+            try:
+                whiteout = whiteouts.parse(rel)
+            except BadImage as e:
+                raise BadImage(f"layer {blob.name}: {e}") from None
             if whiteout is not None:
                 found.append((rel, whiteout))
         dirnames[:] = [d for d in dirnames if whiteouts.parse(d) is None]

@@ -13,6 +13,7 @@ import pytest
 
 from imagestream import whiteouts
 from imagestream.digests import Digest, decompress_verified
+from imagestream.errors import BadImage
 from imagestream.index import Index
 from imagestream.v1 import index_pb2
 from imagestream_cli.convert import convert
@@ -132,11 +133,22 @@ def test_the_rule():  # type: ignore[no-untyped-def]
     assert whiteouts.parse(".wh.etc") == whiteouts.Whiteout("etc", opaque=False)
     assert whiteouts.parse("etc/.wh..wh..opq") == whiteouts.Whiteout("etc", opaque=True)
     assert whiteouts.parse(".wh..wh..opq") == whiteouts.Whiteout("", opaque=True)
+    for bad in ("etc/.wh.", "etc/.wh..", "etc/.wh..."):
+        with pytest.raises(BadImage, match="names no entry"):
+            whiteouts.parse(bad)
     name, opaque = whiteouts.Whiteout("etc/passwd", False), whiteouts.Whiteout("etc", True)
     assert whiteouts.effect(name, whiteouts.Layered.NOTHING) is whiteouts.Effect.REMOVE
     assert whiteouts.effect(name, whiteouts.Layered.OTHER) is whiteouts.Effect.NONE
     assert whiteouts.effect(name, whiteouts.Layered.DIRECTORY) is whiteouts.Effect.EMPTY
     assert whiteouts.effect(opaque, whiteouts.Layered.DIRECTORY) is whiteouts.Effect.EMPTY
+
+
+def test_unpacking_refuses_a_whiteout_of_the_parent_directory(tmp_path):  # type: ignore[no-untyped-def]
+    (tmp_path / "beside").write_bytes(b"untouched")
+    blob = _tar(tmp_path / "layer.tar", [("dir", "a", 0o755), _wh("a/.wh...")])
+    with pytest.raises(BadImage, match="names no entry"):
+        unpack(blob, tmp_path / "layers" / "0")
+    assert (tmp_path / "beside").read_bytes() == b"untouched" and (tmp_path / "layers" / "0" / "a").is_dir()
 
 
 def test_the_streamed_view_is_the_one_the_layers_describe(tmp_path):  # type: ignore[no-untyped-def]
