@@ -27,7 +27,7 @@ class VerifiedStore(DelegatingStore):
     A corrupt chunk read from `inner` is deleted from it and reported as
     CorruptChunk, so that a read-through or failover asks the next tier; it is
     never served. `put_verified` (a chunk another checked store just gave) is
-    not checked again.
+    not checked again, nor is a file named by `local_path` (whoever reads it checks it).
     """
 
     checked = True  # type: ignore[assignment]
@@ -63,8 +63,6 @@ class VerifiedStore(DelegatingStore):
     async def put(self, digest: Digest, compressed: bytes) -> bool:
         await self._check(digest, compressed)
         return await self.inner.put_verified(digest, compressed)
-
-    # local_path: whoever reads the file checks it
 
 
 class ReadThroughStore(DelegatingStore):
