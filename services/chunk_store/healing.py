@@ -27,7 +27,7 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 
 from imagestream.digests import Digest, verify
 from imagestream.errors import CorruptChunk, ImagestreamError, NotFound, Unavailable
-from imagestream.store.base import ChunkStore
+from imagestream.store.base import DelegatingStore
 
 from chunk_store.cassandra_backend import CassandraChunkStore
 
@@ -67,15 +67,14 @@ def _ok(digest: Digest, data: bytes) -> bool:
     return True
 
 
-class HealingStore(ChunkStore):
+class HealingStore(DelegatingStore):
     """The regional tier over Cassandra: every chunk checked on the way in and out, none deleted on a failed check."""
 
+    checked = True  # type: ignore[assignment]
+
     def __init__(self, inner: CassandraChunkStore) -> None:
-        super().__init__()
-        self.inner = inner
-        self.name = inner.name
-        self.stats = inner.stats
-        self.knows_duplicates = inner.knows_duplicates
+        super().__init__(inner)
+        self.inner: CassandraChunkStore = inner
         self.heal_stats = HealStats()
         self._healing: dict[Digest, asyncio.Future[bytes]] = {}
         self._unhealed_set: set[Digest] = set()
@@ -180,15 +179,6 @@ class HealingStore(ChunkStore):
         # a stored chunk quarantined without a good copy counts as missing: a push brings it again
         missing |= await self._unhealed() & set(digests)
         return [d for d in digests if d in missing]
-
-    async def delete(self, digest: Digest) -> None:
-        await self.inner.delete(digest)
-
-    async def local_path(self, digest: Digest) -> str | None:
-        return None
-
-    async def close(self) -> None:
-        await self.inner.close()
 
     # -- scrub -------------------------------------------------------------------------
 
