@@ -254,14 +254,15 @@ class CassandraChunkStore(ChunkStore):
         self._prepare_healing()
         paging_state = None
         while True:
-            for attempt in range(3):  # a page that times out (a busy or restarting node) is asked for again
+            for attempt in range(6):  # a page that times out (a busy or restarting node) is asked for again
                 try:
-                    result = self.db.session.execute(self._all_keys, paging_state=paging_state)
+                    result = self.db.session.execute(self._all_keys, paging_state=paging_state, timeout=60)
                     break
                 except Exception as e:  # noqa: BLE001 - the driver's timeouts and unavailability
-                    if attempt == 2:
+                    if attempt == 5:
                         raise
-                    log.info("listing chunks: page failed, again: %s", e)
+                    log.warning("listing chunks: page failed, again in %d s: %s", 2**attempt, e)
+                    time.sleep(2**attempt)
             for row in result.current_rows:
                 yield row.hash, row.size
             paging_state = result.paging_state

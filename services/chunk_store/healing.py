@@ -157,6 +157,10 @@ class HealingStore(DelegatingStore):
             log.warning("regional: quarantined chunk %s healed by a push", digest)
         return stored
 
+    async def delete(self, digest: Digest) -> None:
+        """Never on a reader's word: the source of truth keeps its chunks (a bad one is quarantined by `get`)."""
+        log.warning("regional: asked to drop chunk %s; kept (checked copies are served, bad ones quarantined)", digest)
+
     async def _unhealed(self) -> set[Digest]:
         """Quarantined chunks without a good copy; read from the table at most every few seconds (it is small),
         so that other chunk-store replicas' findings are seen too."""

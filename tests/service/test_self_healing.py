@@ -17,7 +17,6 @@ from imagestream import config
 from imagestream.digests import Digest, compress, decompress_verified
 from imagestream.errors import CorruptChunk, ImagestreamError
 from imagestream.rpc.client import GrpcChunkStore
-from imagestream.store.disk import chunk_file
 from imagestream_dev.stack import local
 
 from tests.conftest import needs_fuse, run_cli
@@ -52,7 +51,7 @@ def test_corrupt_node_local_chunks_are_replaced_and_every_read_succeeds(stack, t
     try:
         wait_until(lambda: (d := download_of(mnt)) and d.done, what="the download")
         digests = [Digest.of(data[i:i + (1 << 20)]) for i in range(0, len(data), 1 << 20)]
-        files = [chunk_file(config.node_disk_dir(), d) for d in digests]
+        files = [config.node_disk_dir() / d.hash[:2] / f"{d.hash}-{d.size}" for d in digests]
         assert all(intact(f, d) for f, d in zip(files, digests))
         for f in files:
             flip(f)
