@@ -158,6 +158,7 @@ def rm(name: str) -> None:
 # -- node -------------------------------------------------------------------
 
 @main.command()
+@_setting("fuse_socket")
 @click.argument("name")
 @click.argument("mountpoint", type=click.Path(file_okay=False))
 @_setting("node_cache_socket")
@@ -173,10 +174,10 @@ def mount(name: str, mountpoint: str, wait: bool, no_download: bool) -> None:
         m = mounts.mount(name, mountpoint, download=not no_download)
     except ImagestreamError as e:
         _fail(e)
-    click.echo(f"mounted {name} on {m.mountpoint} in {m.mount_seconds:.3f} s: ImageStreaming engaged "
-               f"(FUSE client pid {m.pid})")
+    click.echo(f"mounted {name} on {m.mountpoint} (attached in {m.mount_seconds:.3f} s): ImageStreaming engaged "
+               f"(the node's FUSE client, pid {m.pid}, serves it from {m.source})")
     if wait:
-        _wait_for_download(m.mountpoint)
+        _wait_for_download(m.download_id)
 
 
 def _node_status():  # type: ignore[no-untyped-def]
@@ -185,15 +186,12 @@ def _node_status():  # type: ignore[no-untyped-def]
     return node_status()
 
 
-def _wait_for_download(mountpoint: str) -> None:
-    """A progress bar until every chunk of the image mounted on `mountpoint` is on this node."""
+def _wait_for_download(mount_id: str) -> None:
+    """A progress bar until every chunk of the image of the background download `mount_id` is on this node."""
     import time
 
     from tqdm import tqdm
 
-    from fuse_client import mounts
-
-    mount_id = f"{mounts.Mount.find(mountpoint).pid}:{mountpoint}"
     bar = None
     while True:
         download = next((d for d in _node_status().downloads if d.mount_id == mount_id), None)
@@ -210,6 +208,7 @@ def _wait_for_download(mountpoint: str) -> None:
 
 
 @main.command()
+@_setting("fuse_socket")
 @_setting("node_cache_socket")
 @_setting("zonal_cache_metrics")
 @_setting("chunk_store_metrics")
@@ -221,11 +220,17 @@ def status() -> None:
         node = _node_status()
     except ImagestreamError as e:
         _fail(e)
+    from fuse_client import attach
+
     downloads = {d.mount_id: d for d in node.downloads}
-    click.echo("MOUNTS")
-    found = mounts.list_mounts()
-    for m in found:
-        d = downloads.get(f"{m.pid}:{m.mountpoint}")
+    try:
+        attached, root, pid = attach.attachments()
+    except ImagestreamError as e:
+        attached, root, pid = [], f"(not served: {e})", 0
+    click.echo(f"IMAGES  attached in {root}" + (f" (FUSE client pid {pid})" if pid else ""))
+    bound = {m.source: m.mountpoint for m in mounts.list_mounts()}
+    for a in attached:
+        d = downloads.get(a.download_id)
         if d is None or not d.chunks_total:
             progress = "streaming (download not started)"
         else:
@@ -233,8 +238,9 @@ def status() -> None:
             progress = (f"{d.chunks_local}/{d.chunks_total} chunks, {d.bytes_local / 1e6:.1f}/{d.bytes_total / 1e6:.1f} MB "
                         f"({pct:.0f}%), {d.rate_bytes_per_s / 1e6:.1f} MB/s"
                         + (", complete: all reads local" if d.done else "") + (f", stalled: {d.stalled}" if d.stalled else ""))
-        click.echo(f"  {m.mountpoint}  {m.name}  ImageStreaming engaged  {progress}")
-    if not found:
+        shown = f"  on {bound[a.path]}" if a.path in bound else ""
+        click.echo(f"  {a.image}  {a.path}{shown}  {len(a.leases)} lease(s)  ImageStreaming engaged  {progress}")
+    if not attached:
         click.echo("  (none)")
     click.echo("TIERS")
     for t in node.tiers:
@@ -273,6 +279,7 @@ def _tier_counts(address: str, tier: str) -> tuple[float | None, float]:
 
 
 @main.command()
+@_setting("fuse_socket")
 @click.argument("mountpoint", type=click.Path())
 def umount(mountpoint: str) -> None:
     """Unmount an image mounted with `imagestream mount`."""
@@ -285,6 +292,7 @@ def umount(mountpoint: str) -> None:
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@_setting("fuse_socket")
 @click.argument("name")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @click.option("--env", "-e", "env", multiple=True, help="NAME=VALUE (or NAME to pass the caller's) for the command")
@@ -308,6 +316,7 @@ def run(name: str, command: tuple[str, ...], env: tuple[str, ...], keep: bool) -
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@_setting("fuse_socket")
 @click.argument("name")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @_setting("node_cache_socket")

@@ -1,0 +1,103 @@
+"""A warm `imagestream run` to its first output, and the attach of an image the node already knows.
+
+    python -m benchmarks.warm_start [--runs 5] [--port-base 24000] [--out docs/benchmarks]
+
+On a private stack with the Debian + python3 image pushed and run once (so its
+chunks are on the node and its index known to the node's FUSE client), times
+`imagestream run IMAGE -- python3 -c 'print(1)'` from start to its first line
+of output, `runs` times, and the attach of the known image (or, where the node
+has no shared FUSE client, `imagestream mount`'s own mount time). Writes
+OUT/warm_start.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import statistics
+import subprocess
+import tempfile
+import time
+
+from benchmarks.harness import CACHE, ROOT, cli, private_stack, write_report
+
+IMAGE = "bench/warm"
+
+
+def first_output(*command: str) -> float:
+    """Seconds from starting `command` to its first line of output (it must be '1')."""
+    started = time.perf_counter()
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()  # type: ignore[union-attr]
+    seconds = time.perf_counter() - started
+    _, err = proc.communicate(timeout=120)
+    if line.strip() != "1" or proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} printed {line!r}, exited {proc.returncode}: {err}")
+    return seconds
+
+
+def attach_seconds(runs: int) -> list[float]:
+    """Attach (and detach) the known image through the node's FUSE client; [] where there is none."""
+    try:
+        from fuse_client import attach
+    except ImportError:
+        return []
+    samples = []
+    for i in range(runs):
+        started = time.perf_counter()
+        attached = attach.attach(IMAGE, f"bench:{i}")
+        samples.append(time.perf_counter() - started)
+        attach.detach(attached.lease)
+    return samples
+
+
+def mount_seconds(runs: int) -> list[float]:
+    """`imagestream mount` of the known image, from the command's start to its return."""
+    samples = []
+    with tempfile.TemporaryDirectory() as d:
+        for _ in range(runs):
+            started = time.perf_counter()
+            cli("mount", "--no-download", IMAGE, d)
+            samples.append(time.perf_counter() - started)
+            cli("umount", d)
+    return samples
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--port-base", type=int, default=24000)
+    parser.add_argument("--out", type=pathlib.Path, default=ROOT / "docs" / "benchmarks")
+    args = parser.parse_args()
+    from imagestream_dev import imagebuild
+
+    layout = imagebuild.build_debian_python(CACHE, CACHE / "images", fmt="oci")
+    with private_stack(args.port_base):
+        cli("push", "--quiet", str(layout), IMAGE)
+        command = ["imagestream", "run", IMAGE, "--", "python3", "-c", "print(1)"]
+        first_output(*command)  # the first run: chunks to the node, index to the FUSE client, a profile recorded
+        time.sleep(2)  # let the first run's background work (download, profile upload) finish
+        runs = [first_output(*command) for _ in range(args.runs)]
+        attaches = attach_seconds(args.runs)
+        mounts = mount_seconds(args.runs)
+    results = {
+        "command": " ".join(command),
+        "run_first_output_s": {"median": statistics.median(runs), "samples": runs},
+        "attach_known_image_s": {"median": statistics.median(attaches), "samples": attaches} if attaches else None,
+        "mount_command_s": {"median": statistics.median(mounts), "samples": mounts},
+    }
+    table = [("measure", "median", "samples"),
+             ("`imagestream run` to first output (warm)", f"{results['run_first_output_s']['median']:.3f} s",
+              ", ".join(f"{s:.3f}" for s in runs)),
+             ("`imagestream mount` command (known image)", f"{results['mount_command_s']['median']:.3f} s",
+              ", ".join(f"{s:.3f}" for s in mounts))]
+    if attaches:
+        table.append(("attach of a known image (RPC)", f"{statistics.median(attaches) * 1000:.1f} ms",
+                      ", ".join(f"{s * 1000:.1f}" for s in attaches)))
+    write_report("warm_start", results, table, args.out)
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
