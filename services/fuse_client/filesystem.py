@@ -196,12 +196,13 @@ class NodeFilesystem(pyfuse3.Operations):
         self.entries[name.encode()] = fs.base >> SLOT_SHIFT
         self._mtime_ns = time.time_ns()
 
-    def hide(self, name: str) -> None:
+    async def hide(self, name: str) -> None:
+        """The name goes from the root, and from the kernel's cache before this returns."""
         if self.entries.pop(name.encode(), None) is not None:
             self._mtime_ns = time.time_ns()
-            try:  # the kernel's cached name would keep answering for a while
-                pyfuse3.invalidate_entry_async(pyfuse3.ROOT_INODE, name.encode(), ignore_enoent=True)
-            except Exception as e:  # noqa: BLE001 - not mounted (tests), or the kernel has nothing cached
+            try:  # on a thread: the kernel may ask this very loop something before it answers
+                await asyncio.to_thread(pyfuse3.invalidate_entry, pyfuse3.ROOT_INODE, name.encode())
+            except Exception as e:  # noqa: BLE001 - not mounted, or the kernel has nothing cached
                 log.debug("invalidate %s: %s", name, e)
 
     def _image(self, ino: int) -> ImageFilesystem:

@@ -161,7 +161,7 @@ class NodeImages:
         image.leases.discard(lease)
         last = not image.leases
         if last:
-            self.fs.hide(image.dirname)
+            await self.fs.hide(image.dirname)
             log.info("%s detached (its last lease %s went); %d reads, %d chunks fetched (%d from the node's disk "
                      "directly)", image.record.name, lease, image.fs.reads, image.fs.reader.fetches,
                      image.fs.reader.local_reads)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import datetime
 import os
 import pathlib
 import sys
@@ -36,14 +34,21 @@ def _fail(e: Exception) -> None:
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @_setting("home")
 @_setting("cache_dir")
-def main() -> None:
+@click.pass_context
+def main(ctx: click.Context) -> None:
     """Container image streaming: mount an image in about a second and fetch only what is read."""
     import atexit
 
+    if ctx.invoked_subcommand not in TRACED:
+        return  # the tracing SDK and its exporter take longer to import than a warm `run` takes
     from imagestream import telemetry
 
     if telemetry.setup_tracing("imagestream"):
         atexit.register(telemetry.shutdown)
+
+
+# the commands whose own calls are worth a trace (reads are traced by the node's FUSE client)
+TRACED = {"push", "images", "rm"}
 
 
 # -- stack ------------------------------------------------------------------
@@ -114,6 +119,9 @@ def push(source: str, name: str, quiet: bool, no_streaming: bool) -> None:
 @_setting("region")
 def images() -> None:
     """The images published in the regional store."""
+    import asyncio
+    import datetime
+
     from imagestream.rpc.client import GrpcImageNames
 
     async def fetch():  # type: ignore[no-untyped-def]
@@ -138,6 +146,8 @@ def images() -> None:
 @_setting("region")
 def rm(name: str) -> None:
     """Remove the name NAME from the regional store (its chunks stay; other images may share them)."""
+    import asyncio
+
     from imagestream.rpc.client import GrpcImageNames
 
     async def delete() -> bool:

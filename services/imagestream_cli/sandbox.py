@@ -12,7 +12,6 @@ finally.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import ctypes
 import os
 import pathlib
@@ -29,6 +28,8 @@ CLONE_NEWNS = 0x00020000
 
 def describe(name: str):  # type: ignore[no-untyped-def]
     """The image record and its runtime config (Env, WorkingDir, ...), read through the node cache."""
+    import asyncio
+
     from imagestream.digests import Digest
     from imagestream.rpc.client import GrpcChunkStore, GrpcImageNames
     from imagestream.index import load_index
@@ -64,8 +65,8 @@ def run(name: str, command: list[str], extra_env: list[str] = (), keep: bool = F
     The image is streamed (FUSE mount) where this node can; otherwise it is pulled in full first, and
     the tool says why streaming was not engaged.
     """
+    from fuse_client.mounts import streaming_unavailable_reason
     from imagestream.errors import FailedPrecondition
-    from imagestream_cli import pull
 
     run_id = uuid.uuid4().hex[:12]
     run_dir = config.home() / "runs" / run_id
@@ -73,7 +74,7 @@ def run(name: str, command: list[str], extra_env: list[str] = (), keep: bool = F
     for d in (upper, work, merged):
         d.mkdir(parents=True)
     lease = f"run:{run_id}"
-    reason = pull.streaming_unavailable_reason(False)
+    reason = streaming_unavailable_reason(False)
     try:
         if reason is None:
             from fuse_client import attach
@@ -86,6 +87,8 @@ def run(name: str, command: list[str], extra_env: list[str] = (), keep: bool = F
             else:
                 print(f"imagestream: ImageStreaming engaged for {name}", file=sys.stderr)
         if reason is not None:
+            from imagestream_cli import pull
+
             _, cfg = describe(name)
             print(f"imagestream: streaming not engaged for {name}: {reason}; pulling the whole image first",
                   file=sys.stderr)

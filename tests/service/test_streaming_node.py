@@ -29,7 +29,7 @@ pytestmark = [pytest.mark.services, needs_fuse]
 
 def download_of(mountpoint: pathlib.Path):  # type: ignore[no-untyped-def]
     m = mounts.Mount.find(str(mountpoint))
-    return next((d for d in node_status().downloads if d.mount_id == f"{m.pid}:{m.mountpoint}"), None)
+    return next((d for d in node_status().downloads if d.mount_id == m.download_id), None)
 
 
 def wait_until(predicate, timeout: float = 120.0, what: str = "condition"):  # type: ignore[no-untyped-def]
