@@ -126,7 +126,7 @@ async def run(args: argparse.Namespace) -> None:
             await asyncio.to_thread(_raise_kernel_readahead, mountpoint)
         except TimeoutError:
             log.warning("no INIT from the kernel within 5 s; readahead left at its default")
-        for name in ("", "imagestream.v1.Fuse"):
+        for name in ("", "fuse_client", "imagestream.v1.Fuse"):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("node FUSE client serving %s on unix:%s, ready in %.3f s", mountpoint, sock, time.monotonic() - started)
 

@@ -56,7 +56,7 @@ class ImageMounts:
             started = time.monotonic()
             try:
                 attached = await asyncio.to_thread(attach.attach, layer.image, self.lease(h),
-                                                   index=(h, layer.index.size_bytes))
+                                                   index=(h, layer.index.size))
             except FailedPrecondition as e:
                 raise FailedPrecondition(f"cannot stream image {layer.image!r}: {e}; pull the image again") from None
             except ImagestreamError as e:

@@ -90,6 +90,7 @@ def test_two_containers_on_one_image_are_served_by_one_fuse_client(containerd, p
     from fuse_client import attach
     from imagestream import config
     from imagestream_dev.stack import local
+    from snapshotter.cri import pull
 
     ref = f"{registry_host()}/{pushed_images['streamed']}"
     pull(containerd.socket, ref)
