@@ -67,6 +67,7 @@ class NodeImages:
         self.by_lease: dict[str, Image] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._background: set[asyncio.Task] = set()
+        self._downloads = 0
 
     def dirname(self, index: Digest) -> str:
         return index.hash[:32]
@@ -110,7 +111,8 @@ class NodeImages:
                 image.record = record
                 self.fs.show(image.dirname, image.fs)
             if request.download and not image.download_id:
-                image.download_id = f"fuse:{image.dirname}"
+                self._downloads += 1  # a new id each time: the end of an earlier one may still be on its way
+                image.download_id = f"fuse:{image.dirname}:{self._downloads}"
                 self._spawn(self._start_download(image))
             self._evict()
         image.attach_seconds = time.monotonic() - started
@@ -118,11 +120,13 @@ class NodeImages:
                  request.lease, image.attach_seconds, len(image.leases))
         return self.describe(image)
 
+    def _reader(self, index: Index) -> ChunkReader:
+        return ChunkReader(self.store, index, cache_bytes=READER_CACHE_BYTES, timeout_s=self.timeout_s,
+                           retries=self.retries, node_disk=config.node_disk_dir())
+
     async def _load(self, record: images_pb2.Image, index: Digest) -> Image:
         loaded: Index = await load_index(self.store, index)
-        reader = ChunkReader(self.store, loaded, cache_bytes=READER_CACHE_BYTES, timeout_s=self.timeout_s,
-                             retries=self.retries, node_disk=config.node_disk_dir())
-        fs = self.fs.add(loaded, reader, record.name)
+        fs = self.fs.add(loaded, self._reader(loaded), record.name)
         image = Image(record, fs, self.dirname(index))
         old = self.known.pop(index.hash, None)
         if old is not None:
@@ -165,22 +169,24 @@ class NodeImages:
             log.info("%s detached (its last lease %s went); %d reads, %d chunks fetched (%d from the node's disk "
                      "directly)", image.record.name, lease, image.fs.reads, image.fs.reader.fetches,
                      image.fs.reader.local_reads)
-        touched = None
+        touched = recorded = None
+        download_id = ""
         if lease == image.recording_lease or last:
             touched, image.fs.reader.touched, image.recording_lease = image.fs.reader.touched, None, ""
+        if last:
+            recorded, image.fs.recorded = image.fs.recorded, None
+            download_id, image.download_id = image.download_id, ""
+            image.fs.reader = self._reader(image.fs.index)  # its chunks go: the node cache keeps them
         if touched or last:
-            work = self._spawn(self._after_detach(image, touched, last))
+            work = self._spawn(self._after_detach(image, touched, recorded, download_id))
             if wait:
                 await asyncio.shield(work)
         return last
 
-    async def _after_detach(self, image: Image, touched: list[Digest] | None, last: bool) -> None:
-        recorded = None
-        if last:
-            recorded, image.fs.recorded = image.fs.recorded, None
+    async def _after_detach(self, image: Image, touched: list[Digest] | None,
+                            recorded: list[tuple[int, int, int]] | None, download_id: str) -> None:
         try:
-            if last and image.download_id and self.node is not None:
-                download_id, image.download_id = image.download_id, ""
+            if download_id and self.node is not None:
                 await self.node.end_download(download_id)
             if touched:
                 digest = await save_profile(self.store, self.names, image.record, touched)

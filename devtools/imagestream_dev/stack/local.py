@@ -323,16 +323,20 @@ def private_env(home: pathlib.Path, cache_dir: pathlib.Path, port_base: int = 20
 
 
 def empty_caches(log: Callable[[str], None] = lambda _: None) -> None:
-    """Empty the node cache (memory and disk) and the zonal cache, keeping the regional store: a cold node."""
+    """Empty the node cache (memory and disk) and the zonal cache, keeping the regional store: a cold node.
+
+    The node's FUSE client restarts too: it keeps the indexes of the images it knows, and the kernel
+    their pages."""
     import redis
 
-    for name in ("node_cache", "zonal_cache"):
+    node = [p.name for p in processes() if p.name == "fuse_client"] + ["node_cache"]
+    for name in (*node, "zonal_cache"):
         down(log, only=name)
     shutil.rmtree(config.node_disk_dir(), ignore_errors=True)
     client = redis.Redis.from_url(config.get("redis_url"))
     client.flushall()
     client.close()
-    for name in ("zonal_cache", "node_cache"):
+    for name in ("zonal_cache", *reversed(node)):
         up(log, only=name)
 
 
