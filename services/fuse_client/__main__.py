@@ -35,6 +35,9 @@ from fuse_client.node import NodeImages
 
 log = logging.getLogger("fuse_client")
 
+SETTINGS = ("home", "node_cache_socket", "fuse_socket", "fuse_mountpoint", "node_disk_dir", "fetch_timeout",
+            "fetch_retries", "profile")
+
 
 def _raise_kernel_readahead(mountpoint: str, kib: int = 4096) -> None:
     """Let the kernel read ahead 4 MiB (FUSE mounts get 128 KiB), so a sequential reader's requests are
@@ -163,11 +166,9 @@ def _serving(sock: str) -> bool:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="fuse_client", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    names = ("home", "node_cache_socket", "fuse_socket", "fuse_mountpoint", "node_disk_dir", "fetch_timeout",
-             "fetch_retries", "profile")
-    config.add_arguments(parser, *names, "log_level")
+    config.add_arguments(parser, *SETTINGS, "log_level")
     args = parser.parse_args()
-    for name in names:  # flags win over the environment, for config.get() too
+    for name in SETTINGS:  # flags win over the environment, for config.get() too
         os.environ[config.SETTINGS[name].env] = getattr(args, name)
     setup_logging(args.log_level)
     telemetry.setup_tracing("fuse_client")
