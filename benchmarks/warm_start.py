@@ -1,22 +1,26 @@
 """A warm `imagestream run` to its first output, and the attach of an image the node already knows.
 
-    python -m benchmarks.warm_start [--runs 5] [--port-base 24000] [--out docs/benchmarks]
+    python -m benchmarks.warm_start [--runs 5] [--port-base 24000] [--out docs/benchmarks] [--against CHECKOUT]
 
 On a private stack with the Debian + python3 image pushed and run once (so its
 chunks are on the node and its index known to the node's FUSE client), times
 `imagestream run IMAGE -- python3 -c 'print(1)'` from start to its first line
 of output, `runs` times, and the attach of the known image (or, where the node
-has no shared FUSE client, `imagestream mount`'s own mount time). Writes
-OUT/warm_start.{json,md}.
+has no shared FUSE client, `imagestream mount`'s own mount time). With
+`--against`, the same runs of another checkout's CLI (its services/ folder on
+PYTHONPATH, e.g. an earlier commit's), one after the other with this one's, so
+both see the same load. Writes OUT/warm_start.{json,md}.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 
@@ -25,10 +29,10 @@ from benchmarks.harness import CACHE, ROOT, cli, private_stack, write_report
 IMAGE = "bench/warm"
 
 
-def first_output(*command: str) -> float:
+def first_output(*command: str, env: dict[str, str] | None = None) -> float:
     """Seconds from starting `command` to its first line of output (it must be '1')."""
     started = time.perf_counter()
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     line = proc.stdout.readline()  # type: ignore[union-attr]
     seconds = time.perf_counter() - started
     _, err = proc.communicate(timeout=120)
@@ -69,6 +73,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--port-base", type=int, default=24000)
     parser.add_argument("--out", type=pathlib.Path, default=ROOT / "docs" / "benchmarks")
+    parser.add_argument("--against", type=pathlib.Path, help="another checkout whose CLI runs beside this one's")
     args = parser.parse_args()
     from imagestream_dev import imagebuild
 
@@ -76,9 +81,18 @@ def main() -> None:
     with private_stack(args.port_base):
         cli("push", "--quiet", str(layout), IMAGE)
         command = ["imagestream", "run", IMAGE, "--", "python3", "-c", "print(1)"]
+        other = None
+        if args.against:
+            other = {**os.environ, "PYTHONPATH": str(args.against.absolute() / "services")}
+            other_command = [sys.executable, "-m", "imagestream_cli.main", *command[1:]]
+            first_output(*other_command, env=other)
         first_output(*command)  # the first run: chunks to the node, index to the FUSE client, a profile recorded
         time.sleep(2)  # let the first run's background work (download, profile upload) finish
-        runs = [first_output(*command) for _ in range(args.runs)]
+        runs, against = [], []
+        for _ in range(args.runs):
+            runs.append(first_output(*command))
+            if other is not None:
+                against.append(first_output(*other_command, env=other))
         attaches = attach_seconds(args.runs)
         mounts = mount_seconds(args.runs)
     results = {
@@ -86,12 +100,17 @@ def main() -> None:
         "run_first_output_s": {"median": statistics.median(runs), "samples": runs},
         "attach_known_image_s": {"median": statistics.median(attaches), "samples": attaches} if attaches else None,
         "mount_command_s": {"median": statistics.median(mounts), "samples": mounts},
+        "against": {"checkout": str(args.against), "median": statistics.median(against), "samples": against}
+        if against else None,
     }
     table = [("measure", "median", "samples"),
              ("`imagestream run` to first output (warm)", f"{results['run_first_output_s']['median']:.3f} s",
               ", ".join(f"{s:.3f}" for s in runs)),
              ("`imagestream mount` command (known image)", f"{results['mount_command_s']['median']:.3f} s",
               ", ".join(f"{s:.3f}" for s in mounts))]
+    if against:
+        table.append((f"`imagestream run` of {args.against} (same runs, interleaved)",
+                      f"{statistics.median(against):.3f} s", ", ".join(f"{s:.3f}" for s in against)))
     if attaches:
         table.append(("attach of a known image (RPC)", f"{statistics.median(attaches) * 1000:.1f} ms",
                       ", ".join(f"{s * 1000:.1f}" for s in attaches)))
