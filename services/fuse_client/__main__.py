@@ -3,7 +3,9 @@
 Mounts one FUSE filesystem on IMAGESTREAM_FUSE_MOUNTPOINT (default HOME/images)
 and serves the Fuse API (protos/imagestream/v1/fuse.proto) on a Unix socket:
 every image attached by `imagestream mount`, `imagestream run` or the
-snapshotter is a directory of that mount, read through the node cache. On start
+snapshotter is a directory of that mount, read through the node cache; the
+startup profiles it records go to the regional store (IMAGESTREAM_REGION), the
+one tier that takes writes. On start
 it removes what a dead predecessor left: its mount and the bind mounts of it.
 """
 
@@ -35,7 +37,7 @@ from fuse_client.node import NodeImages
 
 log = logging.getLogger("fuse_client")
 
-SETTINGS = ("home", "node_cache_socket", "fuse_socket", "fuse_mountpoint", "node_disk_dir", "fetch_timeout",
+SETTINGS = ("home", "node_cache_socket", "region", "fuse_socket", "fuse_mountpoint", "fetch_timeout",
             "fetch_retries", "profile")
 
 
@@ -97,7 +99,7 @@ async def run(args: argparse.Namespace) -> None:
     os.makedirs(mountpoint, exist_ok=True)
     target = "unix:" + config.node_cache_socket()
     timeout = float(args.fetch_timeout)
-    # the node cache sits on this machine: chunks on its disk are read from there directly
+    # the node cache sits on this machine: a chunk on its disk comes back as its file's path
     store = GrpcChunkStore(target, name="node cache", timeout_s=timeout, accept_local_path=True)
     names = GrpcImageNames(target, timeout_s=timeout)
     node = NodeClient(target, timeout_s=timeout)

@@ -122,7 +122,7 @@ class NodeImages:
 
     def _reader(self, index: Index) -> ChunkReader:
         return ChunkReader(self.store, index, cache_bytes=READER_CACHE_BYTES, timeout_s=self.timeout_s,
-                           retries=self.retries, node_disk=config.node_disk_dir())
+                           retries=self.retries)
 
     async def _load(self, record: images_pb2.Image, index: Digest) -> Image:
         loaded: Index = await load_index(self.store, index)
@@ -166,9 +166,8 @@ class NodeImages:
         last = not image.leases
         if last:
             await self.fs.hide(image.dirname)
-            log.info("%s detached (its last lease %s went); %d reads, %d chunks fetched (%d from the node's disk "
-                     "directly)", image.record.name, lease, image.fs.reads, image.fs.reader.fetches,
-                     image.fs.reader.local_reads)
+            log.info("%s detached (its last lease %s went); %d reads, %d chunks fetched", image.record.name, lease,
+                     image.fs.reads, image.fs.reader.fetches)
         touched = recorded = None
         download_id = ""
         if lease == image.recording_lease or last:
@@ -189,8 +188,10 @@ class NodeImages:
             if download_id and self.node is not None:
                 await self.node.end_download(download_id)
             if touched:
-                digest = await save_profile(self.store, self.names, image.record, touched)
-                log.info("startup profile of %s recorded: %d chunks (%s)", image.record.name, len(touched), digest)
+                region = config.get("region")
+                digest = await save_profile(region, image.record, touched, timeout_s=self.timeout_s)
+                log.info("startup profile of %s recorded in %s: %d chunks (%s)", image.record.name, region,
+                         len(touched), digest)
             if recorded is not None and image.record_reads:
                 await asyncio.to_thread(write_recording, image.record_reads, image.fs.index, recorded)
         except Exception as e:  # noqa: BLE001 - the detach itself is done

@@ -1,5 +1,6 @@
-"""The node's FUSE client over an in-process node-cache stand-in (MemoryStore over gRPC): hand-built indexes
-attached, bound on mount points, read through real FUSE mounts."""
+"""The node's FUSE client over an in-process stand-in (MemoryStore over gRPC) for the node cache and, for the
+startup profiles it records, the regional store: hand-built indexes attached, bound on mount points, read
+through real FUSE mounts."""
 
 from __future__ import annotations
 
@@ -76,6 +77,7 @@ async def node(tmp_path, monkeypatch):  # type: ignore[no-untyped-def]
     (tmp_path / "home").mkdir()
     monkeypatch.setenv("IMAGESTREAM_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("IMAGESTREAM_NODE_CACHE_SOCKET", str(socket))
+    monkeypatch.setenv("IMAGESTREAM_REGION", f"unix:{socket}")
     fuse = NodeFuse(tmp_path / "home")
     await asyncio.to_thread(fuse.start)
     yield store, registry, fuse, expected
