@@ -96,6 +96,9 @@ SETTINGS = {s.name: s for s in [
     Setting("streaming", "auto", "'auto': stream where this node can (FUSE), else pull in full; 'off': always pull in full"),
     Setting("profile", "first", "record a startup profile: 'first' run of an image without one, 'always', 'never'"),
     Setting("record_reads", "", "FUSE client: write every read (inode, offset, size, path) to this file at unmount"),
+    # the node's FUSE client (one per node, every image a directory of its mount)
+    Setting("fuse_socket", "", "Unix socket of the node's FUSE client (default: HOME/fuse.sock)"),
+    Setting("fuse_mountpoint", "", "the node's one FUSE mount, a directory per attached image (default: HOME/images)"),
     Setting("zipkin_port", "9411", "port of the local stack's Zipkin (tracing UI and API)"),
     # containerd snapshotter (node agent)
     Setting("snapshotter_socket", "", "Unix socket of the containerd snapshotter (default: HOME/snapshotter.sock)"),
@@ -115,6 +118,14 @@ def home() -> pathlib.Path:
 
 def node_cache_socket() -> str:
     return get("node_cache_socket") or str(home() / "node-cache.sock")
+
+
+def fuse_socket() -> str:
+    return get("fuse_socket") or str(home() / "fuse.sock")
+
+
+def fuse_mountpoint() -> pathlib.Path:
+    return pathlib.Path(get("fuse_mountpoint") or home() / "images").absolute()
 
 
 def snapshotter_socket() -> str:

@@ -1,17 +1,17 @@
 """Run a command in a mounted image, as a container runtime would.
 
-`run()` mounts the image (FUSE, read-only), then starts this module as a child
-that enters a private mount namespace, puts a writable overlay (one upper dir
-per run) over the image, mounts /proc and binds /dev and /sys, chroots and
-execs the command. Every mount but the image's lives in that namespace and
-vanishes with it, so nothing is left behind even on Ctrl-C; the image mount is
-removed by `run()` itself in a finally.
+`run()` attaches the image to the node's FUSE client (its directory in the
+node's mount, read-only), then starts this module as a child that enters a
+private mount namespace, puts a writable overlay (one upper dir per run) over
+the image, mounts /proc and binds /dev and /sys, chroots and execs the command.
+Every mount lives in that namespace and vanishes with it, so nothing is left
+behind even on Ctrl-C; the image's lease is dropped by `run()` itself in a
+finally.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import ctypes
 import os
 import pathlib
@@ -21,15 +21,15 @@ import subprocess
 import sys
 import uuid
 
-from fuse_client import mounts
 from imagestream import config
-from imagestream_cli import pull
 
 CLONE_NEWNS = 0x00020000
 
 
 def describe(name: str):  # type: ignore[no-untyped-def]
     """The image record and its runtime config (Env, WorkingDir, ...), read through the node cache."""
+    import asyncio
+
     from imagestream.digests import Digest
     from imagestream.rpc.client import GrpcChunkStore, GrpcImageNames
     from imagestream.index import load_index
@@ -65,19 +65,31 @@ def run(name: str, command: list[str], extra_env: list[str] = (), keep: bool = F
     The image is streamed (FUSE mount) where this node can; otherwise it is pulled in full first, and
     the tool says why streaming was not engaged.
     """
-    image, cfg = describe(name)
-    reason = pull.streaming_unavailable_reason(image.streaming_disabled)
-    run_dir = config.home() / "runs" / uuid.uuid4().hex[:12]
+    from fuse_client.mounts import streaming_unavailable_reason
+    from imagestream.errors import FailedPrecondition
+
+    run_id = uuid.uuid4().hex[:12]
+    run_dir = config.home() / "runs" / run_id
     upper, work, merged = (run_dir / d for d in ("upper", "work", "merged"))
     for d in (upper, work, merged):
         d.mkdir(parents=True)
+    lease = f"run:{run_id}"
+    reason = streaming_unavailable_reason(False)
     try:
         if reason is None:
-            lower = run_dir / "lower"
-            lower.mkdir()
-            mounts.mount(name, lower)
-            print(f"imagestream: ImageStreaming engaged for {name}", file=sys.stderr)
-        else:
+            from fuse_client import attach
+
+            try:
+                attached = attach.attach(name, lease)
+                lower, cfg = pathlib.Path(attached.path), attached.config
+            except FailedPrecondition as e:  # e.g. pushed with streaming disabled
+                reason = str(e)
+            else:
+                print(f"imagestream: ImageStreaming engaged for {name}", file=sys.stderr)
+        if reason is not None:
+            from imagestream_cli import pull
+
+            _, cfg = describe(name)
             print(f"imagestream: streaming not engaged for {name}: {reason}; pulling the whole image first",
                   file=sys.stderr)
             lower = pull.pull(name)
@@ -96,7 +108,8 @@ def run(name: str, command: list[str], extra_env: list[str] = (), keep: bool = F
                     child.send_signal(signal.SIGINT)  # the terminal already sent it; make sure, then wait
         finally:
             if reason is None:
-                mounts.unmount(lower)
+                # `imagestream profile` reports the profile saved; a plain run leaves that to the node
+                attach.detach(lease, wait=config.get("profile") == "always")
     finally:
         if not keep:
             shutil.rmtree(run_dir, ignore_errors=True)
