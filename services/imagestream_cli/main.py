@@ -122,6 +122,9 @@ def push(source: str, name: str, quiet: bool, no_streaming: bool) -> None:
 def scrub(limit: int, list_only: bool) -> None:
     """Check every chunk of the regional store against its digest; corrupt ones are quarantined and healed
     from a good replica where one exists. Exits 1 if a chunk stays corrupt."""
+    import asyncio
+    import datetime
+
     import grpc
 
     from imagestream.digests import Digest
