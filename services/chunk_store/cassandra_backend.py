@@ -211,11 +211,12 @@ class CassandraChunkStore(ChunkStore):
                                       " VALUES (?, ?, ?, ?, ?, ?)", write=True)
         self._quarantined = db.prepare("SELECT hash, size, found_at, reason, bad_sha256, healed FROM {ks}.quarantine",
                                        write=False)
-        # DISTINCT over the partition key reads keys only, not the chunks' bytes; ONE: each chunk is then
-        # read replica by replica anyway
+        # ONE: each chunk is then read replica by replica anyway. Small pages: the node may read each
+        # partition's row (up to a chunk's MiB) to list its key, and a page of hundreds of them at once
+        # exhausts a small heap (the node exits on OutOfMemoryError)
         self._all_keys = db.prepare("SELECT DISTINCT hash, size FROM {ks}.chunks", write=False)
         self._all_keys.consistency_level = ConsistencyLevel.ONE
-        self._all_keys.fetch_size = 500
+        self._all_keys.fetch_size = 16
 
     async def copies(self, digest: Digest, strong: bool = True) -> list[tuple[str, bytes | None]]:
         """Each replica's own copy ((replica, bytes), None where it has none), read at consistency ONE with that
