@@ -24,6 +24,7 @@ from imagestream import config
 from imagestream.digests import Digest, decompress_verified
 from imagestream.rpc.client import GrpcChunkStore, GrpcImageNames
 from imagestream.index import Index, load_index
+from imagestream.index_checks import check_name
 from imagestream.v1 import index_pb2
 
 T = index_pb2.Inode
@@ -94,6 +95,7 @@ def write_tree(index: Index, chunks: dict[Digest, bytes], root: pathlib.Path) ->
                     os.fchmod(root_fd, 0o700)  # the container sees its upper dir's mode for /, not this
                 continue
             name, ino = entry.name, entry.inode
+            check_name(name)  # an Index is checked already; this function stays safe on its own
             node = index.inode(ino)
             if ino in first_name:
                 src_fd, src_name = first_name[ino]

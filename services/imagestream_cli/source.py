@@ -300,7 +300,7 @@ class _TarMembers:
             self.tar = tarfile.open(path, "r:*")
             self.members = {m.name.removeprefix("./"): m for m in self.tar.getmembers() if m.isfile()}
         except (tarfile.TarError, OSError, EOFError) as e:
-            raise BadImage(f"{path}: not a readable image archive ({e})") from None
+            raise BadImage(f"{path}: not a readable image archive ({' '.join(str(e).split())})") from None
 
     def exists(self, name: str) -> bool:
         return name in self.members
