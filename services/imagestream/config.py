@@ -88,7 +88,7 @@ SETTINGS = {s.name: s for s in [
     Setting("node_background_quiet", "1.0",
             "seconds without a foreground fetch before the rest of an image (beyond its startup profile) downloads (0: at once)"),
     # clients
-    Setting("region", "127.0.0.1:50061", "the regional store that push, images and rm talk to"),
+    Setting("region", "127.0.0.1:50061", "the regional store, where writes go: push, images, rm, startup profiles"),
     Setting("chunk_size", "1MiB", "chunk size used by push"),
     Setting("max_unpacked_bytes", "32GiB", "push refuses an image whose layers unpack to more than this (0: no bound)"),
     Setting("max_unpack_ratio", "200",
@@ -98,6 +98,9 @@ SETTINGS = {s.name: s for s in [
     Setting("streaming", "auto", "'auto': stream where this node can (FUSE), else pull in full; 'off': always pull in full"),
     Setting("profile", "first", "record a startup profile: 'first' run of an image without one, 'always', 'never'"),
     Setting("record_reads", "", "FUSE client: write every read (inode, offset, size, path) to this file at unmount"),
+    # the node's FUSE client (one per node, every image a directory of its mount)
+    Setting("fuse_socket", "", "Unix socket of the node's FUSE client (default: HOME/fuse.sock)"),
+    Setting("fuse_mountpoint", "", "the node's one FUSE mount, a directory per attached image (default: HOME/images)"),
     Setting("zipkin_port", "9411", "port of the local stack's Zipkin (tracing UI and API)"),
     # containerd snapshotter (node agent)
     Setting("snapshotter_socket", "", "Unix socket of the containerd snapshotter (default: HOME/snapshotter.sock)"),
@@ -117,6 +120,14 @@ def home() -> pathlib.Path:
 
 def node_cache_socket() -> str:
     return get("node_cache_socket") or str(home() / "node-cache.sock")
+
+
+def fuse_socket() -> str:
+    return get("fuse_socket") or str(home() / "fuse.sock")
+
+
+def fuse_mountpoint() -> pathlib.Path:
+    return pathlib.Path(get("fuse_mountpoint") or home() / "images").absolute()
 
 
 def snapshotter_socket() -> str:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import datetime
 import os
 import pathlib
 import sys
@@ -36,14 +34,21 @@ def _fail(e: Exception) -> None:
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @_setting("home")
 @_setting("cache_dir")
-def main() -> None:
+@click.pass_context
+def main(ctx: click.Context) -> None:
     """Container image streaming: mount an image in about a second and fetch only what is read."""
     import atexit
 
+    if ctx.invoked_subcommand not in TRACED:
+        return  # the tracing SDK and its exporter take longer to import than a warm `run` takes
     from imagestream import telemetry
 
     if telemetry.setup_tracing("imagestream"):
         atexit.register(telemetry.shutdown)
+
+
+# the commands whose own calls are worth a trace (reads are traced by the node's FUSE client)
+TRACED = {"push", "images", "rm"}
 
 
 # -- stack ------------------------------------------------------------------
@@ -114,6 +119,9 @@ def push(source: str, name: str, quiet: bool, no_streaming: bool) -> None:
 @_setting("region")
 def images() -> None:
     """The images published in the regional store."""
+    import asyncio
+    import datetime
+
     from imagestream.rpc.client import GrpcImageNames
 
     async def fetch():  # type: ignore[no-untyped-def]
@@ -138,6 +146,8 @@ def images() -> None:
 @_setting("region")
 def rm(name: str) -> None:
     """Remove the name NAME from the regional store (its chunks stay; other images may share them)."""
+    import asyncio
+
     from imagestream.rpc.client import GrpcImageNames
 
     from imagestream.errors import NotFound
@@ -169,6 +179,7 @@ def rm(name: str) -> None:
 # -- node -------------------------------------------------------------------
 
 @main.command()
+@_setting("fuse_socket")
 @click.argument("name")
 @click.argument("mountpoint", type=click.Path(file_okay=False))
 @_setting("node_cache_socket")
@@ -184,10 +195,10 @@ def mount(name: str, mountpoint: str, wait: bool, no_download: bool) -> None:
         m = mounts.mount(name, mountpoint, download=not no_download)
     except ImagestreamError as e:
         _fail(e)
-    click.echo(f"mounted {name} on {m.mountpoint} in {m.mount_seconds:.3f} s: ImageStreaming engaged "
-               f"(FUSE client pid {m.pid})")
+    click.echo(f"mounted {name} on {m.mountpoint} (attached in {m.mount_seconds:.3f} s): ImageStreaming engaged "
+               f"(the node's FUSE client, pid {m.pid}, serves it from {m.source})")
     if wait:
-        _wait_for_download(m.mountpoint)
+        _wait_for_download(m.download_id)
 
 
 def _node_status():  # type: ignore[no-untyped-def]
@@ -196,15 +207,12 @@ def _node_status():  # type: ignore[no-untyped-def]
     return node_status()
 
 
-def _wait_for_download(mountpoint: str) -> None:
-    """A progress bar until every chunk of the image mounted on `mountpoint` is on this node."""
+def _wait_for_download(mount_id: str) -> None:
+    """A progress bar until every chunk of the image of the background download `mount_id` is on this node."""
     import time
 
     from tqdm import tqdm
 
-    from fuse_client import mounts
-
-    mount_id = f"{mounts.Mount.find(mountpoint).pid}:{mountpoint}"
     bar = None
     while True:
         download = next((d for d in _node_status().downloads if d.mount_id == mount_id), None)
@@ -221,6 +229,7 @@ def _wait_for_download(mountpoint: str) -> None:
 
 
 @main.command()
+@_setting("fuse_socket")
 @_setting("node_cache_socket")
 @_setting("zonal_cache_metrics")
 @_setting("chunk_store_metrics")
@@ -232,11 +241,17 @@ def status() -> None:
         node = _node_status()
     except ImagestreamError as e:
         _fail(e)
+    from fuse_client import attach
+
     downloads = {d.mount_id: d for d in node.downloads}
-    click.echo("MOUNTS")
-    found = mounts.list_mounts()
-    for m in found:
-        d = downloads.get(f"{m.pid}:{m.mountpoint}")
+    try:
+        attached, root, pid = attach.attachments()
+    except ImagestreamError as e:
+        attached, root, pid = [], f"(not served: {e})", 0
+    click.echo(f"IMAGES  attached in {root}" + (f" (FUSE client pid {pid})" if pid else ""))
+    bound = {m.source: m.mountpoint for m in mounts.list_mounts()}
+    for a in attached:
+        d = downloads.get(a.download_id)
         if d is None or not d.chunks_total:
             progress = "streaming (download not started)"
         else:
@@ -244,8 +259,9 @@ def status() -> None:
             progress = (f"{d.chunks_local}/{d.chunks_total} chunks, {d.bytes_local / 1e6:.1f}/{d.bytes_total / 1e6:.1f} MB "
                         f"({pct:.0f}%), {d.rate_bytes_per_s / 1e6:.1f} MB/s"
                         + (", complete: all reads local" if d.done else "") + (f", stalled: {d.stalled}" if d.stalled else ""))
-        click.echo(f"  {m.mountpoint}  {m.name}  ImageStreaming engaged  {progress}")
-    if not found:
+        shown = f"  on {bound[a.path]}" if a.path in bound else ""
+        click.echo(f"  {a.image}  {a.path}{shown}  {len(a.leases)} lease(s)  ImageStreaming engaged  {progress}")
+    if not attached:
         click.echo("  (none)")
     click.echo("TIERS")
     for t in node.tiers:
@@ -284,6 +300,7 @@ def _tier_counts(address: str, tier: str) -> tuple[float | None, float]:
 
 
 @main.command()
+@_setting("fuse_socket")
 @click.argument("mountpoint", type=click.Path())
 def umount(mountpoint: str) -> None:
     """Unmount an image mounted with `imagestream mount`."""
@@ -296,6 +313,7 @@ def umount(mountpoint: str) -> None:
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@_setting("fuse_socket")
 @click.argument("name")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @click.option("--env", "-e", "env", multiple=True, help="NAME=VALUE (or NAME to pass the caller's) for the command")
@@ -323,6 +341,7 @@ def run(name: str, command: tuple[str, ...], env: tuple[str, ...], keep: bool, n
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@_setting("fuse_socket")
 @click.argument("name")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @_setting("node_cache_socket")

@@ -26,27 +26,10 @@ from imagestream.rpc.client import GrpcChunkStore, GrpcImageNames
 from imagestream.index import Index, load_index
 from imagestream.index_checks import check_name
 from imagestream.v1 import index_pb2
+from fuse_client.mounts import streaming_unavailable_reason  # noqa: F401 - where run and the snapshotter ask
 
 T = index_pb2.Inode
 _KIND = {T.CHAR_DEVICE: stat.S_IFCHR, T.BLOCK_DEVICE: stat.S_IFBLK, T.FIFO: stat.S_IFIFO, T.SOCKET: stat.S_IFSOCK}
-
-
-def streaming_unavailable_reason(image_streaming_disabled: bool = False) -> str | None:
-    """Why this node cannot stream an image, or None if it can."""
-    setting = config.get("streaming")
-    if setting not in ("auto", "off"):
-        raise ValueError(f"IMAGESTREAM_STREAMING={setting!r}: want auto or off")
-    if setting == "off":
-        return "streaming is turned off on this node (IMAGESTREAM_STREAMING=off)"
-    if image_streaming_disabled:
-        return "the image was pushed with streaming disabled (imagestream push --no-streaming)"
-    if not os.path.exists("/dev/fuse"):
-        return "/dev/fuse does not exist on this node"
-    if not os.access("/dev/fuse", os.R_OK | os.W_OK):
-        return "/dev/fuse is not readable and writable by this user"
-    if shutil.which("fusermount3") is None:
-        return "fusermount3 is not installed (Debian package fuse3)"
-    return None
 
 
 async def _fetch_all(name: str, progress: bool) -> tuple[Index, dict[Digest, bytes], str]:

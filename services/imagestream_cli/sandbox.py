@@ -1,11 +1,12 @@
 """Run a command in a mounted image, as a container runtime would: through runc.
 
-`run()` mounts the image (FUSE, read-only, nosuid, nodev) or pulls it in full,
-writes an OCI runtime config (`oci_config`) into a bundle beside a writable
-upper dir, and starts `runc run` inside a private mount namespace (`unshare`)
-that holds the overlay of the image and the upper dir: that overlay vanishes
-with the namespace, so nothing is left mounted even on Ctrl-C or a kill; the
-image mount is removed by `run()` itself in a finally.
+`run()` attaches the image to the node's FUSE client (its directory in the
+node's mount: read-only, nosuid, nodev) or pulls it in full, writes an OCI
+runtime config (`oci_config`) into a bundle beside a writable upper dir, and
+starts `runc run` inside a private mount namespace (`unshare`) that holds the
+overlay of the image and the upper dir: that overlay vanishes with the
+namespace, so nothing is left mounted even on Ctrl-C or a kill; the image's
+lease is dropped by `run()` itself in a finally.
 
 The container gets what a container runtime's defaults give: new PID, IPC, UTS,
 mount and network namespaces (or the host's network on request), a fresh
@@ -29,10 +30,8 @@ import time
 import uuid
 from typing import Any
 
-from fuse_client import mounts
 from imagestream import config
 from imagestream.errors import BadImage, ImagestreamError
-from imagestream_cli import pull
 
 # containerd's and Docker's default set (oci.defaultUnixCaps): no CAP_SYS_ADMIN, CAP_SYS_PTRACE,
 # CAP_SYS_MODULE, CAP_NET_ADMIN, CAP_DAC_READ_SEARCH, ...
@@ -218,12 +217,13 @@ def run(name: str, command: list[str], extra_env: list[str] = (), keep: bool = F
         network: str = "none") -> int:
     """Run `command` in image `name` and clean up; the command's exit status (128+N if killed by signal N).
 
-    The image is streamed (FUSE mount) where this node can; otherwise it is pulled in full first, and
-    the tool says why streaming was not engaged.
+    The image is streamed (attached to the node's FUSE client) where this node can; otherwise it is
+    pulled in full first, and the tool says why streaming was not engaged.
     """
+    from fuse_client.mounts import streaming_unavailable_reason
+    from imagestream.errors import FailedPrecondition
+
     runc = _runc()
-    image, cfg = describe(name)
-    reason = pull.streaming_unavailable_reason(image.streaming_disabled)
     run_id = uuid.uuid4().hex[:12]
     runs = config.home() / "runs"
     runs.mkdir(parents=True, exist_ok=True)
@@ -232,18 +232,29 @@ def run(name: str, command: list[str], extra_env: list[str] = (), keep: bool = F
     upper, work, merged, bundle, state = (run_dir / d for d in ("upper", "work", "merged", "bundle", "runc"))
     for d in (upper, work, merged, bundle):
         d.mkdir(parents=True)
-    pulled: pathlib.Path | None = None
+    lease = f"run:{run_id}"
+    reason = streaming_unavailable_reason(False)
     try:
         if reason is None:
-            lower = run_dir / "lower"
-            lower.mkdir()
-            mounts.mount(name, lower)
-            print(f"imagestream: ImageStreaming engaged for {name}", file=sys.stderr)
-        else:
+            from fuse_client import attach
+
+            try:
+                attached = attach.attach(name, lease)
+                lower, cfg = pathlib.Path(attached.path), attached.config
+            except FailedPrecondition as e:  # e.g. pushed with streaming disabled
+                reason = str(e)
+            else:
+                print(f"imagestream: ImageStreaming engaged for {name}", file=sys.stderr)
+        if reason is not None:
+            from imagestream_cli import pull
+
+            _, cfg = describe(name)
             print(f"imagestream: streaming not engaged for {name}: {reason}; pulling the whole image first",
                   file=sys.stderr)
-            lower = pulled = pull.pull(name)
+            lower = pull.pull(name)
         try:
+            if not isinstance(cfg, dict):
+                raise BadImage(f"image config is {type(cfg).__name__}, not an object")
             user = cfg.get("User") or ""
             if not isinstance(user, str):
                 raise BadImage(f"image config: User is {user!r}, not a string")
@@ -263,7 +274,8 @@ def run(name: str, command: list[str], extra_env: list[str] = (), keep: bool = F
             code = _wait(child, runc, state, f"imagestream-{run_id}")
         finally:
             if reason is None:
-                mounts.unmount(lower)
+                # `imagestream profile` reports the profile saved; a plain run leaves that to the node
+                attach.detach(lease, wait=config.get("profile") == "always")
     finally:
         if not keep:
             shutil.rmtree(run_dir, ignore_errors=True)

@@ -20,6 +20,7 @@ from typing import IO, Any
 import zstandard
 
 from imagestream import config as settings
+from imagestream.digests import HashingStream
 from imagestream.errors import BadImage
 from imagestream.oci import IMAGE_INDEX_TYPES
 
@@ -41,35 +42,18 @@ class Layer:
 RATIO_FROM_BYTES = 1 << 30  # small layers may compress as well as they like
 
 
-class HashingReader(io.RawIOBase):
-    """Reads through `inner`, hashing and counting every byte; `hexdigest()` once drained.
-    `check(count)` is called after every read: it may raise to stop a stream that grows too much."""
+class _BoundedStream(HashingStream):
+    """A HashingStream that calls `check(bytes so far)` after every read: it raises to stop a stream
+    that grows too much (a decompression bomb)."""
 
-    def __init__(self, inner: IO[bytes], check: Callable[[int], None] | None = None) -> None:
-        self.inner = inner
-        self.hash = hashlib.sha256()
-        self.count = 0
+    def __init__(self, inner: IO[bytes], check: Callable[[int], None]) -> None:
+        super().__init__(inner)
         self.check = check
 
-    def readable(self) -> bool:
-        return True
-
     def readinto(self, b) -> int:  # type: ignore[no-untyped-def]
-        data = self.inner.read(len(b))
-        n = len(data)
-        b[:n] = data
-        self.hash.update(data)
-        self.count += n
-        if self.check is not None:
-            self.check(self.count)
+        n = super().readinto(b)
+        self.check(self.size)
         return n
-
-    def drain(self) -> None:
-        while self.read(1 << 20):
-            pass
-
-    def hexdigest(self) -> str:
-        return "sha256:" + self.hash.hexdigest()
 
 
 def _decompressed(raw: IO[bytes]) -> IO[bytes]:
@@ -169,14 +153,14 @@ class ImageSource:
             if limit and self.unpacked_bytes > limit:
                 raise BadImage(f"{layer.describe()}: the image unpacks to more than {limit} bytes "
                                f"(IMAGESTREAM_MAX_UNPACKED_BYTES)")
-            if ratio and count > RATIO_FROM_BYTES and count > ratio * max(raw.count, 1):
+            if ratio and count > RATIO_FROM_BYTES and count > ratio * max(raw.size, 1):
                 raise BadImage(f"{layer.describe()}: expands more than {ratio:g} times "
-                               f"({raw.count} bytes into {count}; IMAGESTREAM_MAX_UNPACK_RATIO)")
+                               f"({raw.size} bytes into {count}; IMAGESTREAM_MAX_UNPACK_RATIO)")
 
         with self._open(layer.blob_name) as raw_file:
-            raw = HashingReader(raw_file)
+            raw = HashingStream(raw_file)
             try:
-                unpacked = HashingReader(_decompressed(raw), bounded)
+                unpacked = _BoundedStream(_decompressed(raw), bounded)
                 tar = tarfile.open(fileobj=unpacked, mode="r|", errorlevel=2)  # type: ignore[call-overload]
             except (tarfile.TarError, OSError, EOFError, zstandard.ZstdError) as e:
                 raise BadImage(f"{layer.describe()}: not a readable tar ({e})") from None
@@ -186,12 +170,12 @@ class ImageSource:
                 raw.drain()
             except (tarfile.TarError, OSError, EOFError, zstandard.ZstdError) as e:
                 raise BadImage(f"{layer.describe()}: truncated or corrupt ({type(e).__name__}: {e})") from None
-            if layer.digest is not None and raw.hexdigest() != layer.digest:
-                raise BadImage(f"{layer.describe()}: blob does not match its digest (content is {raw.hexdigest()})")
-            if layer.diff_id is not None and unpacked.hexdigest() != layer.diff_id:
+            if layer.digest is not None and raw.oci_digest() != layer.digest:
+                raise BadImage(f"{layer.describe()}: blob does not match its digest (content is {raw.oci_digest()})")
+            if layer.diff_id is not None and unpacked.oci_digest() != layer.diff_id:
                 raise BadImage(
                     f"{layer.describe()}: uncompressed tar does not match diff_id {layer.diff_id} "
-                    f"(content is {unpacked.hexdigest()})"
+                    f"(content is {unpacked.oci_digest()})"
                 )
 
 

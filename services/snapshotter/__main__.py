@@ -36,7 +36,7 @@ async def serve(args: argparse.Namespace) -> None:
     from snapshotter.snapshotter import Snapshotter
 
     snapshotter = Snapshotter(config.snapshotter_root())
-    await snapshotter.start()  # no dead mounts from an earlier run; images in use mounted again
+    await snapshotter.start()  # images in use attached again, unused ones detached
     events = None
     if args.kube_events:
         from snapshotter.kube_events import KubeEvents
@@ -63,9 +63,9 @@ async def serve(args: argparse.Namespace) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.info("snapshotter stopping; image mounts in use stay (their FUSE clients are processes of their own)")
+    log.info("snapshotter stopping; images in use stay attached (the node's FUSE client holds them)")
     await server.stop(grace=5)
-    await snapshotter.cleanup(remount=False)  # unused and dead mounts go; nothing is mounted on the way out
+    await snapshotter.cleanup(remount=False)  # unused images are detached; nothing is attached on the way out
     snapshotter.close()
 
 

@@ -98,7 +98,7 @@ async def test_any_unexpected_error_in_a_handler_is_answered_with_eio() -> None:
 
     import pyfuse3
 
-    from fuse_client.filesystem import ImageFilesystem
+    from fuse_client.filesystem import NodeFilesystem
 
     reader, index, _ = await reader_for()
 
@@ -106,14 +106,15 @@ async def test_any_unexpected_error_in_a_handler_is_answered_with_eio() -> None:
         raise IndexError("list index out of range")
 
     reader.read = broken
-    fs = ImageFilesystem(index, reader)
+    node = NodeFilesystem()
+    fs = node.add(index, reader, "img")
     with pytest.raises(pyfuse3.FUSEError) as failed:
-        await fs.read(ino(index, "etc/multi"), 0, 10)
+        await node.read(fs.base + ino(index, "etc/multi"), 0, 10)
     assert failed.value.errno == errno.EIO
     index.inodes[0].type = 99  # a type the attribute table does not know
     with pytest.raises(pyfuse3.FUSEError) as failed:
-        await fs.getattr(1)
+        await node.getattr(fs.root)
     assert failed.value.errno == errno.EIO
     with pytest.raises(pyfuse3.FUSEError) as missing:  # meant errors keep their errno
-        await fs.getattr(10**9)
+        await node.getattr(fs.base + 10**9)
     assert missing.value.errno == errno.ENOENT

@@ -120,10 +120,18 @@ def processes() -> list[Process]:
                 service_env("zonal_cache"), phase=2),
         Process("node_cache", [py, "-m", "node_cache"], ("grpc", "unix:" + config.node_cache_socket()),
                 service_env("node_cache"), phase=3),
+        # the node's one FUSE mount: every image that `mount`, `run` and the snapshotter use is a directory of it
+        *([Process("fuse_client", [py, "-m", "fuse_client"], ("grpc", "unix:" + config.fuse_socket()),
+                   service_env("fuse_client"), phase=4)] if can_mount_fuse() else []),
         # the node agent containerd loads as a proxy snapshotter (docs/containerd.md)
         Process("snapshotter", [py, "-m", "snapshotter"], ("grpc", "unix:" + config.snapshotter_socket()),
-                service_env("snapshotter"), phase=4),
+                service_env("snapshotter"), phase=5),
     ]
+
+
+def can_mount_fuse() -> bool:
+    """Where it cannot, images run by a full pull and the stack has no FUSE client."""
+    return os.geteuid() == 0 and os.path.exists("/dev/fuse") and shutil.which("fusermount3") is not None
 
 
 # -- readiness -------------------------------------------------------------
@@ -315,16 +323,20 @@ def private_env(home: pathlib.Path, cache_dir: pathlib.Path, port_base: int = 20
 
 
 def empty_caches(log: Callable[[str], None] = lambda _: None) -> None:
-    """Empty the node cache (memory and disk) and the zonal cache, keeping the regional store: a cold node."""
+    """Empty the node cache (memory and disk) and the zonal cache, keeping the regional store: a cold node.
+
+    The node's FUSE client restarts too: it keeps the indexes of the images it knows, and the kernel
+    their pages."""
     import redis
 
-    for name in ("node_cache", "zonal_cache"):
+    node = [p.name for p in processes() if p.name == "fuse_client"] + ["node_cache"]
+    for name in (*node, "zonal_cache"):
         down(log, only=name)
     shutil.rmtree(config.node_disk_dir(), ignore_errors=True)
     client = redis.Redis.from_url(config.get("redis_url"))
     client.flushall()
     client.close()
-    for name in ("zonal_cache", "node_cache"):
+    for name in ("zonal_cache", *reversed(node)):
         up(log, only=name)
 
 
