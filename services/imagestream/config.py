@@ -69,6 +69,7 @@ SETTINGS = {s.name: s for s in [
     Setting("cassandra_local_dc", "dc1", "data centre the regional store prefers"),
     Setting("read_consistency", "LOCAL_QUORUM", "Cassandra consistency level for reads"),
     Setting("write_consistency", "LOCAL_QUORUM", "Cassandra consistency level for writes"),
+    Setting("scrub_interval", "0", "seconds between background scrubs of every regional chunk (0: none)"),
     # zonal cache (Redis)
     Setting("zonal_cache_listen", "127.0.0.1:50062", "address the zonal cache serves gRPC on"),
     Setting("zonal_cache_metrics", "127.0.0.1:9462", "address of the zonal cache's Prometheus /metrics"),
@@ -94,7 +95,7 @@ SETTINGS = {s.name: s for s in [
     Setting("max_unpack_ratio", "200",
             "push refuses a layer that expands more than this many times past its first GiB (a decompression bomb; 0: no bound)"),
     Setting("fetch_timeout", "10", "seconds one upstream chunk fetch may take before it is retried"),
-    Setting("fetch_retries", "3", "attempts for a chunk before a FUSE read fails with EIO"),
+    Setting("fetch_retries", "8", "attempts for a chunk before a FUSE read fails with EIO (8: about 25 s of retries, backing off from 0.1 s)"),
     Setting("streaming", "auto", "'auto': stream where this node can (FUSE), else pull in full; 'off': always pull in full"),
     Setting("profile", "first", "record a startup profile: 'first' run of an image without one, 'always', 'never'"),
     Setting("record_reads", "", "FUSE client: write every read (inode, offset, size, path) to this file at unmount"),

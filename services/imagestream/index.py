@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from imagestream.digests import Digest, decompress_verified
-from imagestream.errors import BadImage, FailedPrecondition
+from imagestream.errors import BadImage, CorruptChunk, FailedPrecondition
 from imagestream.index_checks import check
 from imagestream.store.base import ChunkStore
 from imagestream.v1 import images_pb2, index_pb2
@@ -89,7 +89,13 @@ def _config(message: index_pb2.ImageIndex) -> dict:
 
 async def load_index(store: ChunkStore, digest: Digest) -> Index:
     compressed = await store.get(digest)
-    return Index.parse(decompress_verified(digest, compressed))
+    try:
+        data = decompress_verified(digest, compressed)
+    except CorruptChunk:
+        # a bad copy (a node's file): drop it and ask once more, so that the tier holding it fetches it again
+        await store.delete(digest)
+        data = decompress_verified(digest, await store.get(digest))
+    return Index.parse(data)
 
 
 async def load_config(store: ChunkStore, digest: Digest) -> dict:

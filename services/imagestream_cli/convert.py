@@ -451,8 +451,3 @@ def convert(
         spool,
     )
 
-
-def temporary_spool(parent: pathlib.Path | None = None) -> tempfile.TemporaryDirectory[str]:
-    if parent is not None:
-        parent.mkdir(parents=True, exist_ok=True)
-    return tempfile.TemporaryDirectory(prefix="imagestream-push-", dir=parent)

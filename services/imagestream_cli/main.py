@@ -117,6 +117,53 @@ def push(source: str, name: str, quiet: bool, no_streaming: bool) -> None:
 
 @main.command()
 @_setting("region")
+@click.option("--limit", type=int, default=0, help="check only the first N chunks (default: all)")
+@click.option("--list", "list_only", is_flag=True, help="only list the chunks quarantined so far")
+def scrub(limit: int, list_only: bool) -> None:
+    """Check every chunk of the regional store against its digest; corrupt ones are quarantined and healed
+    from a good replica where one exists. Exits 1 if a chunk stays corrupt."""
+    import asyncio
+    import datetime
+
+    import grpc
+
+    from imagestream.digests import Digest
+    from imagestream.rpc.client import channel, to_error
+    from imagestream.v1 import admin_pb2, admin_pb2_grpc
+
+    target = config.get("region")
+
+    async def call():  # type: ignore[no-untyped-def]
+        ch = channel(target)
+        try:
+            stub = admin_pb2_grpc.RegionalAdminStub(ch)
+            if list_only:
+                return await stub.ListQuarantine(admin_pb2.ListQuarantineRequest(), timeout=60)
+            return await stub.Scrub(admin_pb2.ScrubRequest(limit=limit), timeout=24 * 3600)
+        except grpc.RpcError as e:
+            raise to_error(target, e) from None
+        finally:
+            await ch.close()
+
+    try:
+        reply = asyncio.run(call())
+    except ImagestreamError as e:
+        _fail(e)
+    chunks = reply.chunks if list_only else reply.found
+    if not list_only:
+        click.echo(f"scrubbed {reply.checked} chunks ({reply.bytes / 1e6:.1f} MB) in {reply.seconds:.1f} s: "
+                   f"{reply.corrupt} corrupt, {reply.healed} healed from a good replica, {reply.unhealed} quarantined "
+                   f"without a good copy, {reply.unreadable} unreadable")
+    for q in chunks:
+        state = "healed" if q.healed else "QUARANTINED (push an image holding it again)"
+        found = datetime.datetime.fromtimestamp(q.found_at, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+        click.echo(f"  {Digest.from_proto(q.digest)}  {state}  found {found} UTC: {q.reason}")
+    if not list_only and (reply.unhealed or reply.unreadable):
+        sys.exit(1)
+
+
+@main.command()
+@_setting("region")
 def images() -> None:
     """The images published in the regional store."""
     import asyncio
