@@ -105,7 +105,9 @@ def start_http(setup: Setup, name: str, mode: str, port: int, timeout_s: float =
     with tempfile.TemporaryFile() as err:
         started = time.perf_counter()
         proc = subprocess.Popen(
-            setup.cli_args("run", name, "--", "python3", "-m", "http.server", str(port), "--bind", "127.0.0.1"),
+            # the server must answer from this side: the container shares the host's network
+            setup.cli_args("run", "--network", "host", name, "--", "python3", "-m", "http.server", str(port),
+                           "--bind", "127.0.0.1"),
             stdout=subprocess.DEVNULL, stderr=err, env=env, start_new_session=True)
         try:
             status = None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import time
 import logging
 import os
@@ -295,3 +296,25 @@ class NodeFilesystem(pyfuse3.Operations):
         s.f_ffree = s.f_favail = 0
         s.f_namemax = 255
         return s
+
+
+def _eio_on_error(handler):  # type: ignore[no-untyped-def]
+    """Any error a handler did not mean becomes EIO: every request gets an answer (an unexpected
+    exception would leave the kernel's request, and the process that made it, waiting for ever)."""
+
+    @functools.wraps(handler)
+    async def answered(self, *args):  # type: ignore[no-untyped-def]
+        try:
+            return await handler(self, *args)
+        except (pyfuse3.FUSEError, asyncio.CancelledError):
+            raise
+        except Exception:  # noqa: BLE001 - the FUSE edge
+            log.exception("%s%r failed", handler.__name__, args[:3])
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return answered
+
+
+for _name, _handler in list(vars(NodeFilesystem).items()):  # the handlers pyfuse3 calls
+    if asyncio.iscoroutinefunction(_handler):
+        setattr(NodeFilesystem, _name, _eio_on_error(_handler))

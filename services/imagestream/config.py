@@ -91,6 +91,9 @@ SETTINGS = {s.name: s for s in [
     # clients
     Setting("region", "127.0.0.1:50061", "the regional store, where writes go: push, images, rm, startup profiles"),
     Setting("chunk_size", "1MiB", "chunk size used by push"),
+    Setting("max_unpacked_bytes", "32GiB", "push refuses an image whose layers unpack to more than this (0: no bound)"),
+    Setting("max_unpack_ratio", "200",
+            "push refuses a layer that expands more than this many times past its first GiB (a decompression bomb; 0: no bound)"),
     Setting("fetch_timeout", "10", "seconds one upstream chunk fetch may take before it is retried"),
     Setting("fetch_retries", "8", "attempts for a chunk before a FUSE read fails with EIO (8: about 25 s of retries, backing off from 0.1 s)"),
     Setting("streaming", "auto", "'auto': stream where this node can (FUSE), else pull in full; 'off': always pull in full"),

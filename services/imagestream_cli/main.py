@@ -197,18 +197,29 @@ def rm(name: str) -> None:
 
     from imagestream.rpc.client import GrpcImageNames
 
-    async def delete() -> bool:
+    from imagestream.errors import NotFound
+    from imagestream_cli import pull
+
+    async def delete() -> tuple[bool, str]:
         names = GrpcImageNames(config.get("region"))
         try:
-            return await names.delete(name)
+            try:
+                index = (await names.resolve(name)).index.hash
+            except NotFound:
+                index = ""
+            return await names.delete(name), index
         finally:
             await names.close()
 
     try:
-        if not asyncio.run(delete()):
+        deleted, index = asyncio.run(delete())
+        if not deleted:
             _fail(ImagestreamError(f"no image named {name!r}"))
     except ImagestreamError as e:
         _fail(e)
+    # this node's full pull of it goes too (another name may share the index: it is pulled again if run)
+    if index and pull.remove_pulled(index):
+        click.echo(f"removed the full pull of {name} from this node")
     click.echo(f"removed {name}")
 
 
@@ -354,19 +365,23 @@ def umount(mountpoint: str) -> None:
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @click.option("--env", "-e", "env", multiple=True, help="NAME=VALUE (or NAME to pass the caller's) for the command")
 @click.option("--keep", is_flag=True, help="keep the run's writable upper directory")
+@click.option("--network", type=click.Choice(["none", "host"]), default="none", show_default=True,
+              help="none: a network namespace of its own (loopback only); host: share this node's network")
 @_setting("node_cache_socket")
 @_setting("streaming")
-def run(name: str, command: tuple[str, ...], env: tuple[str, ...], keep: bool) -> None:
-    """Run COMMAND in image NAME: streamed mount, writable overlay, /proc /dev /sys, chroot.
+def run(name: str, command: tuple[str, ...], env: tuple[str, ...], keep: bool, network: str) -> None:
+    """Run COMMAND in image NAME as a container (runc): streamed mount under a writable overlay, its own
+    PID, IPC, UTS, mount and network namespaces, default capabilities, no_new_privs.
 
     Exits with the command's status.  Example: imagestream run debian-python -- python3 -c 'print(1)'
     """
     from imagestream_cli import sandbox
 
     if os.geteuid() != 0:
-        _fail(RuntimeError("run needs root (mount namespaces, overlayfs, chroot)"))
+        _fail(RuntimeError("run needs root (mount namespaces, overlayfs, runc)"))
+    command = command[1:] if command[:1] == ("--",) else command  # `run NAME -- CMD`: click keeps the "--"
     try:
-        code = sandbox.run(name, list(command), list(env), keep=keep)
+        code = sandbox.run(name, list(command), list(env), keep=keep, network=network)
     except ImagestreamError as e:
         _fail(e)
     sys.exit(code)
@@ -385,8 +400,9 @@ def profile(name: str, command: tuple[str, ...]) -> None:
     from imagestream_cli import sandbox
 
     if os.geteuid() != 0:
-        _fail(RuntimeError("profile needs root (mount namespaces, overlayfs, chroot)"))
+        _fail(RuntimeError("profile needs root (mount namespaces, overlayfs, runc)"))
     os.environ[config.SETTINGS["profile"].env] = "always"
+    command = command[1:] if command[:1] == ("--",) else command
     try:
         code = sandbox.run(name, list(command))
     except ImagestreamError as e:
@@ -410,5 +426,22 @@ def build_debian(out: pathlib.Path, fmt: str, filler_mb: int) -> None:
     click.echo(str(path))
 
 
+def entry() -> None:
+    """The console script: any error that is not one of ours is a one-line message too, never a
+    traceback (IMAGESTREAM_DEBUG=1 shows the traceback)."""
+    try:
+        main(standalone_mode=True)
+    except SystemExit:
+        raise
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as e:  # noqa: BLE001 - the edge of the program
+        if os.environ.get("IMAGESTREAM_DEBUG"):
+            raise
+        click.echo(f"imagestream: error: {type(e).__name__}: {e} (internal error; IMAGESTREAM_DEBUG=1 shows where)",
+                   err=True)
+        sys.exit(1)
+
+
 if __name__ == "__main__":
-    main()
+    entry()

@@ -1,6 +1,6 @@
 """Corrupt chunks heal: a bad node-local file is replaced, a bad regional row is quarantined (never deleted).
 
-Real stack (one Cassandra node here; healing from another replica is shown on three nodes in tests/cluster).
+Real stack (one Cassandra node here; healing from another replica is shown on three nodes in tests/replicated).
 """
 
 from __future__ import annotations

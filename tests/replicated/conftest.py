@@ -1,7 +1,7 @@
 """The slow tier: the stack on a three-node Cassandra cluster (replication 3, LOCAL_QUORUM) with two
 regional chunk-store replicas, for the replication proof and the fault campaign.
 
-Its own pytest session (tox -e cluster), so that its three Cassandra nodes never run beside the
+Its own pytest session (tox -e replicated), so that its three Cassandra nodes never run beside the
 other suite's stack. The nodes listen on 127.0.0.2-4 (IMAGESTREAM_CLUSTER_HOSTS), on the ports of
 IMAGESTREAM_CLUSTER_PORT_BASE (default 20200: 20200-20226).
 """

@@ -12,11 +12,11 @@ from fuse_client import mounts
 from imagestream import config
 from imagestream_dev.stack import local
 
-from tests.cluster.tools import (Reads, drop_page_cache, in_thread, lost_images, make_image, push_in_background,
+from tests.replicated.tools import (Reads, drop_page_cache, in_thread, lost_images, make_image, push_in_background,
                                  read_all, regional, wait_for_upload)
 from tests.conftest import needs_fuse, run_cli
 
-pytestmark = [pytest.mark.cluster, needs_fuse]
+pytestmark = [pytest.mark.replicated, needs_fuse]
 
 
 def _status_nodes(want: list[str] | None = None, timeout: float = 180) -> list[str]:

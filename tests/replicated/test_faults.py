@@ -25,11 +25,11 @@ from imagestream import config
 from imagestream.digests import Digest, compress
 from imagestream_dev.stack import local
 
-from tests.cluster.tools import (Reads, drop_page_cache, in_thread, lost_images, make_image, push_in_background,
+from tests.replicated.tools import (Reads, drop_page_cache, in_thread, lost_images, make_image, push_in_background,
                                  read_all, regional, wait_for_upload)
 from tests.conftest import needs_fuse, run_cli
 
-pytestmark = [pytest.mark.cluster, needs_fuse]
+pytestmark = [pytest.mark.replicated, needs_fuse]
 
 KILLED = ["redis", "cassandra-2", "zonal_cache", "chunk_store", "chunk_store-2", "node_cache", "fuse_client"]
 RESULTS: dict[str, dict] = {}
