@@ -16,11 +16,12 @@ from chunk_store.distribution.cassandra_blobs import CassandraBlobIndex
 from chunk_store.admin import RegionalAdminServicer
 from chunk_store.cassandra_backend import CassandraChunkStore, CassandraImageNames, connect_from_settings
 from chunk_store.healing import HealingStore
+from chunk_store.tenancy import TenantReads, load_policy
 
 SETTINGS = (
     "chunk_store_listen", "chunk_store_metrics", "distribution_listen", "cassandra_hosts", "cassandra_port",
     "cassandra_keyspace", "cassandra_replication", "cassandra_local_dc", "read_consistency", "write_consistency",
-    "scrub_interval",
+    "scrub_interval", "tenants",
 )
 
 
@@ -47,11 +48,13 @@ async def main(args: argparse.Namespace) -> None:
     names = CassandraImageNames(db)
     # what push received, for pulls the normal way: gRPC to write, OCI Distribution (HTTP) to read
     distribution = Distribution(store, await asyncio.to_thread(CassandraBlobIndex, db))
-    http = await oci_http.start(distribution, args.distribution_listen) if args.distribution_listen else None
+    # optional per-image read permission, checked here and at the OCI endpoint (tenancy.py)
+    reads = TenantReads(load_policy(args.tenants), names, store, distribution) if args.tenants else None
+    http = await oci_http.start(distribution, args.distribution_listen, reads) if args.distribution_listen else None
     try:
         await serve(
             "chunk_store", config.parse_list(args.chunk_store_listen), store, names,
-            metrics=(args.chunk_store_metrics, lambda: collect(cassandra, store)),
+            metrics=(args.chunk_store_metrics, lambda: collect(cassandra, store)), reads=reads,
             add_servicers=lambda server: (
                 distribution_pb2_grpc.add_DistributionServicer_to_server(DistributionServicer(distribution), server),
                 admin_pb2_grpc.add_RegionalAdminServicer_to_server(RegionalAdminServicer(store), server)),

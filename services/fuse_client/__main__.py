@@ -26,9 +26,9 @@ import pyfuse3
 import pyfuse3.asyncio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from imagestream import config, telemetry
+from imagestream import config, telemetry, tls
 from imagestream.rpc.client import GrpcChunkStore, GrpcImageNames, NodeClient
-from imagestream.rpc.server import setup_logging, status_on_error
+from imagestream.rpc.server import add_port, setup_logging, status_on_error
 from imagestream.v1 import fuse_pb2, fuse_pb2_grpc
 
 from fuse_client import mounts
@@ -114,9 +114,7 @@ async def run(args: argparse.Namespace) -> None:
     fuse_pb2_grpc.add_FuseServicer_to_server(FuseServicer(images), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(sock)
-    server.add_insecure_port("unix:" + sock)
+    add_port(server, "fuse_client", "unix:" + sock)  # 0600 (0660 with IMAGESTREAM_SOCKET_GROUP)
     await server.start()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, pyfuse3.terminate)
@@ -173,6 +171,7 @@ def main() -> None:
     for name in SETTINGS:  # flags win over the environment, for config.get() too
         os.environ[config.SETTINGS[name].env] = getattr(args, name)
     setup_logging(args.log_level)
+    tls.set_identity("fuse-client")  # stores startup profiles in the region: TLS_DIR/fuse-client.crt
     telemetry.setup_tracing("fuse_client")
     pyfuse3.asyncio.enable()
     try:

@@ -11,7 +11,7 @@ import json
 
 import grpc
 
-from imagestream import config
+from imagestream import config, tls
 from imagestream.errors import FailedPrecondition, ImagestreamError, InvalidArgument, NotFound, Unavailable
 from imagestream.v1 import digest_pb2, fuse_pb2, fuse_pb2_grpc
 
@@ -51,7 +51,7 @@ def _stub(timeout_s: float) -> tuple[fuse_pb2_grpc.FuseStub, str]:
     target = "unix:" + config.fuse_socket()
     channel = _channels.get(target)
     if channel is None:
-        channel = _channels[target] = grpc.insecure_channel(target)
+        channel = _channels[target] = tls.grpc_channel(target, aio=False)  # a Unix socket: plain
     return fuse_pb2_grpc.FuseStub(channel), target
 
 

@@ -108,6 +108,14 @@ SETTINGS = {s.name: s for s in [
     Setting("snapshotter_root", "", "snapshots, image mounts and metadata of the snapshotter (default: HOME/snapshotter)"),
     Setting("snapshotter_metrics", "127.0.0.1:9464", "address of the snapshotter's Prometheus /metrics ('' for none)"),
     Setting("log_level", "INFO", "logging level of the services"),
+    # authentication (imagestream/tls.py)
+    Setting("tls", "on", "mutual TLS on every TCP hop between tiers (gRPC and the OCI endpoint): 'on', or 'off' on a network that is trusted already"),
+    Setting("tls_dir", "", "folder of the CA and the certificates `imagestream stack up` makes (default: HOME/tls)"),
+    Setting("tls_ca", "", "CA certificate(s) a peer's certificate must be signed by (default: TLS_DIR/ca.crt)"),
+    Setting("tls_cert", "", "this process's certificate, which carries its role (default: TLS_DIR/<process>.crt; the CLI's is pusher.crt)"),
+    Setting("tls_key", "", "the private key of IMAGESTREAM_TLS_CERT (default: TLS_DIR/<process>.key)"),
+    Setting("tenants", "", "regional read policy, a file of lines 'TENANT PREFIX...': a caller whose certificate names a tenant reads only images under its prefixes (default: every authenticated reader reads every image)"),
+    Setting("socket_group", "", "group given access to the node's Unix sockets (mode 0660; default: none, mode 0600)"),
 ]}
 
 

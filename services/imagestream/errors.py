@@ -6,6 +6,7 @@
     ├── CorruptChunk         bytes do not match their digest              (dropped, fetched again)
     ├── Unavailable          a tier cannot be reached; try the next one   (gRPC UNAVAILABLE)
     ├── FailedPrecondition   e.g. publishing an image whose chunks are missing
+    ├── PermissionDenied     the caller's certificate does not allow it   (gRPC PERMISSION_DENIED, UNAUTHENTICATED)
     └── BadImage             a source image is malformed or hostile; names the entry
 
 Errors become errno only at the FUSE edge and status codes only at the gRPC edge.
@@ -35,6 +36,10 @@ class Unavailable(ImagestreamError):
 
 
 class FailedPrecondition(ImagestreamError):
+    pass
+
+
+class PermissionDenied(ImagestreamError):
     pass
 
 

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import logging
 import os
 import signal
 import sys
 
-from imagestream import config
+from imagestream import config, tls
 
 log = logging.getLogger("snapshotter")
 
@@ -32,6 +31,7 @@ async def serve(args: argparse.Namespace) -> None:
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
     from containerd.services.snapshots.v1 import snapshots_pb2_grpc
+    from imagestream.rpc.server import add_port
     from snapshotter.service import SnapshotsServicer
     from snapshotter.snapshotter import Snapshotter
 
@@ -52,9 +52,7 @@ async def serve(args: argparse.Namespace) -> None:
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     sock = config.snapshotter_socket()
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(sock)
-    server.add_insecure_port("unix:" + sock)
+    add_port(server, "snapshotter", "unix:" + sock)  # 0600 (0660 with IMAGESTREAM_SOCKET_GROUP): containerd is root
     await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     log.info("snapshotter serving containerd's snapshots API on unix:%s (root %s)", sock, snapshotter.root)
@@ -85,6 +83,7 @@ def main() -> None:
     for name in ("home", "snapshotter_socket", "snapshotter_root", "node_cache_socket", "distribution_listen"):
         os.environ[config.SETTINGS[name].env] = getattr(args, name)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    tls.set_identity("snapshotter")  # fetches layer blobs from the regional OCI endpoint: TLS_DIR/snapshotter.crt
     if args.command == "status":
         path = config.snapshotter_root() / "status.json"
         print(path.read_text() if path.exists() else json.dumps({"error": f"no {path}: not started yet"}))

@@ -14,6 +14,8 @@ import signal
 import subprocess
 import time
 
+from imagestream import tls
+
 CONFIG = """\
 version = 2
 root = "{root}"
@@ -63,6 +65,23 @@ server = "http://{host}"
   skip_verify = true
 """
 
+# the regional OCI endpoint with mutual TLS: containerd trusts the CA and presents the node agent's certificate
+HOSTS_TOML_TLS = """\
+server = "https://{host}"
+
+[host."https://{host}"]
+  capabilities = ["pull", "resolve"]
+  ca = "{ca}"
+  client = [["{cert}", "{key}"]]
+"""
+
+
+def hosts_toml(host: str) -> str:
+    if not tls.enabled():
+        return HOSTS_TOML.format(host=host)
+    return HOSTS_TOML_TLS.format(host=host, ca=tls.ca_path(), cert=tls.cert_path("snapshotter"),
+                                 key=tls.key_path("snapshotter"))
+
 
 class PrivateContainerd:
     def __init__(self, directory: pathlib.Path, snapshotter_socket: str, registries: tuple[str, ...] = ()) -> None:
@@ -79,7 +98,7 @@ class PrivateContainerd:
         for host in self.registries:
             hosts = self.dir / "certs.d" / host
             hosts.mkdir(parents=True, exist_ok=True)
-            (hosts / "hosts.toml").write_text(HOSTS_TOML.format(host=host))
+            (hosts / "hosts.toml").write_text(hosts_toml(host))
         config = self.dir / "config.toml"
         config.write_text(CONFIG.format(root=self.dir / "root", state=self.dir / "state", socket=self.socket,
                                         snapshotter_socket=self.snapshotter_socket, dir=self.dir))

@@ -16,17 +16,15 @@ import pathlib
 import shutil
 import stat
 import subprocess
-import urllib.request
 
-from imagestream import whiteouts
+from imagestream import tls, whiteouts
 from imagestream.digests import HashingStream
 from imagestream.errors import BadImage, Unavailable
 
 
 def fetch_blob(registry: str, digest: str, out: pathlib.Path, repository: str = "imagestream") -> None:
     try:
-        with urllib.request.urlopen(f"http://{registry}/v2/{repository}/blobs/{digest}", timeout=60) as r, \
-                open(out, "wb") as f:
+        with tls.urlopen(f"{registry}/v2/{repository}/blobs/{digest}", timeout=60) as r, open(out, "wb") as f:
             written = HashingStream(f)
             shutil.copyfileobj(r, written, 1 << 20)
     except OSError as e:

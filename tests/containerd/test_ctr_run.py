@@ -45,10 +45,10 @@ def content_digests(containerd, namespace: str) -> set[str]:  # type: ignore[no-
 
 
 def layer_digest(image: str) -> str:
-    import urllib.request
+    from imagestream import tls
 
     repository, tag = image.split(":")
-    with urllib.request.urlopen(f"http://{registry_host()}/v2/{repository}/manifests/{tag}") as r:
+    with tls.urlopen(f"{registry_host()}/v2/{repository}/manifests/{tag}") as r:
         return json.load(r)["layers"][0]["digest"]
 
 
@@ -115,7 +115,7 @@ def test_unstreamable_image_runs_by_the_fallback(containerd, pushed_images) -> N
     image = pushed_images["plain"]
     ref = f"{registry_host()}/{image}"
     before = status()
-    containerd.ctr("images", "pull", "--plain-http", "--snapshotter", "imagestream", ref, namespace="plain")
+    containerd.ctr("images", "pull", "--hosts-dir", str(containerd.dir / "certs.d"), "--snapshotter", "imagestream", ref, namespace="plain")
     assert layer_digest(image) in content_digests(containerd, "plain")  # pulled the normal way
     result = containerd.ctr("run", "--rm", "--snapshotter", "imagestream", ref, "plain-1", "python3", "-c", PROGRAM,
                             namespace="plain")
@@ -131,7 +131,7 @@ def test_streamable_image_also_pulls_the_normal_way(containerd, pushed_images) -
     streamable image is then pulled in full from the regional tier and still runs."""
     image = pushed_images["streamed"]
     ref = f"{registry_host()}/{image}"
-    containerd.ctr("images", "pull", "--plain-http", "--snapshotter", "imagestream", ref, namespace="full")
+    containerd.ctr("images", "pull", "--hosts-dir", str(containerd.dir / "certs.d"), "--snapshotter", "imagestream", ref, namespace="full")
     assert layer_digest(image) in content_digests(containerd, "full")
     result = containerd.ctr("run", "--rm", "--snapshotter", "imagestream", ref, "full-1", "python3", "-c", PROGRAM,
                             namespace="full")

@@ -229,15 +229,15 @@ def test_a_lower_layer_of_a_streamed_image_is_unpacked_when_another_image_builds
     """An image that shares base layers with a streamed one, unpacked in the same namespace after it, sits on a
     lower layer of the streamed image: that layer is then unpacked from its blob (the regional endpoint's)."""
     import json
-    import urllib.request
 
+    from imagestream import tls
     from imagestream_cli.sandbox import describe
     from tests.containerd.conftest import registry_host
 
     S = pb()
     image, _ = describe(pushed_images["streamed"])
     index = f"sha256:{image.index.hash}/{image.index.size_bytes}"
-    with urllib.request.urlopen(f"http://{registry_host()}/v2/debian-python/manifests/ctrd") as r:
+    with tls.urlopen(f"{registry_host()}/v2/debian-python/manifests/ctrd") as r:
         blob = json.load(r)["layers"][0]["digest"]
     low = "sha256:" + "ef" * 32
     labels = {**streamed_labels(pushed_images["streamed"], index, "1/2", low),

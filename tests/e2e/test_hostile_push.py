@@ -12,6 +12,7 @@ import pathlib
 import grpc
 import pytest
 
+from imagestream import tls
 from imagestream.digests import Digest, compress
 from imagestream.rpc.client import GrpcChunkStore
 from imagestream.v1 import images_pb2, images_pb2_grpc
@@ -60,7 +61,7 @@ def test_crafted_index_is_refused_at_publish(stack, case) -> None:  # type: igno
             await store.put(GOOD_CHUNK, compress(b"c" * GOOD_CHUNK.size))
         finally:
             await store.close()
-        async with grpc.aio.insecure_channel(target) as channel:
+        async with tls.grpc_channel(target) as channel:
             stub = images_pb2_grpc.ImagesStub(channel)
             with pytest.raises(grpc.aio.AioRpcError) as refused:
                 await stub.PublishImage(images_pb2.PublishImageRequest(

@@ -8,7 +8,7 @@ import os
 import grpc
 import pytest
 
-from imagestream import config
+from imagestream import config, tls
 from imagestream.digests import Digest, compress
 from imagestream.errors import FailedPrecondition
 from imagestream.rpc.client import GrpcChunkStore, GrpcImageNames
@@ -33,7 +33,7 @@ def fresh_chunk(tag: str) -> tuple[Digest, bytes, bytes]:
 
 @pytest.mark.parametrize("service", ["chunk_store", "zonal_cache", "node_cache"])
 async def test_malformed_digests_get_invalid_argument(stack, service) -> None:  # type: ignore[no-untyped-def]
-    async with grpc.aio.insecure_channel(targets(stack)[service]) as channel:
+    async with tls.grpc_channel(targets(stack)[service]) as channel:
         stub = chunk_store_pb2_grpc.ChunkStoreStub(channel)
         for bad in [chunk_store_pb2.GetChunkRequest(), chunk_store_pb2.GetChunkRequest(digest={"hash": "zz", "size_bytes": 1}),
                     chunk_store_pb2.GetChunkRequest(digest={"hash": "a" * 64, "size_bytes": -5})]:

@@ -111,7 +111,7 @@ def processes() -> list[Process]:
             phase=0,
         ) for i, node in enumerate(nodes)),
         Process("chunk_store", [py, "-m", "chunk_store"], ("grpc", config.get("chunk_store_listen")),
-                service_env("chunk_store"), start_timeout_s=90),
+                service_env("chunk_store"), start_timeout_s=90, prepare=prepare_tls),
         Process("zonal_cache", [py, "-m", "zonal_cache"], ("grpc", config.get("zonal_cache_listen")),
                 service_env("zonal_cache"), phase=2),
         Process("node_cache", [py, "-m", "node_cache"], ("grpc", "unix:" + config.node_cache_socket()),
@@ -123,6 +123,16 @@ def processes() -> list[Process]:
         Process("snapshotter", [py, "-m", "snapshotter"], ("grpc", "unix:" + config.snapshotter_socket()),
                 service_env("snapshotter"), phase=5),
     ]
+
+
+def prepare_tls(log: Callable[[str], None] = lambda _: None) -> None:
+    """The CA and every process's certificate (mTLS between the tiers), made once under IMAGESTREAM_TLS_DIR."""
+    from imagestream import tls
+
+    if tls.enabled():
+        from imagestream_dev.stack import certs
+
+        certs.ensure(log=log)
 
 
 def cassandra_process_name(i: int) -> str:
@@ -205,15 +215,9 @@ def is_ready(check: tuple) -> bool:
 
 
 def grpc_serving(target: str, timeout_s: float = 1.0) -> bool:
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from imagestream.rpc import healthcheck
 
-    with grpc.insecure_channel(target) as channel:
-        try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout_s)
-        except grpc.RpcError:
-            return False
-    return reply.status == health_pb2.HealthCheckResponse.SERVING
+    return healthcheck.status(target, timeout_s=timeout_s) == "SERVING"
 
 
 # -- supervision -----------------------------------------------------------
@@ -244,6 +248,7 @@ def up(log: Callable[[str], None] = print, only: str | None = None) -> None:
     home = config.home()
     for d in ("run", "logs"):
         (home / d).mkdir(parents=True, exist_ok=True)
+    prepare_tls(log)
     wanted = [p for p in processes() if only is None or p.name == only]
     for phase in sorted({p.phase for p in wanted}):
         started: list[tuple[Process, int, float]] = []

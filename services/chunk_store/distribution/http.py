@@ -4,9 +4,11 @@
     GET|HEAD /v2/<name>/manifests/<tag|digest>  the manifest `push` stored for <name>:<tag>
     GET|HEAD /v2/<name>/blobs/<digest>          a config or layer blob, streamed piece by piece
 
-Read-only and unauthenticated, like a pull-through mirror on a trusted network:
-images are written by `imagestream push` only. Blobs are content-addressed and
-shared by every repository. Errors use the API's JSON error codes.
+Read-only: images are written by `imagestream push` only. HTTPS with a client
+certificate signed by the deployment's CA (imagestream.tls), unless IMAGESTREAM_TLS=off;
+with a tenant policy, a tenant's certificate reads only its repositories and their
+blobs (chunk_store.tenancy). Blobs are content-addressed and shared by every
+repository. Errors use the API's JSON error codes.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ import logging
 from aiohttp import web
 
 from chunk_store.distribution.blobs import Distribution
+from imagestream import tls
 from imagestream.oci import check_digest
-from imagestream.errors import ImagestreamError, InvalidArgument, NotFound
+from imagestream.errors import ImagestreamError, InvalidArgument, NotFound, PermissionDenied
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +31,27 @@ def _error(status: int, code: str, message: str) -> web.Response:
     return web.json_response({"errors": [{"code": code, "message": message}]}, status=status, headers=API_VERSION)
 
 
-def app(distribution: Distribution) -> web.Application:
+def _caller(request: web.Request) -> tls.Caller | None:
+    ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
+    der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+    return tls.caller_from_der(der) if der else None
+
+
+def app(distribution: Distribution, reads=None) -> web.Application:  # type: ignore[no-untyped-def]
+    """`reads`: a tenant policy (chunk_store.tenancy.TenantReads) or None."""
     routes = web.RouteTableDef()
+
+    async def denied(request: web.Request, name: str, digest: str | None = None) -> web.Response | None:
+        caller = _caller(request)
+        if reads is None or caller is None:
+            return None
+        try:
+            await reads.check_repository(caller, name, digest)
+        except PermissionDenied as e:
+            return _error(403, "DENIED", f"{caller.name!r}: {e}")
+        except ImagestreamError as e:
+            return _error(503, "UNAVAILABLE", f"read permission unknown: {e}")
+        return None
 
     @routes.get("/v2/")  # HEAD too
     async def base(request: web.Request) -> web.Response:
@@ -38,6 +60,9 @@ def app(distribution: Distribution) -> web.Application:
     @routes.get("/v2/{name:.+}/manifests/{reference}")  # HEAD too
     async def manifest(request: web.Request) -> web.StreamResponse:
         name, reference = request.match_info["name"], request.match_info["reference"]
+        by_digest = reference if reference.startswith("sha256:") else None  # a digest must be one of the tenant's
+        if (refused := await denied(request, name, by_digest)) is not None:
+            return refused
         try:
             record = await distribution.manifest(name, reference)
             body = b"" if request.method == "HEAD" else await distribution.read_all(record)
@@ -56,6 +81,8 @@ def app(distribution: Distribution) -> web.Application:
     @routes.get("/v2/{name:.+}/blobs/{digest}")  # HEAD too
     async def blob(request: web.Request) -> web.StreamResponse:
         digest = request.match_info["digest"]
+        if (refused := await denied(request, request.match_info["name"], digest)) is not None:
+            return refused
         try:
             record = await distribution.blob(check_digest(digest))
         except InvalidArgument as e:
@@ -86,11 +113,12 @@ def app(distribution: Distribution) -> web.Application:
     return application
 
 
-async def start(distribution: Distribution, listen: str) -> web.AppRunner:
+async def start(distribution: Distribution, listen: str, reads=None) -> web.AppRunner:  # type: ignore[no-untyped-def]
     """Serve on host:port; returns the runner (await runner.cleanup() to stop)."""
     host, _, port = listen.rpartition(":")
-    runner = web.AppRunner(app(distribution), access_log=None)
+    ssl_context = tls.server_ssl_context() if tls.enabled() else None
+    runner = web.AppRunner(app(distribution, reads), access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, host or "127.0.0.1", int(port)).start()
-    log.info("OCI distribution (read side) serving on http://%s/v2/", listen)
+    await web.TCPSite(runner, host or "127.0.0.1", int(port), ssl_context=ssl_context).start()
+    log.info("OCI distribution (read side) serving on %s://%s/v2/", "https" if ssl_context else "http", listen)
     return runner

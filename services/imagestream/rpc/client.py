@@ -7,9 +7,10 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 
 import grpc
 
-from imagestream import telemetry
+from imagestream import telemetry, tls
 from imagestream.digests import Digest
-from imagestream.errors import CorruptChunk, FailedPrecondition, ImagestreamError, InvalidArgument, NotFound, Unavailable
+from imagestream.errors import (CorruptChunk, FailedPrecondition, ImagestreamError, InvalidArgument, NotFound,
+                               PermissionDenied, Unavailable)
 from imagestream.store.failover import Failover
 from imagestream.names import ImageNames, WritableImageNames
 from imagestream.store.base import ChunkStore
@@ -32,6 +33,8 @@ _STATUS_TO_ERROR: dict[grpc.StatusCode, type[ImagestreamError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
     grpc.StatusCode.DATA_LOSS: CorruptChunk,
     grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
+    grpc.StatusCode.UNAUTHENTICATED: PermissionDenied,
 }
 
 
@@ -40,6 +43,9 @@ def to_error(target: str, e: grpc.RpcError) -> ImagestreamError:
     code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
     cls = _STATUS_TO_ERROR.get(code, Unavailable)
     details = e.details() if hasattr(e, "details") else str(e)
+    if code == grpc.StatusCode.UNAVAILABLE and not target.startswith("unix:") and tls.enabled():
+        # a refused TLS handshake looks like a closed socket from this side: say what we presented
+        details += f" (is it up, and does it trust our certificate {tls.cert_path()}? we trust {tls.ca_path()})"
     return cls(f"{target}: {code.name}: {details}")
 
 
@@ -49,7 +55,7 @@ def _read_file(path: str) -> bytes:
 
 
 def channel(target: str) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+    return tls.grpc_channel(target, CHANNEL_OPTIONS)
 
 
 class GrpcClient:

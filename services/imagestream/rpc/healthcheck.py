@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from imagestream import config
+from imagestream import config, tls
 
 # tier (its Python package, its name in the health service) -> the setting holding its listen address
 TIERS = {"chunk_store": "chunk_store_listen", "zonal_cache": "zonal_cache_listen", "node_cache": "node_cache_socket",
@@ -41,6 +41,7 @@ def resolve(target: str) -> tuple[str, str]:
     """(gRPC target, health service name) for a tier's name or an address."""
     if target not in TIERS:
         return target, ""
+    tls.set_identity(target.replace("_", "-"))  # in the tier's own container: its certificate
     if target == "node_cache":
         return "unix:" + config.node_cache_socket(), target
     if target == "fuse_client":
@@ -54,7 +55,11 @@ def status(target: str, service: str = "", timeout_s: float = 3.0) -> str:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     request = health_pb2.HealthCheckRequest(service=service)
-    with grpc.insecure_channel(target) as channel:
+    try:
+        channel = tls.grpc_channel(target, aio=False)
+    except tls.TlsError as e:
+        return str(e)
+    with channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(request, timeout=timeout_s)
         except grpc.RpcError as e:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import inspect
 import logging
 import os
 import signal
@@ -16,10 +17,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequen
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from imagestream import config, telemetry
+from imagestream import config, telemetry, tls
 from imagestream.digests import Digest, decompress_verified
 from imagestream.errors import (BadImage, CorruptChunk, FailedPrecondition, ImagestreamError, InvalidArgument,
-                                NotFound, Unavailable)
+                                NotFound, PermissionDenied, Unavailable)
 from imagestream.rpc.client import MAX_MESSAGE_BYTES
 from imagestream.index import ensure_complete
 from imagestream.names import ImageNames, WritableImageNames, validate_name
@@ -35,6 +36,7 @@ _ERROR_TO_STATUS: list[tuple[type[Exception], grpc.StatusCode]] = [
     (CorruptChunk, grpc.StatusCode.NOT_FOUND),  # a corrupt copy was dropped: as good as absent
     (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
     (Unavailable, grpc.StatusCode.UNAVAILABLE),
+    (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
 ]
 
 
@@ -55,6 +57,144 @@ async def status_on_error(context: grpc.aio.ServicerContext) -> AsyncIterator[No
             raise
         log.exception("internal error")
         await context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+
+
+# -- who may call what ---------------------------------------------------------
+# Every method a TCP caller may reach, with the roles (SAN URIs of its certificate, see imagestream.tls)
+# that may call it; ANY: any certificate of the deployment's CA. A method not listed is refused to everyone.
+ANY = frozenset({"*"})
+READ = frozenset({"pusher", "profiler", "node", "zonal"})
+PUSH = frozenset({"pusher"})
+PERMISSIONS: dict[str, frozenset[str]] = {
+    "/grpc.health.v1.Health/Check": ANY,
+    "/grpc.health.v1.Health/Watch": ANY,
+    "/imagestream.v1.ChunkStore/GetChunk": READ,
+    "/imagestream.v1.ChunkStore/GetChunks": READ,
+    "/imagestream.v1.ChunkStore/FindMissingChunks": READ,
+    "/imagestream.v1.ChunkStore/PutChunks": PUSH | {"profiler"},  # a recorded profile is stored as a chunk
+    "/imagestream.v1.Images/ResolveImage": READ,
+    "/imagestream.v1.Images/ListImages": READ,
+    "/imagestream.v1.Images/PublishImage": PUSH,
+    "/imagestream.v1.Images/DeleteImage": PUSH,
+    "/imagestream.v1.Images/SetProfile": PUSH | {"profiler"},
+    "/imagestream.v1.Distribution/PutBlob": PUSH,
+    "/imagestream.v1.Distribution/PutManifest": PUSH,
+    "/imagestream.v1.Distribution/FindMissingBlobs": PUSH,
+    "/imagestream.v1.RegionalAdmin/Scrub": PUSH,
+    "/imagestream.v1.RegionalAdmin/ListQuarantine": PUSH,
+    "/imagestream.v1.Node/StartDownload": frozenset({"node"}),
+    "/imagestream.v1.Node/EndDownload": frozenset({"node"}),
+    "/imagestream.v1.Node/GetNodeStatus": READ,
+}
+
+
+class ReadPolicy:
+    """What an authenticated caller may read, beyond its role (the regional tier's tenants: chunk_store.tenancy)."""
+
+    async def check(self, caller: tls.Caller, method: str, request) -> None:  # type: ignore[no-untyped-def]
+        """Raise PermissionDenied if `caller` may not make this request."""
+
+    def filter(self, caller: tls.Caller, method: str, response):  # type: ignore[no-untyped-def]
+        """The part of a response `caller` may see."""
+        return response
+
+
+def caller_of(context: grpc.aio.ServicerContext) -> tls.Caller | None:
+    """The verified client certificate's caller, or None (a Unix socket, or TLS off)."""
+    pem = (context.auth_context() or {}).get("x509_pem_cert")
+    return tls.caller_from_pem(pem[0]) if pem else None
+
+
+class Authorizer(grpc.aio.ServerInterceptor):
+    """The one place a TCP caller's certificate is checked against what it asks for (PERMISSIONS), and,
+    with a ReadPolicy, against what it reads. Callers on a Unix socket pass: the socket's mode decides
+    who may connect (tls.unix_socket_permissions)."""
+
+    def __init__(self, reads: ReadPolicy | None = None) -> None:
+        self.reads = reads
+
+    async def _admit(self, method: str, request, context) -> tls.Caller | None:  # type: ignore[no-untyped-def]
+        if context.peer().startswith("unix:"):
+            return None
+        caller = caller_of(context)
+        if caller is None:  # the TLS handshake demands a certificate: only reachable if TLS is bypassed
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                f"{method}: no client certificate; every caller must present one signed by this "
+                                f"tier's CA ({config.SETTINGS['tls_cert'].env})")
+        allowed = PERMISSIONS.get(method)
+        if allowed is None:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{method}: not open to any caller")
+        if allowed is not ANY and not caller.roles & allowed:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                f"{method}: certificate {caller} may not call it; it needs the role "
+                                f"{' or '.join(sorted(allowed))} ({tls.ROLE_URI}ROLE in its subject alternative names)")
+        if self.reads is not None and request is not None:
+            try:
+                await self.reads.check(caller, method, request)
+            except PermissionDenied as e:
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{method}: {caller.name!r}: {e}")
+            except ImagestreamError as e:  # the policy could not tell (e.g. the store is down): refuse
+                await context.abort(grpc.StatusCode.UNAVAILABLE, f"{method}: read permission unknown: {e}")
+        return caller
+
+    async def intercept_service(self, continuation, details):  # type: ignore[no-untyped-def]
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        method, admit, reads = details.method, self._admit, self.reads
+
+        if handler.unary_unary:
+            inner_uu = handler.unary_unary
+
+            async def unary_unary(request, context):  # type: ignore[no-untyped-def]
+                caller = await admit(method, request, context)
+                response = await inner_uu(request, context)
+                return reads.filter(caller, method, response) if reads and caller else response
+
+            return handler._replace(unary_unary=unary_unary)
+        if handler.stream_unary:
+            inner_su = handler.stream_unary
+
+            async def stream_unary(request_iterator, context):  # type: ignore[no-untyped-def]
+                await admit(method, None, context)
+                return await inner_su(request_iterator, context)
+
+            return handler._replace(stream_unary=stream_unary)
+        kind = "unary_stream" if handler.unary_stream else "stream_stream"
+        inner = getattr(handler, kind)
+        unary = kind == "unary_stream"
+
+        if inspect.isasyncgenfunction(inner):
+            async def streaming(request, context):  # type: ignore[no-untyped-def]
+                await admit(method, request if unary else None, context)
+                async for response in inner(request, context):
+                    yield response
+        else:  # a handler that writes with context.write (the health service's Watch)
+            async def streaming(request, context):  # type: ignore[no-untyped-def]
+                await admit(method, request if unary else None, context)
+                return await inner(request, context)
+
+        return handler._replace(**{kind: streaming})
+
+
+def add_port(server: grpc.aio.Server, service_name: str, address: str) -> None:
+    """Listen on `address`: TLS requiring a client certificate on TCP (unless IMAGESTREAM_TLS=off); a Unix
+    socket made 0600 (0660 with IMAGESTREAM_SOCKET_GROUP) from the moment it exists."""
+    try:
+        if address.startswith("unix:"):
+            path = address.removeprefix("unix:")
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)  # a stale socket from a killed run
+            with tls.unix_socket_permissions(path):
+                server.add_insecure_port(address)
+        elif tls.enabled():
+            server.add_secure_port(address, tls.server_credentials())
+        else:
+            server.add_insecure_port(address)
+    except RuntimeError as e:
+        raise SystemExit(f"{service_name}: cannot listen on {address}: {e}") from None
+    except tls.TlsError as e:
+        raise SystemExit(f"{service_name}: {e}") from None
 
 
 def _digest(message) -> Digest:  # type: ignore[no-untyped-def]
@@ -185,6 +325,7 @@ async def start_server(
     names: ImageNames,
     region: str = "",
     add_servicers: Callable[[grpc.aio.Server], None] | None = None,
+    reads: ReadPolicy | None = None,
 ) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
     """A started gRPC server of the chunk and image APIs plus the health service.
 
@@ -196,7 +337,8 @@ async def start_server(
         options=[
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-        ]
+        ],
+        interceptors=[Authorizer(reads)],
     )
     chunk_store_pb2_grpc.add_ChunkStoreServicer_to_server(ChunkStoreServicer(store), server)
     images = (RegionalImagesServicer(names, store) if isinstance(names, WritableImageNames)
@@ -207,13 +349,7 @@ async def start_server(
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for address in listen:
-        if address.startswith("unix:"):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(address.removeprefix("unix:"))  # a stale socket from a killed run
-        try:
-            server.add_insecure_port(address)
-        except RuntimeError as e:
-            raise SystemExit(f"{service_name}: cannot listen on {address}: {e}") from None
+        add_port(server, service_name, address)
     await server.start()
     for name in ("", service_name, "imagestream.v1.ChunkStore", "imagestream.v1.Images"):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -230,12 +366,13 @@ async def serve(
     add_servicers: Callable[[grpc.aio.Server], None] | None = None,
     on_stop: Callable[[], Awaitable[None]] | None = None,
     metrics: tuple[str, Callable[[], Iterator[object]]] | None = None,
+    reads: ReadPolicy | None = None,
 ) -> None:
     """Serve until SIGTERM/SIGINT, then drain in-flight calls and close the stores.
 
     `metrics` is (listen address, collect function) for the Prometheus endpoint.
     """
-    server, health_servicer = await start_server(service_name, listen, store, names, region, add_servicers)
+    server, health_servicer = await start_server(service_name, listen, store, names, region, add_servicers, reads)
     if metrics is not None:
         telemetry.serve_metrics(*metrics)
     stop = asyncio.Event()
@@ -266,5 +403,9 @@ def service_main(prog: str, description: str | None, settings: Sequence[str],
     for name in settings:  # flags win over the environment, for config.get() too
         os.environ[config.SETTINGS[name].env] = getattr(args, name)
     setup_logging(args.log_level)
+    tls.set_identity(prog.replace("_", "-"))  # the certificate it presents: TLS_DIR/chunk-store.crt, ...
     telemetry.setup_tracing(prog)
-    asyncio.run(main(args))
+    try:
+        asyncio.run(main(args))
+    except ImagestreamError as e:  # a certificate, a policy file, ...: one line, no traceback
+        raise SystemExit(f"{prog}: {e}") from None
