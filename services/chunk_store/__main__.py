@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 
-from imagestream import config, telemetry
+from imagestream import config, telemetry, tls
 from chunk_store.distribution.blobs import Distribution
 from chunk_store.distribution.grpc_service import DistributionServicer
 from imagestream.rpc.server import serve, service_main
@@ -21,7 +21,7 @@ from chunk_store.tenancy import TenantReads, load_policy
 SETTINGS = (
     "chunk_store_listen", "chunk_store_metrics", "distribution_listen", "cassandra_hosts", "cassandra_port",
     "cassandra_keyspace", "cassandra_replication", "cassandra_local_dc", "read_consistency", "write_consistency",
-    "scrub_interval", "tenants",
+    "scrub_interval", "tenants", *tls.SETTINGS,
 )
 
 

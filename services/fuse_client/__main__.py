@@ -38,7 +38,7 @@ from fuse_client.node import NodeImages
 log = logging.getLogger("fuse_client")
 
 SETTINGS = ("home", "node_cache_socket", "region", "fuse_socket", "fuse_mountpoint", "fetch_timeout",
-            "fetch_retries", "profile")
+            "fetch_retries", "profile", "socket_group", *tls.SETTINGS)
 
 
 def _raise_kernel_readahead(mountpoint: str, kib: int = 4096) -> None:

@@ -35,6 +35,7 @@ from imagestream.errors import ImagestreamError
 ROLE_URI = "imagestream://role/"
 TENANT_URI = "imagestream://tenant/"
 ROLES = ("pusher", "profiler", "node", "zonal")
+SETTINGS = ("tls", "tls_dir", "tls_ca", "tls_cert", "tls_key")  # every process that dials or serves TCP reads them
 
 # the certificate a process presents when IMAGESTREAM_TLS_CERT is not set: its file in the TLS folder
 _identity = "pusher"  # the CLI's; each service sets its own (rpc.server.service_main)

@@ -8,7 +8,7 @@ import dataclasses
 
 import grpc
 
-from imagestream import config, telemetry
+from imagestream import config, telemetry, tls
 from imagestream.digests import Digest
 from imagestream.rpc.client import FailoverImageNames, GrpcChunkStore, GrpcImageNames
 from imagestream.rpc.server import serve, service_main
@@ -22,7 +22,8 @@ from node_cache.fetcher import NodeFetcher
 from node_cache.state import StateFile
 
 SETTINGS = ("home", "node_cache_socket", "node_cache_metrics", "node_upstreams", "node_memory_bytes", "node_disk_bytes", "node_disk_dir",
-            "node_background_bandwidth", "node_background_concurrency", "node_background_quiet", "region")
+            "node_background_bandwidth", "node_background_concurrency", "node_background_quiet", "region",
+            "socket_group", *tls.SETTINGS)
 
 
 @dataclasses.dataclass

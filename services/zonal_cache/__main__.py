@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import logging
 
-from imagestream import config, telemetry
+from imagestream import config, telemetry, tls
 from imagestream.errors import Unavailable
 from imagestream.rpc.client import FailoverImageNames, GrpcChunkStore, GrpcImageNames
 from imagestream.rpc.server import serve, service_main
@@ -15,7 +15,7 @@ from imagestream.store.base import ChunkStore
 
 from zonal_cache.redis_backend import RedisChunkStore
 
-SETTINGS = ("zonal_cache_listen", "zonal_cache_metrics", "redis_url", "zonal_upstreams")
+SETTINGS = ("zonal_cache_listen", "zonal_cache_metrics", "redis_url", "zonal_upstreams", *tls.SETTINGS)
 
 
 def build(redis_store: ChunkStore, upstreams: list[str]) -> CoalescingStore:

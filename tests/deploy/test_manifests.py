@@ -192,8 +192,10 @@ def test_tiers_listen_where_their_ports_and_probes_are(overlay: str, objects: Ob
             probe = container.get(kind)
             if kind != "startupProbe":
                 assert probe, f"{workload.name}: no {kind}"
-            if probe:
-                assert probe["grpc"] == {"port": int(port), "service": module}, (workload.name, kind)
+            if probe:  # mTLS: the kubelet's grpc probe cannot present a certificate; the health check can
+                assert probe["exec"]["command"] == ["python", "-m", "imagestream.rpc.healthcheck", module], \
+                    (workload.name, kind)
+                assert "grpc" not in probe and probe["timeoutSeconds"] >= 5, (workload.name, kind)
         checked.add(module)
     assert checked == {"chunk_store", "zonal_cache"}
 
@@ -455,3 +457,69 @@ def test_cassandra_settings_agree_with_the_local_stack(overlay: str, objects: Ob
     shared = (set(ours_) & set(local)) - heap_derived
     assert {"commitlog_segment_size", "max_mutation_size", "native_transport_max_message_size"} <= shared
     assert {k: ours_[k] for k in shared} == {k: local[k] for k in shared}
+
+
+# -- mutual TLS ---------------------------------------------------------------------------------------------
+
+TLS_PROCESSES = {"chunk_store": "chunk-store", "zonal_cache": "zonal-cache", "node_cache": "node-cache",
+                 "fuse_client": "fuse-client"}  # Python module -> its identity in the local stack (certs.IDENTITIES)
+
+
+def certificates() -> dict[tuple[str, str], dict]:
+    """k8s/cert-manager's Certificates by (namespace, Secret name)."""
+    import subprocess
+
+    import yaml
+
+    from tests.deploy.tilt import kubectl
+
+    result = subprocess.run([kubectl(), "kustomize", str(ROOT / "k8s" / "cert-manager")], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return {(d["metadata"]["namespace"], d["spec"]["secretName"]): d for d in yaml.safe_load_all(result.stdout)
+            if d and d["kind"] == "Certificate"}
+
+
+def test_every_tier_presents_a_certificate_with_its_role_from_a_mounted_secret(overlay: str, objects: Objects) -> None:
+    """Each process of ours that speaks TCP reads its certificate, key and CA from a Secret cert-manager fills
+    (k8s/cert-manager), whose URI SANs are the roles the local stack gives the same process."""
+    from imagestream import tls
+    from imagestream_dev.stack import certs
+
+    issued = certificates()
+    servers: dict[str, dict] = {}  # app label -> the Certificate its pods present
+    seen = set()
+    for workload, container in objects.iter_containers():
+        if image_name(container["image"]) not in ours():
+            continue
+        module = dockerfile.python_module(argv(container))
+        if module not in TLS_PROCESSES:
+            continue
+        env = objects.env(workload, container)
+        assert env.get("IMAGESTREAM_TLS", "on") == "on", f"{workload.name}: TLS turned off"
+        files = {env.get(f"IMAGESTREAM_TLS_{k}") for k in ("CERT", "KEY", "CA")}
+        mounts = [m for m in container.get("volumeMounts", []) if all(f and f.startswith(m["mountPath"] + "/")
+                                                                     for f in files)]
+        assert mounts, f"{workload.name}/{container['name']}: its certificate is not in a mounted volume ({files})"
+        secret = workload.volume(mounts[0]["name"])["secret"]["secretName"]
+        assert {f.rsplit("/", 1)[1] for f in files} == {"tls.crt", "tls.key", "ca.crt"}  # cert-manager's keys
+        certificate = issued.get((workload.namespace, secret))
+        assert certificate, f"{workload.name}: no Certificate in k8s/cert-manager fills {workload.namespace}/{secret}"
+        roles = {u.removeprefix(tls.ROLE_URI) for u in certificate["spec"].get("uris", [])}
+        assert roles == set(certs.IDENTITIES[TLS_PROCESSES[module]]), (workload.name, roles)
+        assert certificate["spec"]["issuerRef"]["name"] == "imagestream-ca"
+        servers[workload.app] = certificate
+        seen.add(module)
+    assert seen == set(TLS_PROCESSES)
+    pusher = [c for c in issued.values() if c["spec"]["commonName"] == "pusher"]  # the operators' `imagestream push`
+    assert [c["spec"]["uris"] for c in pusher] == [[tls.ROLE_URI + "pusher"]]
+    # every address a tier dials is a name in the certificate the server behind it presents
+    for workload, container in objects.iter_containers():
+        env = objects.env(workload, container)
+        for variable in ("IMAGESTREAM_ZONAL_UPSTREAMS", "IMAGESTREAM_NODE_UPSTREAMS", "IMAGESTREAM_REGION"):
+            for address in config.parse_list(env.get(variable) or ""):
+                host = address.rpartition(":")[0]
+                service = objects.service_for_host(host, workload.namespace)
+                for backend in objects.selected(service):
+                    assert host in servers[backend.app]["spec"]["dnsNames"], (workload.name, variable, host)
+
