@@ -119,6 +119,10 @@ def server_credentials():  # type: ignore[no-untyped-def]
 
     def load():  # type: ignore[no-untyped-def]
         ca, cert, key = _material()
+        try:  # a key and certificate of one pair (not caught between the two files of a renewal)
+            ssl.create_default_context().load_cert_chain(str(cert_path()), str(key_path()))
+        except (ssl.SSLError, OSError) as e:
+            raise TlsError(f"TLS: {cert_path()} and {key_path()} are not a certificate and its key ({e})") from None
         return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
 
     def stamp() -> tuple:
