@@ -17,18 +17,21 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import pathlib
 import time
 
 from imagestream import tls
 from imagestream.digests import Digest
-from imagestream.errors import ImagestreamError, NotFound, PermissionDenied
+from imagestream.errors import BadImage, CorruptChunk, ImagestreamError, NotFound, PermissionDenied
 from imagestream.index import load_index
 from imagestream.names import ImageNames
 from imagestream.oci import repository_and_tag
 from imagestream.rpc.server import ReadPolicy
 from imagestream.store.base import ChunkStore
 from imagestream.v1 import images_pb2
+
+log = logging.getLogger(__name__)
 
 _NAMED = {  # methods whose request names one image
     "/imagestream.v1.Images/ResolveImage": lambda r: r.name,
@@ -139,8 +142,11 @@ class TenantReads(ReadPolicy):
             for image in await self.names.list() if prefixes else []:
                 if not any(image.name.startswith(p) for p in prefixes):
                     continue
-                chunks |= await self._chunks_of(image)
-                blobs |= await self._blobs_of(image.name)
+                try:
+                    chunks |= await self._chunks_of(image)
+                    blobs |= await self._blobs_of(image.name)
+                except (BadImage, NotFound, CorruptChunk) as e:  # one broken image hides only itself
+                    log.warning("tenant %s: image %r left out of what it may read: %s", tenant, image.name, e)
             self._readable[tenant] = (time.monotonic(), frozenset(chunks), frozenset(blobs))
             return self._readable[tenant][1], self._readable[tenant][2]
 

@@ -89,3 +89,24 @@ def test_an_unknown_socket_group_is_one_clear_error(monkeypatch) -> None:  # typ
     monkeypatch.setenv("IMAGESTREAM_SOCKET_GROUP", "no-such-group-here")
     with pytest.raises(tls.TlsError, match="IMAGESTREAM_SOCKET_GROUP='no-such-group-here': no such group"):
         tls.socket_mode()
+
+
+async def test_with_tls_off_a_tcp_tier_serves_plain_grpc(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """IMAGESTREAM_TLS=off (a network trusted already): plain gRPC on TCP, with no certificate to check."""
+    from imagestream.names import MemoryNames
+    from imagestream.rpc.client import GrpcImageNames
+    from imagestream.rpc.server import start_server
+    from imagestream.store import MemoryStore
+
+    monkeypatch.setenv("IMAGESTREAM_TLS", "off")
+    address = f"127.0.0.1:{int(os.environ.get('IMAGESTREAM_TEST_PORT_BASE', '20100')) + 19}"
+    server, _ = await start_server("test", [address], MemoryStore(), MemoryNames())
+    names = GrpcImageNames(address, timeout_s=5)
+    try:
+        assert await names.list() == []
+    finally:
+        await names.close()
+        await server.stop(None)
+    monkeypatch.setenv("IMAGESTREAM_TLS", "maybe")
+    with pytest.raises(tls.TlsError, match="IMAGESTREAM_TLS='maybe': expected 'on' or 'off'"):
+        tls.enabled()
