@@ -579,7 +579,7 @@ def build_debian_python(
     return _write_image(rootfs, out, name, fmt)
 
 
-# A real large image: about 1 GB of installed Debian packages (a JDK and Python's scientific
+# A real large image: about 1.6 GB of installed Debian packages (a JDK and Python's scientific
 # stack), of which a start reads a real part (LARGE_COMMAND imports numpy, scipy and pandas).
 LARGE_PACKAGES = ("python3", "python3-numpy", "python3-scipy", "python3-pandas", "python3-matplotlib",
                   "python3-sklearn", "openjdk-17-jdk-headless")
@@ -621,7 +621,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m imagestream_dev.imagebuild", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="image", required=True)
     p = sub.add_parser("debian-python", help="Debian bookworm minbase + python3")
-    q = sub.add_parser("debian-large", help="about 1 GB of Debian packages: a JDK, numpy, scipy, pandas, ...")
+    q = sub.add_parser("debian-large", help="about 1.6 GB of Debian packages: a JDK, numpy, scipy, pandas, ...")
     for parser in (p, q):
         parser.add_argument("--cache-dir", type=Path, required=True)
         parser.add_argument("--out", type=Path, required=True)

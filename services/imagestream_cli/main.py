@@ -407,7 +407,7 @@ def profile(name: str, command: tuple[str, ...]) -> None:
 @click.argument("out", type=click.Path(path_type=pathlib.Path))
 @click.option("--format", "fmt", type=click.Choice(["oci", "oci-archive", "docker"]), default="oci", show_default=True)
 @click.option("--filler-mb", type=int, default=0, help="add this much data the command never reads (/opt/filler)")
-@click.option("--large", is_flag=True, help="about 1 GB of packages instead: a JDK, numpy, scipy, pandas, ...")
+@click.option("--large", is_flag=True, help="about 1.6 GB of packages instead: a JDK, numpy, scipy, pandas, ...")
 def build_debian(out: pathlib.Path, fmt: str, filler_mb: int, large: bool) -> None:
     """Build a real Debian bookworm image with python3 (debootstrap, cached) and write it to OUT."""
     from imagestream_dev import imagebuild
