@@ -33,6 +33,13 @@ class BuildProtos(Command):
         # the package list was made before these existed: add them, or a fresh build leaves them out
         packages = self.distribution.packages
         packages.extend(p for p in generated if p not in packages)
+        # with several `where` folders each package is mapped to its folder; map the new ones too,
+        # or a fresh build looks for containerd/... at the top of the tree
+        package_dir = self.distribution.package_dir
+        if package_dir and "" not in package_dir:
+            for p in generated:
+                top = p.split(".")[0]
+                package_dir.setdefault(top, "services/" + top)
 
 
 class BuildPyWithProtos(build_py):
@@ -41,6 +48,9 @@ class BuildPyWithProtos(build_py):
         for package in self.distribution.packages:
             if package not in self.packages:
                 self.packages.append(package)
+        # finalize_options copied package_dir before build_protos added to it
+        for name, path in (self.distribution.package_dir or {}).items():
+            self.package_dir.setdefault(name, path)
         super().run()
 
 
