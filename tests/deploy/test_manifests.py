@@ -152,13 +152,17 @@ def test_one_name_per_service(overlay: str, objects: Objects) -> None:
             assert workload.name == workload.app
         selector = workload.obj["spec"]["selector"]["matchLabels"]
         assert selector.items() <= workload.labels.items()
+        # the node agent's pod also runs the snapshotter, an image of its own
+        images = {workload.app, "snapshotter"} if workload.app == "node-agent" else {workload.app}
         for container in workload.containers():
             if image_name(container["image"]) in ours():
-                assert image_name(container["image"]) == workload.app, (workload.name, container["image"])
+                assert image_name(container["image"]) in images, (workload.name, container["image"])
     for service in objects.of_kind("Service"):
         selected = objects.selected(service)
         assert selected, f"Service {service['metadata']['name']} selects no pods"
-        assert {w.app for w in selected} == {service["metadata"]["name"]}
+        name = service["metadata"]["name"]
+        # a workload's Service is named after it; a second Service of it adds what it is for (chunk-store-registry)
+        assert {w.app for w in selected} == {name} or [name.startswith(w.app + "-") for w in selected] == [True], name
 
 
 def test_services_reach_declared_ports(overlay: str, objects: Objects) -> None:
@@ -372,7 +376,13 @@ def test_node_agent_can_mount_fuse_on_the_node(overlay: str, objects: Objects) -
     assert agent.volume(by_path["/dev/fuse"]["name"])["hostPath"] == {"path": "/dev/fuse", "type": "CharDevice"}
     shared = [m for m in mounter["volumeMounts"] if m.get("mountPropagation") == "Bidirectional"]
     assert shared and all("hostPath" in agent.volume(m["name"]) for m in shared)
-    assert "preStop" in mounter.get("lifecycle", {}), "unmounts before it goes"
+    # the snapshotter: it reads the pod of a container from the node's containerd, read-only
+    assert argv(mounter)[-3:] == ["-m", "snapshotter", "--kube-events"]
+    containerd = by_path["/run/containerd"]
+    assert containerd.get("readOnly") and agent.volume(containerd["name"])["hostPath"]["path"] == "/run/containerd"
+    env = {e["name"]: e.get("value") for e in mounter["env"]}
+    assert env["IMAGESTREAM_CONTAINERD_SOCKET"].startswith("/run/containerd/")
+    assert env["IMAGESTREAM_SNAPSHOTTER_SOCKET"].startswith(by_path["/run/imagestream"]["mountPath"])
     for other in agent.containers():
         if other is not mounter:
             context = other.get("securityContext", {})

@@ -20,7 +20,8 @@ import sys
 from imagestream import config
 
 # tier (its Python package, its name in the health service) -> the setting holding its listen address
-TIERS = {"chunk_store": "chunk_store_listen", "zonal_cache": "zonal_cache_listen", "node_cache": "node_cache_socket"}
+TIERS = {"chunk_store": "chunk_store_listen", "zonal_cache": "zonal_cache_listen", "node_cache": "node_cache_socket",
+         "snapshotter": "snapshotter_socket"}
 
 
 def dial_address(listen: str) -> str:
@@ -41,6 +42,8 @@ def resolve(target: str) -> tuple[str, str]:
         return target, ""
     if target == "node_cache":
         return "unix:" + config.node_cache_socket(), target
+    if target == "snapshotter":
+        return "unix:" + config.snapshotter_socket(), target
     return dial_address(config.parse_list(config.get(TIERS[target]))[0]), target
 
 
