@@ -37,7 +37,11 @@ WORKDIR /src
 COPY pyproject.toml ./
 # /opt/build holds pip and the build tools (setuptools, grpcio-tools) and is never shipped;
 # /opt/imagestream is the runtime virtualenv every image copies: no pip, no setuptools in it.
-RUN python3 -m venv /opt/build && python3 -m venv --without-pip /opt/imagestream \
+# Behind a TLS-inspecting proxy, give pip its CA bundle as the build secret `ca-certificates`
+# (buildah bud --secret id=ca-certificates,src=/etc/ssl/certs/ca-certificates.crt); it stays out of the image.
+RUN --mount=type=secret,id=ca-certificates \
+    if [ -s /run/secrets/ca-certificates ]; then export PIP_CERT=/run/secrets/ca-certificates; fi \
+ && python3 -m venv /opt/build && python3 -m venv --without-pip /opt/imagestream \
  && python3 -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb")); \
 open("build-requirements.txt", "w").write("\n".join(p["build-system"]["requires"])); \
 open("requirements.txt", "w").write("\n".join(p["project"]["dependencies"]))' \
