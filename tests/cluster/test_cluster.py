@@ -16,7 +16,7 @@ import pytest
 from tests.cluster.conftest import ENV, NAMESPACES, ROOT, in_ns, kubectl
 from tests.conftest import CACHE
 
-pytestmark = [pytest.mark.cluster]
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(3600)]  # the first one waits for the cluster to be built
 
 STREAMED = "debian-python:cluster"
 PROGRAM = ("import json, sqlite3, hashlib; "

@@ -143,6 +143,9 @@ class Tilt:
                           command_bat: Any = "", image_deps: list = [], env: dict = {}, dir: str = "") -> None:
         return None
 
+    def tilt_ci_settings(self, k8s_grace_period: str = "", timeout: str = "", readiness_timeout: str = "") -> None:
+        return None
+
     def tilt_k8s_yaml(self, yaml: Any, allow_duplicates: bool = False) -> None:
         return None
 
