@@ -232,8 +232,8 @@ NOTES = {
         "Cassandra counts that are not chunk fetches of this image, and chunks Redis evicted; see the "
         "regional reads at start and in total."),
     "warm_seq": (
-        "With the page cache dropped, each 1 MiB chunk is read from the node's disk folder by the FUSE "
-        "client itself (no call to the node cache), checked against its SHA-256 and decompressed in worker "
+        "With the page cache dropped, each 1 MiB chunk is asked of the node cache, which names its file on "
+        "the node's disk; the FUSE client reads it, checks its SHA-256 and decompresses it in worker "
         "threads, and each FUSE request (up to 1 MiB) crosses the kernel and Python's event loop, on the "
         "same 2 cores as the reader; local disk is one read into the page cache. Closing it: hand the kernel "
         "a verified, uncompressed copy of node-local files with FUSE passthrough (Linux 6.9+; pyfuse3 3.5 "
@@ -425,8 +425,8 @@ def markdown(r: dict, pngs: list[str]) -> str:
                 rows.append([label, cache, f"{w[f'fuse_{kind}_{cache}']['median_mb_s']:.1f} MB/s",
                              f"{w[f'disk_{kind}_{cache}']['median_mb_s']:.1f} MB/s", f"{w[f'ratio_{kind}_{cache}']:.2f}"])
         L += _table(rows) + [""]
-        L += ["A read that misses the kernel's page cache costs the mount a whole chunk: the FUSE client reads the "
-              "chunk's file from the node's disk folder (up to 1 MiB compressed), checks its SHA-256 and "
+        L += ["A read that misses the kernel's page cache costs the mount a whole chunk: the FUSE client asks the "
+              "node cache for the chunk, reads the file the node names (up to 1 MiB compressed), checks its SHA-256 and "
               "decompresses it, then keeps it in a 64 MiB LRU. Sequential reads pay that once per chunk and the "
               "kernel's 4 MiB readahead keeps requests large; random 4 KiB reads over 256 MB pay it for most reads "
               "(the LRU holds a quarter of the data), hence the low random figure with the page cache dropped. "

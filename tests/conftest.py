@@ -26,6 +26,18 @@ def have_fuse() -> bool:
 needs_fuse = pytest.mark.skipif(not have_fuse(), reason="needs /dev/fuse, fusermount3 and root")
 
 
+def have_overlayfs() -> bool:
+    try:
+        with open("/proc/filesystems") as f:
+            listed = any(line.split()[-1] == "overlay" for line in f if line.strip())
+    except OSError:
+        return False
+    return listed and os.geteuid() == 0 and shutil.which("mount") is not None
+
+
+needs_overlayfs = pytest.mark.skipif(not have_overlayfs(), reason="needs overlayfs and root")
+
+
 @pytest.fixture(scope="session")
 def stack_home() -> pathlib.Path:
     home = pathlib.Path(tempfile.mkdtemp(prefix="imagestream-test-"))

@@ -33,6 +33,9 @@ from typing import BinaryIO, Literal
 
 import zstandard
 
+from imagestream.digests import HashingStream
+from imagestream.oci import MEDIA_LAYER, MEDIA_OCI_CONFIG, MEDIA_OCI_IMAGE_INDEX, MEDIA_OCI_MANIFEST
+
 Compression = Literal["gzip", "zstd", "none"]
 PathFilter = Callable[[str], bool]  # gets a tree-relative posix path ("usr/bin/python3")
 
@@ -43,14 +46,6 @@ DEFAULT_PATH_ENV = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin
 # determines the image; real rootfs files keep their own mtimes.
 FILLER_MTIME = 1704067200
 
-MT_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-MT_INDEX = "application/vnd.oci.image.index.v1+json"
-MT_CONFIG = "application/vnd.oci.image.config.v1+json"
-MT_LAYER = {
-    "gzip": "application/vnd.oci.image.layer.v1.tar+gzip",
-    "zstd": "application/vnd.oci.image.layer.v1.tar+zstd",
-    "none": "application/vnd.oci.image.layer.v1.tar",
-}
 _CHUNK = 1 << 20
 
 
@@ -225,27 +220,6 @@ def filler_plan(megabytes: int, seed: int) -> list[tuple[str, int]]:
 # --------------------------------------------------------------------------- layer tars
 
 
-class _HashWriter(io.RawIOBase):
-    """Write-through file object that hashes and counts what passes through it."""
-
-    def __init__(self, inner: BinaryIO) -> None:
-        self.inner = inner
-        self.sha = hashlib.sha256()
-        self.size = 0
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, b) -> int:  # type: ignore[override]
-        self.sha.update(b)
-        self.size += len(b)
-        self.inner.write(b)
-        return len(b)
-
-    def tell(self) -> int:
-        return self.size
-
-
 @dataclasses.dataclass(frozen=True)
 class Layer:
     path: Path  # the blob as written (compressed per media_type)
@@ -369,16 +343,16 @@ def write_layer(
     rootfs, out_tar = Path(rootfs), Path(out_tar)
     rels = _selected(rootfs, paths)
     with open(out_tar, "wb") as raw:
-        blob = _HashWriter(raw)
+        blob = HashingStream(raw)
         with _compressed_writer(blob, compression) as cw:  # type: ignore[arg-type]
-            plain = _HashWriter(cw)
+            plain = HashingStream(cw)
             _write_tar(rootfs, rels, plain)  # type: ignore[arg-type]
     return Layer(
         path=out_tar,
-        media_type=MT_LAYER[compression],
-        digest="sha256:" + blob.sha.hexdigest(),
+        media_type=MEDIA_LAYER[compression],
+        digest=blob.oci_digest(),
         size=blob.size,
-        diff_id="sha256:" + plain.sha.hexdigest(),
+        diff_id=plain.oci_digest(),
     )
 
 
@@ -441,17 +415,17 @@ def _finish_layout(out_dir: Path, layers: Sequence[Layer], config: ImageConfig, 
     cfg_digest, cfg_size = _put_blob(blobs, config.to_json([l.diff_id for l in layers]))
     manifest = {
         "schemaVersion": 2,
-        "mediaType": MT_MANIFEST,
-        "config": {"mediaType": MT_CONFIG, "digest": cfg_digest, "size": cfg_size},
+        "mediaType": MEDIA_OCI_MANIFEST,
+        "config": {"mediaType": MEDIA_OCI_CONFIG, "digest": cfg_digest, "size": cfg_size},
         "layers": [{"mediaType": l.media_type, "digest": l.digest, "size": l.size} for l in layers],
     }
     man_digest, man_size = _put_blob(blobs, _canonical(manifest))
     index = {
         "schemaVersion": 2,
-        "mediaType": MT_INDEX,
+        "mediaType": MEDIA_OCI_IMAGE_INDEX,
         "manifests": [
             {
-                "mediaType": MT_MANIFEST,
+                "mediaType": MEDIA_OCI_MANIFEST,
                 "digest": man_digest,
                 "size": man_size,
                 "annotations": {"org.opencontainers.image.ref.name": ref_name},
@@ -514,12 +488,12 @@ def write_oci_layout_from_layers(
     for i, src in enumerate(layer_tars):
         tmp = blobs / f".layer-{i}.tmp"
         with open(src, "rb") as fin, open(tmp, "wb") as raw:
-            blob = _HashWriter(raw)
+            blob = HashingStream(raw)
             with _compressed_writer(blob, compression) as cw:  # type: ignore[arg-type]
-                plain = _HashWriter(cw)
+                plain = HashingStream(cw)
                 while chunk := fin.read(_CHUNK):
                     plain.write(chunk)
-        layer = Layer(tmp, MT_LAYER[compression], "sha256:" + blob.sha.hexdigest(), blob.size, "sha256:" + plain.sha.hexdigest())
+        layer = Layer(tmp, MEDIA_LAYER[compression], blob.oci_digest(), blob.size, plain.oci_digest())
         written.append(_store_layer_blob(blobs, tmp, layer))
     return _finish_layout(out_dir, written, config, ref_name)
 
@@ -565,11 +539,8 @@ def write_docker_archive(
     out_tar = Path(out_tar)
     diff_ids = []
     for p in layer_tars:
-        h = hashlib.sha256()
         with open(p, "rb") as f:
-            while chunk := f.read(_CHUNK):
-                h.update(chunk)
-        diff_ids.append("sha256:" + h.hexdigest())
+            diff_ids.append("sha256:" + hashlib.file_digest(f, "sha256").hexdigest())
     cfg = config.to_json(diff_ids)
     cfg_name = hashlib.sha256(cfg).hexdigest() + ".json"
     layer_names = [d.split(":", 1)[1] + "/layer.tar" for d in diff_ids]

@@ -34,7 +34,7 @@ async def main(args: argparse.Namespace) -> None:
     http = await oci_http.start(distribution, args.distribution_listen) if args.distribution_listen else None
     try:
         await serve(
-            "chunk_store", config.parse_list(args.chunk_store_listen), store, names, source_of_truth=True,
+            "chunk_store", config.parse_list(args.chunk_store_listen), store, names,
             metrics=(args.chunk_store_metrics, lambda: telemetry.tier_families({"regional": cassandra})),
             add_servicers=lambda server: distribution_pb2_grpc.add_DistributionServicer_to_server(
                 DistributionServicer(distribution), server),

@@ -23,7 +23,7 @@ from opentelemetry.trace import SpanKind
 from imagestream import telemetry
 from imagestream.digests import Digest
 from imagestream.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
-from imagestream.names import ImageNames, validate_name
+from imagestream.names import WritableImageNames, validate_name
 from imagestream.store.base import ChunkStore
 from imagestream.v1 import images_pb2
 
@@ -181,7 +181,7 @@ class CassandraChunkStore(ChunkStore):
         await self.db.execute(self._delete, (digest.hash, digest.size))
 
 
-class CassandraImageNames(ImageNames):
+class CassandraImageNames(WritableImageNames):
     def __init__(self, db: CassandraConnection) -> None:
         self.db = db
         self._get = db.prepare("SELECT * FROM {ks}.images WHERE name = ?", write=False)

@@ -2,6 +2,8 @@
 
 Resolves NAME and fetches only its index through the node cache, mounts, tells
 the parent it is ready (on --ready-fd), and serves until unmounted or SIGTERM.
+Chunks are read through the node cache only; a startup profile recorded here is
+stored in the regional store (IMAGESTREAM_REGION), the one tier that takes writes.
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ async def run(args: argparse.Namespace) -> None:
     started = time.monotonic()
     target = "unix:" + config.node_cache_socket()
     timeout = float(args.fetch_timeout)
-    # the node cache sits on this machine: chunks on its disk are read from there directly
+    # the node cache sits on this machine: a chunk on its disk comes back as its file's path
     store = GrpcChunkStore(target, name="node cache", timeout_s=timeout, accept_local_path=True)
     names = GrpcImageNames(target, timeout_s=timeout)
     node = NodeClient(target, timeout_s=timeout)
@@ -72,8 +74,7 @@ async def run(args: argparse.Namespace) -> None:
     except Exception as e:
         _tell_parent(args.ready_fd, {"error": f"cannot mount {args.name!r}: {e}"})
         raise SystemExit(1) from None
-    reader = ChunkReader(store, index, timeout_s=timeout, retries=int(args.fetch_retries),
-                         node_disk=config.node_disk_dir())
+    reader = ChunkReader(store, index, timeout_s=timeout, retries=int(args.fetch_retries))
     recording = should_record(args.profile, image)
     if recording:
         reader.touched = []
@@ -130,13 +131,14 @@ async def run(args: argparse.Namespace) -> None:
         for task in background:
             task.cancel()
         pyfuse3.close(unmount=True)
-        log.info("unmounted %s; %d reads, %d chunks fetched (%d bytes, %d read from the node's disk directly), %d readaheads",
-                 args.mountpoint, fs.reads, reader.fetches, reader.fetched_bytes, reader.local_reads, reader.readaheads)
+        log.info("unmounted %s; %d reads, %d chunks fetched (%d bytes, %d read from files the node named), %d readaheads",
+                 args.mountpoint, fs.reads, reader.fetches, reader.fetched_bytes, store.local_reads, reader.readaheads)
         try:
             await node.end_download(mount_id)
             if recording and reader.touched:
-                digest = await save_profile(store, names, image, reader.touched)
-                log.info("startup profile of %s recorded: %d chunks (%s)", args.name, len(reader.touched), digest)
+                digest = await save_profile(args.region, image, reader.touched, timeout_s=timeout)
+                log.info("startup profile of %s recorded in %s: %d chunks (%s)",
+                         args.name, args.region, len(reader.touched), digest)
         except Exception as e:  # noqa: BLE001 - the unmount itself must finish
             log.warning("after unmount of %s: %s", args.name, e)
         await store.close()
@@ -162,8 +164,8 @@ def main() -> None:
     parser.add_argument("--ready-fd", type=int, default=None, help="write one JSON line here once mounted")
     parser.add_argument("--no-download", dest="download", action="store_false",
                         help="stream only; do not fetch the whole image in the background")
-    config.add_arguments(parser, "node_cache_socket", "fetch_timeout", "fetch_retries", "profile", "record_reads",
-                         "log_level")
+    config.add_arguments(parser, "node_cache_socket", "region", "fetch_timeout", "fetch_retries", "profile",
+                         "record_reads", "log_level")
     args = parser.parse_args()
     if args.node_cache_socket:
         os.environ[config.SETTINGS["node_cache_socket"].env] = args.node_cache_socket

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from imagestream.digests import Digest, compress, decompress_verified
-from imagestream.names import ImageNames
+from imagestream.rpc.client import GrpcChunkStore, GrpcImageNames
 from imagestream.store.base import ChunkStore
 from imagestream.v1 import images_pb2
 
@@ -26,14 +26,20 @@ async def load_profile(store: ChunkStore, image: images_pb2.Image) -> list[Diges
         return []
 
 
-async def save_profile(store: ChunkStore, names: ImageNames, image: images_pb2.Image,
-                       chunks: list[Digest], command: str = "") -> Digest:
-    """Store the profile (written through to the region) and attach it to the image."""
-    data = images_pb2.StartupProfile(chunks=[d.to_proto() for d in chunks], command=command).SerializeToString(
-        deterministic=True)
+async def save_profile(region: str, image: images_pb2.Image, chunks: list[Digest], timeout_s: float = 30.0) -> Digest:
+    """Store the profile in the regional store at `region` and attach it to the image there.
+
+    Straight to the region: the caches between serve reads only.
+    """
+    data = images_pb2.StartupProfile(chunks=[d.to_proto() for d in chunks]).SerializeToString(deterministic=True)
     digest = Digest.of(data)
-    await store.put(digest, compress(data))
-    await names.set_profile(image.name, Digest.from_proto(image.index), digest)
+    store, names = GrpcChunkStore(region, name="regional", timeout_s=timeout_s), GrpcImageNames(region, timeout_s)
+    try:
+        await store.put(digest, compress(data))
+        await names.set_profile(image.name, Digest.from_proto(image.index), digest)
+    finally:
+        await store.close()
+        await names.close()
     return digest
 
 

@@ -1,18 +1,16 @@
 """Bytes of a file, from its extents: decompressed chunks kept in a small LRU, fetched on demand.
 
-A read is cut along chunk boundaries; holes are zeros; every chunk comes from
-the node's disk folder when it is already there (opened directly: no call to
-the node cache, one trip to a worker thread), else from the node cache (or
-whichever store is given); it is checked against its digest either way, and
-retried with a deadline, so one lost upstream call never hangs a read.
-Sequential reads trigger readahead of the next chunks.
+A read is cut along chunk boundaries; holes are zeros; every chunk is asked of
+the node cache (or whichever store is given), checked against its digest as it
+is decompressed (this client's one check of it), and retried with a deadline,
+so one lost upstream call never hangs a read. Sequential reads trigger readahead
+of the next chunks.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import pathlib
 from collections import OrderedDict
 
 from imagestream import telemetry
@@ -20,7 +18,6 @@ from imagestream.digests import Digest, decompress_verified
 from imagestream.errors import CorruptChunk, ImagestreamError, NotFound, Unavailable
 from imagestream.index import Index
 from imagestream.store.base import ChunkStore
-from imagestream.store.disk import chunk_file
 from imagestream.v1 import index_pb2
 
 log = logging.getLogger(__name__)
@@ -28,19 +25,6 @@ log = logging.getLogger(__name__)
 
 class ChunkFetchFailed(ImagestreamError):
     """A chunk could not be had after every retry (becomes EIO at the FUSE edge)."""
-
-
-def _read_local(path: pathlib.Path, digest: Digest) -> tuple[bytes, int] | None:
-    """(chunk, compressed size) from a node-local file, or None if it is not there or not intact."""
-    try:
-        compressed = path.read_bytes()
-    except OSError:
-        return None  # not downloaded yet, or evicted: ask the node cache
-    try:
-        return decompress_verified(digest, compressed), len(compressed)
-    except CorruptChunk as e:
-        log.warning("node-local copy of chunk %s is corrupt, asking the node cache: %s", digest, e)
-        return None
 
 
 class ChunkReader:
@@ -52,10 +36,8 @@ class ChunkReader:
         readahead_chunks: int = 8,
         timeout_s: float = 10.0,
         retries: int = 3,
-        node_disk: pathlib.Path | None = None,
     ) -> None:
         self.store = store
-        self.node_disk = node_disk  # the node cache's chunk folder, when it is on this machine
         self.index = index
         self.cache_bytes = cache_bytes
         self.readahead_chunks = readahead_chunks
@@ -69,7 +51,6 @@ class ChunkReader:
         self._touched_set: set[Digest] = set()
         self.fetches = 0  # chunks fetched from the node (not served from this LRU)
         self.fetched_bytes = 0
-        self.local_reads = 0  # of those, read from the node's disk folder directly
         self.readaheads = 0
 
     # -- chunks ----------------------------------------------------------
@@ -85,15 +66,6 @@ class ChunkReader:
         return await asyncio.shield(task)
 
     async def _fetch(self, digest: Digest) -> bytes:
-        if self.node_disk is not None:
-            with telemetry.tracer.start_as_current_span("read node-local chunk") as span:
-                local = await asyncio.to_thread(_read_local, chunk_file(self.node_disk, digest), digest)
-                if span.is_recording():
-                    span.set_attributes({"imagestream.chunk": str(digest), "imagestream.tier": "node disk",
-                                         "imagestream.hit": local is not None})
-            if local is not None:
-                self.local_reads += 1
-                return self._fetched(digest, *local)
         last: Exception | None = None
         for attempt in range(self.retries):
             try:
@@ -104,6 +76,8 @@ class ChunkReader:
                 data = await asyncio.to_thread(decompress_verified, digest, compressed)
             except (TimeoutError, Unavailable, NotFound, CorruptChunk) as e:
                 last = e
+                if isinstance(e, CorruptChunk):
+                    await self.store.delete(digest)  # the next attempt must not get the same bad copy
                 log.warning("chunk %s: attempt %d/%d failed: %s", digest, attempt + 1, self.retries, e or "timeout")
                 await asyncio.sleep(0.1 * 2**attempt)
                 continue

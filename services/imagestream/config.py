@@ -88,7 +88,7 @@ SETTINGS = {s.name: s for s in [
     Setting("node_background_quiet", "1.0",
             "seconds without a foreground fetch before the rest of an image (beyond its startup profile) downloads (0: at once)"),
     # clients
-    Setting("region", "127.0.0.1:50061", "the regional store that push, images and rm talk to"),
+    Setting("region", "127.0.0.1:50061", "the regional store, where writes go: push, images, rm, startup profiles"),
     Setting("chunk_size", "1MiB", "chunk size used by push"),
     Setting("fetch_timeout", "10", "seconds one upstream chunk fetch may take before it is retried"),
     Setting("fetch_retries", "3", "attempts for a chunk before a FUSE read fails with EIO"),

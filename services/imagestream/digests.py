@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import re
 import threading
-from typing import NamedTuple
+from typing import IO, NamedTuple
 
 import zstandard
 
@@ -42,6 +43,48 @@ class Digest(NamedTuple):
     @classmethod
     def of(cls, data: bytes) -> Digest:
         return cls(hashlib.sha256(data).hexdigest(), len(data))
+
+
+class HashingStream(io.RawIOBase):
+    """Reads from or writes to `inner`, hashing (SHA-256) and counting every byte that passes: an OCI
+    blob's digest, or a layer's diff_id, in the same pass that reads or writes it."""
+
+    def __init__(self, inner: IO[bytes]) -> None:
+        self.inner = inner
+        self.hash = hashlib.sha256()
+        self.size = 0
+
+    def readable(self) -> bool:
+        return self.inner.readable()
+
+    def writable(self) -> bool:
+        return self.inner.writable()
+
+    def readinto(self, b) -> int:  # type: ignore[no-untyped-def]
+        data = self.inner.read(len(b))
+        n = len(data)
+        b[:n] = data
+        self.hash.update(data)
+        self.size += n
+        return n
+
+    def write(self, b) -> int:  # type: ignore[no-untyped-def,override]
+        self.inner.write(b)
+        self.hash.update(b)
+        self.size += len(b)
+        return len(b)
+
+    def tell(self) -> int:
+        return self.size
+
+    def drain(self) -> None:
+        """Read what is left (so that the digest covers the whole stream)."""
+        while self.read(1 << 20):
+            pass
+
+    def oci_digest(self) -> str:
+        """'sha256:<hex>' of the bytes so far."""
+        return "sha256:" + self.hash.hexdigest()
 
 
 def parse(hash_: str, size: int) -> Digest:

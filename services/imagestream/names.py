@@ -23,17 +23,25 @@ def validate_name(name: str) -> str:
 
 
 class ImageNames(abc.ABC):
-    """Name -> Image record. Only the regional store holds names; other tiers forward."""
+    """Name -> Image record, read side: what every tier serves. Only the regional store holds names;
+    the caches forward these reads to it."""
 
     @abc.abstractmethod
     async def resolve(self, name: str) -> images_pb2.Image: ...
 
     @abc.abstractmethod
-    async def publish(self, image: images_pb2.Image) -> images_pb2.Image:
-        """Point image.name at image.index. Implementations check every chunk is stored first."""
+    async def list(self) -> list[images_pb2.Image]: ...
+
+    async def close(self) -> None:
+        pass
+
+
+class WritableImageNames(ImageNames):
+    """The names of the regional store, the one tier that takes writes: publish, delete, profiles."""
 
     @abc.abstractmethod
-    async def list(self) -> list[images_pb2.Image]: ...
+    async def publish(self, image: images_pb2.Image) -> images_pb2.Image:
+        """Point image.name at image.index. Implementations check every chunk is stored first."""
 
     @abc.abstractmethod
     async def delete(self, name: str) -> bool: ...
@@ -42,11 +50,8 @@ class ImageNames(abc.ABC):
     async def set_profile(self, name: str, index: Digest, profile: Digest) -> images_pb2.Image:
         """Attach a startup profile, if `name` still points at `index` (else FailedPrecondition)."""
 
-    async def close(self) -> None:
-        pass
 
-
-class MemoryNames(ImageNames):
+class MemoryNames(WritableImageNames):
     def __init__(self) -> None:
         self._images: dict[str, images_pb2.Image] = {}
 

@@ -1,7 +1,8 @@
 """Turn a source image into a streamable one: flatten the layers, index the tree, chunk the contents.
 
 The layers are applied in order with OCI whiteouts (`.wh.<name>` removes a
-lower entry, `.wh..wh..opq` empties a lower directory). Every regular file is
+lower entry, `.wh..wh..opq` empties a lower directory; imagestream.whiteouts
+has the rule, shared with the snapshotter's unpacker). Every regular file is
 cut into fixed-size chunks; a chunk of zeros becomes a hole and is not stored;
 other chunks are named by the SHA-256 of their bytes, zstd-compressed, and
 kept once in a local spool until `push` uploads the ones the region lacks.
@@ -24,13 +25,12 @@ from collections.abc import Callable
 from typing import IO
 
 from imagestream.digests import MAX_BLOB_BYTES, Digest, compress
+from imagestream import whiteouts
 from imagestream.errors import BadImage
 from imagestream_cli.source import ImageSource
 from imagestream.v1 import index_pb2
 
 T = index_pb2.Inode
-WHITEOUT = ".wh."
-OPAQUE = ".wh..wh..opq"
 DEFAULT_CHUNK_SIZE = 1 << 20
 
 
@@ -170,31 +170,53 @@ class Flattener:
 
     # -- layers ----------------------------------------------------------
     def apply_layer(self, tar: tarfile.TarFile, layer_name: str) -> None:
-        added: set[str] = set()  # whiteouts in a layer act on lower layers only
+        # what this layer has put in the tree, with the parents its entries imply (as tar makes them):
+        # its own whiteouts leave these in place (see imagestream.whiteouts)
+        layer: set[str] = {""}
         for info in tar:
             what = f"{layer_name}: entry"
             path = _check_path(info.name, what)
-            name = path.rsplit("/", 1)[-1]
-            if name == OPAQUE:
-                directory = self._lookup(path.rpartition("/")[0])
-                if directory is not None and directory.children is not None:
-                    base = path.rpartition("/")[0]
-                    for child in list(directory.children):
-                        if posixpath.join(base, child) not in added:
-                            del directory.children[child]
-                continue
-            if name.startswith(WHITEOUT):
-                victim = posixpath.join(path.rpartition("/")[0], name.removeprefix(WHITEOUT))
-                if victim not in added:
-                    parent = self._lookup(victim.rpartition("/")[0])
-                    if parent is not None and parent.children is not None:
-                        parent.children.pop(victim.rpartition("/")[2], None)
-                continue
             if not path:  # "./": the root directory itself
                 self._set_meta(self.root, info)
                 continue
+            parts = path.split("/")
+            layer.update("/".join(parts[:i]) for i in range(1, len(parts)))
+            try:
+                whiteout = whiteouts.parse(path)
+            except BadImage as e:
+                raise BadImage(f"{what}: {e}") from None
+            if whiteout is not None:
+                self._parent(path, what)  # its directory, as unpacking the layer makes it
+                self._white_out(whiteout, layer)
+                continue
             self._add(path, info, tar, what)
-            added.add(path)
+            layer.add(path)
+
+    def _white_out(self, whiteout: whiteouts.Whiteout, layer: set[str]) -> None:
+        node = self._lookup(whiteout.target)
+        if node is None:
+            return
+        if whiteout.target not in layer:
+            layered = whiteouts.Layered.NOTHING
+        else:
+            layered = whiteouts.Layered.DIRECTORY if node.type == T.DIRECTORY else whiteouts.Layered.OTHER
+        effect = whiteouts.effect(whiteout, layered)
+        if effect is whiteouts.Effect.REMOVE:
+            parent = self._lookup(whiteout.target.rpartition("/")[0])
+            assert parent is not None and parent.children is not None
+            del parent.children[whiteout.target.rpartition("/")[2]]
+        elif effect is whiteouts.Effect.EMPTY and node.children is not None:
+            self._keep_only_layer(node, whiteout.target, layer)
+
+    def _keep_only_layer(self, directory: Node, path: str, layer: set[str]) -> None:
+        """Below `directory`, drop whatever lower layers put there."""
+        assert directory.children is not None
+        for name, child in list(directory.children.items()):
+            child_path = posixpath.join(path, name)
+            if child_path not in layer:
+                del directory.children[name]
+            elif child.children is not None:
+                self._keep_only_layer(child, child_path, layer)
 
     def _set_meta(self, node: Node, info: tarfile.TarInfo) -> None:
         node.mode = info.mode & 0o7777

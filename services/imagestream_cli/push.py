@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hashlib
 import io
 import json
 import pathlib
@@ -21,7 +20,7 @@ from typing import IO, Any
 from tqdm import tqdm
 
 from imagestream import config, telemetry
-from imagestream.digests import Digest, compress
+from imagestream.digests import Digest, HashingStream, compress
 from imagestream.errors import BadImage
 from imagestream.names import validate_name
 from imagestream.oci import MEDIA_OCI_CONFIG, MEDIA_OCI_MANIFEST, PIECE_SIZE, BlobRecord, layer_media_type, repository_and_tag
@@ -135,13 +134,12 @@ async def push_blobs(source, chunks: ChunkStore, dist: GrpcDistribution, name: s
 
     async def store_blob(opener, media_type: str, expected: str | None) -> dict[str, Any]:
         nonlocal uploaded
-        h, size, pieces = hashlib.sha256(), 0, []
+        pieces = []
         with opener() as f:
-            parts = split_pieces(f)
+            blob = HashingStream(f)
+            parts = split_pieces(blob)
             while (item := await asyncio.to_thread(next, parts, None)) is not None:
                 raw, digest, compressed = item
-                h.update(raw)
-                size += len(raw)
                 pieces.append(digest)
                 if await chunks.find_missing([digest]):
                     await chunks.put(digest, compressed)
@@ -149,11 +147,11 @@ async def push_blobs(source, chunks: ChunkStore, dist: GrpcDistribution, name: s
                 if not media_type:
                     media_type = layer_media_type(raw[:4])
                 on_bytes(len(raw))
-        actual = "sha256:" + h.hexdigest()
+        actual = blob.oci_digest()
         if expected is not None and actual != expected:
             raise BadImage(f"blob {expected} does not match its digest (content is {actual})")
-        await dist.put_blob(BlobRecord(actual, size, media_type, pieces))
-        return {"mediaType": media_type, "digest": actual, "size": size}
+        await dist.put_blob(BlobRecord(actual, blob.size, media_type, pieces))
+        return {"mediaType": media_type, "digest": actual, "size": blob.size}
 
     manifest = source.manifest
     if manifest is not None:  # OCI: the blobs are named by the manifest

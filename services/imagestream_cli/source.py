@@ -19,6 +19,7 @@ from typing import IO, Any
 
 import zstandard
 
+from imagestream.digests import HashingStream
 from imagestream.errors import BadImage
 from imagestream.oci import IMAGE_INDEX_TYPES
 
@@ -35,31 +36,6 @@ class Layer:
 
     def describe(self) -> str:
         return f"layer {self.position} ({self.digest or self.blob_name})"
-
-
-class HashingReader(io.RawIOBase):
-    """Reads through `inner`, hashing every byte; `hexdigest()` once drained."""
-
-    def __init__(self, inner: IO[bytes]) -> None:
-        self.inner = inner
-        self.hash = hashlib.sha256()
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b) -> int:  # type: ignore[no-untyped-def]
-        data = self.inner.read(len(b))
-        n = len(data)
-        b[:n] = data
-        self.hash.update(data)
-        return n
-
-    def drain(self) -> None:
-        while self.read(1 << 20):
-            pass
-
-    def hexdigest(self) -> str:
-        return "sha256:" + self.hash.hexdigest()
 
 
 def _decompressed(raw: IO[bytes]) -> IO[bytes]:
@@ -143,9 +119,9 @@ class ImageSource:
         if not self._exists(layer.blob_name):
             raise BadImage(f"{layer.describe()}: blob is missing from {self.path}")
         with self._open(layer.blob_name) as raw_file:
-            raw = HashingReader(raw_file)
+            raw = HashingStream(raw_file)
             try:
-                unpacked = HashingReader(_decompressed(raw))
+                unpacked = HashingStream(_decompressed(raw))
                 tar = tarfile.open(fileobj=unpacked, mode="r|", errorlevel=2)  # type: ignore[call-overload]
             except (tarfile.TarError, OSError, EOFError, zstandard.ZstdError) as e:
                 raise BadImage(f"{layer.describe()}: not a readable tar ({e})") from None
@@ -155,12 +131,12 @@ class ImageSource:
                 raw.drain()
             except (tarfile.TarError, OSError, EOFError, zstandard.ZstdError) as e:
                 raise BadImage(f"{layer.describe()}: truncated or corrupt ({type(e).__name__}: {e})") from None
-            if layer.digest is not None and raw.hexdigest() != layer.digest:
-                raise BadImage(f"{layer.describe()}: blob does not match its digest (content is {raw.hexdigest()})")
-            if layer.diff_id is not None and unpacked.hexdigest() != layer.diff_id:
+            if layer.digest is not None and raw.oci_digest() != layer.digest:
+                raise BadImage(f"{layer.describe()}: blob does not match its digest (content is {raw.oci_digest()})")
+            if layer.diff_id is not None and unpacked.oci_digest() != layer.diff_id:
                 raise BadImage(
                     f"{layer.describe()}: uncompressed tar does not match diff_id {layer.diff_id} "
-                    f"(content is {unpacked.hexdigest()})"
+                    f"(content is {unpacked.oci_digest()})"
                 )
 
 

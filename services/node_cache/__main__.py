@@ -20,7 +20,7 @@ from node_cache.downloads import Downloads
 from node_cache.fetcher import NodeFetcher
 
 SETTINGS = ("home", "node_cache_socket", "node_cache_metrics", "node_upstreams", "node_memory_bytes", "node_disk_bytes", "node_disk_dir",
-            "node_background_bandwidth", "node_background_concurrency", "node_background_quiet")
+            "node_background_bandwidth", "node_background_concurrency", "node_background_quiet", "region")
 
 
 @dataclasses.dataclass
@@ -45,7 +45,7 @@ def build(args: argparse.Namespace) -> Node:
                           quiet_s=float(args.node_background_quiet))
     disk = DiskStore(config.node_disk_dir(), config.parse_size(args.node_disk_bytes))
     memory = MemoryStore(config.parse_size(args.node_memory_bytes))
-    # Memory holds chunks already verified on their way in; disk bytes are checked on every read.
+    # A chunk is checked once on the node: on its way in (by the upstream chain), or when read back from disk.
     disk_tier = ReadThroughStore(VerifiedStore(disk), fetcher, name="node disk")
     disk_tier.fetch_seconds = telemetry.fetch_histogram().labels("node")
     store = ReadThroughStore(memory, disk_tier, name="node memory")
@@ -114,7 +114,7 @@ async def main(args: argparse.Namespace) -> None:
     downloads = Downloads(node.store, node.disk, node.fetcher, concurrency=int(args.node_background_concurrency))
     names = FailoverImageNames([GrpcImageNames(t) for t in config.parse_list(args.node_upstreams)])
     await serve(
-        "node_cache", ["unix:" + config.node_cache_socket()], node.store, names,
+        "node_cache", ["unix:" + config.node_cache_socket()], node.store, names, region=args.region,
         add_servicers=lambda server: node_pb2_grpc.add_NodeServicer_to_server(NodeServicer(node, downloads), server),
         metrics=(args.node_cache_metrics, lambda: collect(node, downloads)),
     )

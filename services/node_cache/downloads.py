@@ -146,7 +146,7 @@ class Downloads:
                 continue
             for digest, data in got.items():
                 try:
-                    await self.disk.put(digest, data)
+                    await self.disk.put_verified(digest, data)  # the background chain checked it
                 except Unavailable as e:
                     download.stalled = str(e)
                     log.warning("download of %s stalled: %s (streaming goes on)", download.image, e)

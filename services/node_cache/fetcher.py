@@ -26,7 +26,7 @@ import time
 from collections.abc import Sequence
 
 from imagestream.digests import Digest
-from imagestream.errors import ImagestreamError, Unavailable
+from imagestream.errors import FailedPrecondition, ImagestreamError, Unavailable
 from imagestream.store.base import ChunkStore
 from imagestream.store.singleflight import Flights
 
@@ -97,6 +97,7 @@ class NodeFetcher(ChunkStore):
     """Upstream of the node's disk tier: `get` is the foreground, `fetch_background` the background.
 
     Both upstream chains check what they return (VerifiedStore): chunks are not checked again here.
+    It only reads: the node writes nothing upstream.
     """
 
     name = "upstream"
@@ -109,6 +110,7 @@ class NodeFetcher(ChunkStore):
         self.patience_s = patience_s
         self.foreground = foreground
         self.background = background
+        self.checked = foreground.checked and background.checked
         self.gate = ForegroundGate()
         self.bucket = TokenBucket(bandwidth_bytes_per_s)
         self.foreground_flights = Flights()  # foreground fetches under way
@@ -192,7 +194,7 @@ class NodeFetcher(ChunkStore):
         return sum(n for _, n in recent) / window_s if recent else 0.0
 
     async def put(self, digest: Digest, compressed: bytes) -> bool:
-        return await self.foreground.put(digest, compressed)
+        raise FailedPrecondition(f"chunk {digest.short}: the node cache writes nothing upstream")
 
     async def contains(self, digest: Digest) -> bool:
         return await self.foreground.contains(digest)

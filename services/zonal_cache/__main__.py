@@ -11,10 +11,20 @@ from imagestream.errors import Unavailable
 from imagestream.rpc.client import FailoverImageNames, GrpcChunkStore, GrpcImageNames
 from imagestream.rpc.server import serve, service_main
 from imagestream.store import CoalescingStore, FailoverStore, ReadThroughStore, VerifiedStore
+from imagestream.store.base import ChunkStore
 
 from zonal_cache.redis_backend import RedisChunkStore
 
 SETTINGS = ("zonal_cache_listen", "zonal_cache_metrics", "redis_url", "zonal_upstreams")
+
+
+def build(redis_store: ChunkStore, upstreams: list[str]) -> CoalescingStore:
+    """The zonal tier: Redis over the regional stores."""
+    regional = FailoverStore([VerifiedStore(GrpcChunkStore(t, name=f"regional {t}")) for t in upstreams])
+    read_through = ReadThroughStore(VerifiedStore(redis_store), regional, name="zonal")
+    read_through.fetch_seconds = telemetry.fetch_histogram().labels("zonal")
+    # Requests for one chunk from many nodes at once become one Redis lookup and at most one regional fetch.
+    return CoalescingStore(read_through)
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -24,11 +34,7 @@ async def main(args: argparse.Namespace) -> None:
         await redis_store.check_eviction_policy()
     except Unavailable as e:  # Redis may come up later; reads go upstream meanwhile
         logging.getLogger(__name__).warning("%s", e)
-    regional = FailoverStore([VerifiedStore(GrpcChunkStore(t, name=f"regional {t}")) for t in upstreams])
-    read_through = ReadThroughStore(VerifiedStore(redis_store), regional, name="zonal")
-    read_through.fetch_seconds = telemetry.fetch_histogram().labels("zonal")
-    # Requests for one chunk from many nodes at once become one Redis lookup and at most one regional fetch.
-    store = CoalescingStore(read_through)
+    store = build(redis_store, upstreams)
     names = FailoverImageNames([GrpcImageNames(t) for t in upstreams])
 
     def collect():  # type: ignore[no-untyped-def]
@@ -40,7 +46,7 @@ async def main(args: argparse.Namespace) -> None:
         c.add_metric(["zonal"], store.coalesced)
         yield c
 
-    await serve("zonal_cache", config.parse_list(args.zonal_cache_listen), store, names,
+    await serve("zonal_cache", config.parse_list(args.zonal_cache_listen), store, names, region=",".join(upstreams),
                 metrics=(args.zonal_cache_metrics, collect))
 
 

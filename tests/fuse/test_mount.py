@@ -1,4 +1,5 @@
-"""A real FUSE mount of a hand-built index, served by an in-process node-cache stand-in (MemoryStore over gRPC)."""
+"""A real FUSE mount of a hand-built index, served by an in-process stand-in (MemoryStore over gRPC) for the
+node cache and, for the startup profile the mount records, the regional store."""
 
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ async def mounted(tmp_path, monkeypatch):  # type: ignore[no-untyped-def]
     server, _ = await start_server("node_cache", [f"unix:{socket}"], store, registry)
     monkeypatch.setenv("IMAGESTREAM_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("IMAGESTREAM_NODE_CACHE_SOCKET", str(socket))
+    monkeypatch.setenv("IMAGESTREAM_REGION", f"unix:{socket}")
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     m = await asyncio.to_thread(mounts.mount, "sample", mnt)

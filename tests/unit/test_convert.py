@@ -194,6 +194,7 @@ def test_docker_archive_and_oci_archive_give_the_same_index(tmp_path):  # type: 
     ([("hardlink", "evil", "nothere")], "'evil': hardlink target 'nothere' is not in the image"),
     ([("dir", "usr"), ("chardev", "usr/mem", 1, 1)], "'usr/mem': character device outside /dev"),
     ([("symlink", "lnk", "/etc"), ("file", "lnk/passwd", b"x")], "'lnk/passwd': parent 'lnk' is not a directory"),
+    ([("dir", "etc"), ("file", "etc/.wh...", b"")], "whiteout 'etc/.wh...' names no entry"),
 ])
 def test_hostile_entries_are_refused_by_name(tmp_path, entries, message):  # type: ignore[no-untyped-def]
     with pytest.raises(BadImage, match=message.replace("(", r"\(").replace(".", r"\.")):

@@ -10,7 +10,7 @@ import pytest
 
 from imagestream.digests import Digest, compress
 from chunk_store.distribution.blobs import Distribution, MemoryBlobIndex
-from imagestream.oci import BlobRecord, repository_and_tag
+from imagestream.oci import MEDIA_LAYER, MEDIA_OCI_CONFIG, MEDIA_OCI_MANIFEST, BlobRecord, repository_and_tag
 from imagestream.snapshot_labels import LABEL_INDEX, StreamedLayer, annotate_for_streaming
 from imagestream.errors import FailedPrecondition, InvalidArgument
 from imagestream.store import MemoryStore
@@ -33,17 +33,17 @@ async def test_registry_serves_what_was_stored_and_refuses_what_does_not_add_up(
     from chunk_store.distribution.http import app
 
     dist = Distribution(MemoryStore(), MemoryBlobIndex())
-    config = await stored_blob(dist, b'{"rootfs": {"diff_ids": []}}', "application/vnd.oci.image.config.v1+json")
-    layer = await stored_blob(dist, b"layer bytes, in pieces", "application/vnd.oci.image.layer.v1.tar")
+    config = await stored_blob(dist, b'{"rootfs": {"diff_ids": []}}', MEDIA_OCI_CONFIG)
+    layer = await stored_blob(dist, b"layer bytes, in pieces", MEDIA_LAYER["none"])
     manifest = json.dumps({"schemaVersion": 2, "config": config, "layers": [layer]}).encode()
-    digest = await dist.put_manifest("team/app", "v1", "application/vnd.oci.image.manifest.v1+json", manifest)
+    digest = await dist.put_manifest("team/app", "v1", MEDIA_OCI_MANIFEST, manifest)
     # a blob whose pieces do not make its digest, or a manifest naming a missing blob, is refused
     bad = BlobRecord("sha256:" + "0" * 64, 3, "x", [Digest.of(b"lay")])
     await dist.store.put(Digest.of(b"lay"), compress(b"lay"))
     with pytest.raises(InvalidArgument):
         await dist.put_blob(bad)
     with pytest.raises(FailedPrecondition):
-        await dist.put_manifest("team/app", "v2", "application/vnd.oci.image.manifest.v1+json",
+        await dist.put_manifest("team/app", "v2", MEDIA_OCI_MANIFEST,
                                 json.dumps({"config": config, "layers": [{"digest": "sha256:" + "1" * 64}]}).encode())
 
     async with TestClient(TestServer(app(dist))) as client:

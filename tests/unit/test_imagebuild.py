@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
+from imagestream import oci
 from imagestream_dev import imagebuild as ib
 
 IS_ROOT = os.geteuid() == 0
@@ -143,12 +144,12 @@ def _check_layout(layout: Path) -> tuple[dict, dict, list[bytes]]:
     index = json.loads((layout / "index.json").read_text())
     assert index["schemaVersion"] == 2 and len(index["manifests"]) == 1
     desc = index["manifests"][0]
-    assert desc["mediaType"] == ib.MT_MANIFEST
+    assert desc["mediaType"] == oci.MEDIA_OCI_MANIFEST
     man_bytes = (blobs / desc["digest"].split(":")[1]).read_bytes()
     assert len(man_bytes) == desc["size"]
     manifest = json.loads(man_bytes)
-    assert manifest["mediaType"] == ib.MT_MANIFEST and manifest["schemaVersion"] == 2
-    assert manifest["config"]["mediaType"] == ib.MT_CONFIG
+    assert manifest["mediaType"] == oci.MEDIA_OCI_MANIFEST and manifest["schemaVersion"] == 2
+    assert manifest["config"]["mediaType"] == oci.MEDIA_OCI_CONFIG
     cfg_bytes = (blobs / manifest["config"]["digest"].split(":")[1]).read_bytes()
     assert len(cfg_bytes) == manifest["config"]["size"]
     config = json.loads(cfg_bytes)
@@ -168,7 +169,7 @@ def test_oci_layout_valid_and_deterministic(tree: Path, tmp_path: Path, compress
     img = ib.write_oci_layout(tree, tmp_path / "a", compression=compression)
     ib.write_oci_layout(tree, tmp_path / "b", compression=compression)
     manifest, _, tars = _check_layout(tmp_path / "a")
-    assert [l["mediaType"] for l in manifest["layers"]] == [ib.MT_LAYER[compression]]
+    assert [l["mediaType"] for l in manifest["layers"]] == [oci.MEDIA_LAYER[compression]]
     assert img.manifest_digest == json.loads((tmp_path / "a/index.json").read_text())["manifests"][0]["digest"]
     assert not [p for p in (tmp_path / "a/blobs/sha256").iterdir() if p.name.startswith(".")]
     for rel in ["index.json", "oci-layout", *(f"blobs/sha256/{p.name}" for p in (tmp_path / "a/blobs/sha256").iterdir())]:

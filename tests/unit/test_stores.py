@@ -103,6 +103,14 @@ async def test_read_through_fills_the_cache_and_drops_corrupt_copies(tmp_path) -
     assert disk._path(d).read_bytes() == data
 
 
+async def test_a_read_through_keeps_writes_in_its_cache() -> None:
+    d, data = chunk(15)
+    cache, upstream = MemoryStore(), CountingStore()
+    store = ReadThroughStore(cache, upstream)
+    assert await store.put(d, data)
+    assert await cache.contains(d) and not await upstream.contains(d)  # writes never travel up the chain
+
+
 async def test_failover_skips_an_upstream_that_is_down() -> None:
     d, data = chunk(9)
     zonal, regional = CountingStore(), CountingStore()

@@ -11,7 +11,7 @@ from imagestream import telemetry
 from imagestream.digests import Digest
 from imagestream.errors import CorruptChunk, FailedPrecondition, ImagestreamError, InvalidArgument, NotFound, Unavailable
 from imagestream.store.failover import Failover
-from imagestream.names import ImageNames
+from imagestream.names import ImageNames, WritableImageNames
 from imagestream.store.base import ChunkStore
 from imagestream.v1 import (chunk_store_pb2, chunk_store_pb2_grpc, distribution_pb2, distribution_pb2_grpc, images_pb2,
                             images_pb2_grpc, node_pb2, node_pb2_grpc)
@@ -83,30 +83,40 @@ class GrpcChunkStore(GrpcClient, ChunkStore):
                  accept_local_path: bool = False) -> None:
         ChunkStore.__init__(self)
         GrpcClient.__init__(self, target, timeout_s)
+        # On the node cache's own machine: a chunk on its disk may come back as the path of its file
+        # (the node saw the read), read here without copying it through the socket.
         self.accept_local_path = accept_local_path
+        self.local_reads = 0  # chunks read from a file the node named
+        self._distrusted: set[Digest] = set()  # found corrupt in such a file: ask for the bytes
         self.name = name or target
 
     async def get(self, digest: Digest, image: str = "") -> bytes:
         image = image or telemetry.current_image()
-        data = None
-        if self.accept_local_path:
-            chunk = await self._get(digest, image, accept_local_path=True)
-            if chunk.local_path:
-                try:
-                    data = await asyncio.to_thread(_read_file, chunk.local_path)
-                except FileNotFoundError:  # evicted since the answer: ask for the bytes
-                    data = None
+        local = self.accept_local_path and digest not in self._distrusted
+        chunk = await self._get(digest, image, local)
+        if chunk.local_path:
+            try:
+                data = await asyncio.to_thread(_read_file, chunk.local_path)
+            except FileNotFoundError:  # evicted since the answer: ask for the bytes
+                chunk = await self._get(digest, image, False)
             else:
-                data = chunk.compressed
-        if data is None:
-            data = (await self._get(digest, image, accept_local_path=False)).compressed
-        self.stats.bytes_served += len(data)
-        return data
+                self.local_reads += 1
+                self.stats.bytes_served += len(data)
+                return data
+        self._distrusted.discard(digest)  # the node has checked its copy
+        self.stats.bytes_served += len(chunk.compressed)
+        return chunk.compressed
 
     async def _get(self, digest: Digest, image: str, accept_local_path: bool) -> chunk_store_pb2.Chunk:
         request = chunk_store_pb2.GetChunkRequest(digest=digest.to_proto(), image=image,
                                                   accept_local_path=accept_local_path)
         return await self._call(self._stub.GetChunk, request)
+
+    async def delete(self, digest: Digest) -> None:
+        """The caller found the chunk corrupt. The other tier's copy is not ours to drop: ask it for the
+        bytes next time rather than read its file, so that it checks its copy (and drops a bad one)."""
+        if self.accept_local_path:
+            self._distrusted.add(digest)
 
     async def get_many(self, digests: Sequence[Digest], concurrency: int = 16) -> AsyncIterator[tuple[Digest, bytes]]:
         request = chunk_store_pb2.GetChunksRequest(digests=[d.to_proto() for d in dict.fromkeys(digests)])
@@ -145,8 +155,8 @@ class GrpcChunkStore(GrpcClient, ChunkStore):
         return not await self.find_missing([digest])
 
 
-class GrpcImageNames(GrpcClient, ImageNames):
-    """Image names, asked of the next tier (ultimately the regional store)."""
+class GrpcImageNames(GrpcClient, WritableImageNames):
+    """Image names over gRPC: reads of any tier; writes of the regional store (the caches refuse them)."""
 
     stub_class = images_pb2_grpc.ImagesStub
 
@@ -172,7 +182,7 @@ class GrpcImageNames(GrpcClient, ImageNames):
 
 
 class FailoverImageNames(ImageNames):
-    """Names asked of the first upstream that answers."""
+    """Names read from the first upstream that answers (a cache tier's way to the regional names)."""
 
     def __init__(self, upstreams: Sequence[ImageNames]) -> None:
         self.failover: Failover[ImageNames] = Failover(upstreams)
@@ -180,17 +190,8 @@ class FailoverImageNames(ImageNames):
     async def resolve(self, name: str) -> images_pb2.Image:
         return await self.failover.call(f"resolve {name}", lambda u: u.resolve(name))
 
-    async def publish(self, image: images_pb2.Image) -> images_pb2.Image:
-        return await self.failover.call(f"publish {image.name}", lambda u: u.publish(image))
-
     async def list(self) -> list[images_pb2.Image]:
         return await self.failover.call("list images", lambda u: u.list())
-
-    async def delete(self, name: str) -> bool:
-        return await self.failover.call(f"delete {name}", lambda u: u.delete(name))
-
-    async def set_profile(self, name: str, index: Digest, profile: Digest) -> images_pb2.Image:
-        return await self.failover.call(f"profile {name}", lambda u: u.set_profile(name, index, profile))
 
     async def close(self) -> None:
         for u in self.failover.upstreams:

@@ -21,7 +21,7 @@ from imagestream.digests import Digest, decompress_verified
 from imagestream.errors import CorruptChunk, FailedPrecondition, ImagestreamError, InvalidArgument, NotFound, Unavailable
 from imagestream.rpc.client import MAX_MESSAGE_BYTES
 from imagestream.index import ensure_complete
-from imagestream.names import ImageNames, validate_name
+from imagestream.names import ImageNames, WritableImageNames, validate_name
 from imagestream.store.base import ChunkStore
 from imagestream.v1 import chunk_store_pb2, chunk_store_pb2_grpc, images_pb2, images_pb2_grpc
 
@@ -109,44 +109,71 @@ class ChunkStoreServicer(chunk_store_pb2_grpc.ChunkStoreServicer):
 
 
 class ImagesServicer(images_pb2_grpc.ImagesServicer):
-    """Serves names from `names`.
+    """Resolves and lists names from `names`, as every tier does.
 
-    Given the `store` that is the source of truth (the regional store), a name
-    is published only once its index and every chunk it references are stored,
-    and a profile is attached only once it is stored.
+    A cache tier serves reads only: publishing, deleting and profiles go to the
+    regional store, and are refused here with FAILED_PRECONDITION naming it
+    (`region`), never forwarded.
     """
 
-    def __init__(self, names: ImageNames, store: ChunkStore | None = None) -> None:
+    def __init__(self, names: ImageNames, region: str = "") -> None:
         self.names = names
-        self.store = store
+        self.region = region
 
     async def ResolveImage(self, request, context):  # type: ignore[no-untyped-def]
         async with status_on_error(context):
             return await self.names.resolve(validate_name(request.name))
 
+    async def ListImages(self, request, context):  # type: ignore[no-untyped-def]
+        async with status_on_error(context):
+            return images_pb2.ListImagesResponse(images=await self.names.list())
+
+    async def _refuse(self, context, what: str):  # type: ignore[no-untyped-def]
+        where = f" at {self.region}" if self.region else ""
+        await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                            f"{what}: this tier serves reads only; send it to the regional store{where}"
+                            f" ({config.SETTINGS['region'].env})")
+
+    async def PublishImage(self, request, context):  # type: ignore[no-untyped-def]
+        await self._refuse(context, f"publish {request.image.name!r}")
+
+    async def SetProfile(self, request, context):  # type: ignore[no-untyped-def]
+        await self._refuse(context, f"set the profile of {request.name!r}")
+
+    async def DeleteImage(self, request, context):  # type: ignore[no-untyped-def]
+        await self._refuse(context, f"delete {request.name!r}")
+
+
+class RegionalImagesServicer(ImagesServicer):
+    """The regional store's names, the source of truth: reads and writes.
+
+    A name is published only once its index and every chunk it references are
+    in `store`, and a profile is attached only once it is stored.
+    """
+
+    def __init__(self, names: WritableImageNames, store: ChunkStore) -> None:
+        super().__init__(names)
+        self.writable = names
+        self.store = store
+
     async def PublishImage(self, request, context):  # type: ignore[no-untyped-def]
         async with status_on_error(context):
             validate_name(request.image.name)
             _digest(request.image.index)
-            if self.store is not None:
-                await ensure_complete(self.store, request.image)
-            return await self.names.publish(request.image)
+            await ensure_complete(self.store, request.image)
+            return await self.writable.publish(request.image)
 
     async def SetProfile(self, request, context):  # type: ignore[no-untyped-def]
         async with status_on_error(context):
             validate_name(request.name)
             index, profile = _digest(request.index), _digest(request.profile)
-            if self.store is not None and await self.store.find_missing([profile]):
+            if await self.store.find_missing([profile]):
                 raise FailedPrecondition(f"image {request.name!r}: profile {profile} is not stored")
-            return await self.names.set_profile(request.name, index, profile)
-
-    async def ListImages(self, request, context):  # type: ignore[no-untyped-def]
-        async with status_on_error(context):
-            return images_pb2.ListImagesResponse(images=await self.names.list())
+            return await self.writable.set_profile(request.name, index, profile)
 
     async def DeleteImage(self, request, context):  # type: ignore[no-untyped-def]
         async with status_on_error(context):
-            return images_pb2.DeleteImageResponse(deleted=await self.names.delete(validate_name(request.name)))
+            return images_pb2.DeleteImageResponse(deleted=await self.writable.delete(validate_name(request.name)))
 
 
 async def start_server(
@@ -154,10 +181,15 @@ async def start_server(
     listen: Sequence[str],
     store: ChunkStore,
     names: ImageNames,
-    source_of_truth: bool = False,
+    region: str = "",
     add_servicers: Callable[[grpc.aio.Server], None] | None = None,
 ) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
-    """A started gRPC server of the chunk and image APIs plus the health service."""
+    """A started gRPC server of the chunk and image APIs plus the health service.
+
+    `names` that are writable make this the regional store (the source of truth,
+    which takes writes); other tiers serve reads and refuse writes, naming
+    `region`, the regional store's address.
+    """
     server = grpc.aio.server(
         options=[
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -165,7 +197,9 @@ async def start_server(
         ]
     )
     chunk_store_pb2_grpc.add_ChunkStoreServicer_to_server(ChunkStoreServicer(store), server)
-    images_pb2_grpc.add_ImagesServicer_to_server(ImagesServicer(names, store if source_of_truth else None), server)
+    images = (RegionalImagesServicer(names, store) if isinstance(names, WritableImageNames)
+              else ImagesServicer(names, region))
+    images_pb2_grpc.add_ImagesServicer_to_server(images, server)
     if add_servicers is not None:
         add_servicers(server)
     health_servicer = health.aio.HealthServicer()
@@ -190,7 +224,7 @@ async def serve(
     listen: Sequence[str],
     store: ChunkStore,
     names: ImageNames,
-    source_of_truth: bool = False,
+    region: str = "",
     add_servicers: Callable[[grpc.aio.Server], None] | None = None,
     on_stop: Callable[[], Awaitable[None]] | None = None,
     metrics: tuple[str, Callable[[], Iterator[object]]] | None = None,
@@ -199,7 +233,7 @@ async def serve(
 
     `metrics` is (listen address, collect function) for the Prometheus endpoint.
     """
-    server, health_servicer = await start_server(service_name, listen, store, names, source_of_truth, add_servicers)
+    server, health_servicer = await start_server(service_name, listen, store, names, region, add_servicers)
     if metrics is not None:
         telemetry.serve_metrics(*metrics)
     stop = asyncio.Event()

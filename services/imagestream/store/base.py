@@ -26,15 +26,19 @@ class ChunkStore(abc.ABC):
     """Content-addressed chunks, kept zstd-compressed.
 
     `get` returns the compressed frame of a chunk or raises NotFound.
-    Stores that hold bytes they did not just receive (disk, Redis, Cassandra) do
-    not check them themselves: wrap them in `VerifiedStore`, which drops a
-    corrupt chunk and reports it as missing so the next tier is asked.
+    Stores that hold bytes they did not just receive (disk, Redis, Cassandra, a
+    gRPC tier) do not check them themselves: wrap them in `VerifiedStore`, which
+    drops a corrupt chunk and reports it as missing so the next tier is asked.
+    A tier checks each chunk once: what comes out of a checked store is kept
+    with `put_verified`, never hashed again on the way in.
     """
 
     name: str = "store"
     # False for stores that write blindly (no read before write) and so cannot
     # tell whether `put` stored something new.
     knows_duplicates: bool = True
+    # True if `get` and `get_many` only return chunks checked against their digest.
+    checked: bool = False
 
     def __init__(self) -> None:
         self.stats = Stats()
@@ -47,7 +51,7 @@ class ChunkStore(abc.ABC):
         """Store a chunk; True if it was not there before."""
 
     async def put_verified(self, digest: Digest, compressed: bytes) -> bool:
-        """`put` of a chunk the caller has just checked against its digest."""
+        """`put` of a chunk already checked against its digest (a store that checks on `put` skips it)."""
         return await self.put(digest, compressed)
 
     @abc.abstractmethod
@@ -83,3 +87,49 @@ class ChunkStore(abc.ABC):
 
     async def close(self) -> None:
         pass
+
+
+class DelegatingStore(ChunkStore):
+    """A store that forwards every call to `inner`: a decorator overrides only what it adds.
+
+    Counters are the inner store's (a decorator that counts for itself gives
+    itself a `Stats()` of its own).
+    """
+
+    def __init__(self, inner: ChunkStore, name: str | None = None) -> None:
+        super().__init__()
+        self.inner = inner
+        self.name = name or inner.name
+        self.stats = inner.stats
+        self.knows_duplicates = inner.knows_duplicates
+
+    @property
+    def checked(self) -> bool:  # type: ignore[override]
+        return self.inner.checked
+
+    async def get(self, digest: Digest) -> bytes:
+        return await self.inner.get(digest)
+
+    def get_many(self, digests: Sequence[Digest], concurrency: int = 16) -> AsyncIterator[tuple[Digest, bytes]]:
+        return self.inner.get_many(digests, concurrency)
+
+    async def put(self, digest: Digest, compressed: bytes) -> bool:
+        return await self.inner.put(digest, compressed)
+
+    async def put_verified(self, digest: Digest, compressed: bytes) -> bool:
+        return await self.inner.put_verified(digest, compressed)
+
+    async def contains(self, digest: Digest) -> bool:
+        return await self.inner.contains(digest)
+
+    async def local_path(self, digest: Digest) -> str | None:
+        return await self.inner.local_path(digest)
+
+    async def delete(self, digest: Digest) -> None:
+        await self.inner.delete(digest)
+
+    async def find_missing(self, digests: Iterable[Digest]) -> list[Digest]:
+        return await self.inner.find_missing(digests)
+
+    async def close(self) -> None:
+        await self.inner.close()

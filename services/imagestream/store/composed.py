@@ -10,7 +10,7 @@ from imagestream import telemetry
 from imagestream.digests import Digest, verify
 from imagestream.errors import CorruptChunk, NotFound, Unavailable
 from imagestream.store.failover import Failover
-from imagestream.store.base import ChunkStore
+from imagestream.store.base import ChunkStore, DelegatingStore, Stats
 from imagestream.store.singleflight import FetchAbandoned, Flights
 
 log = logging.getLogger(__name__)
@@ -21,25 +21,25 @@ def _attrs(tier: str, digest: Digest, hit: bool, nbytes: int) -> dict:
             "imagestream.bytes": nbytes, "imagestream.image": telemetry.current_image()}
 
 
-class VerifiedStore(ChunkStore):
+class VerifiedStore(DelegatingStore):
     """Checks every chunk against its digest on the way in and out.
 
     A corrupt chunk read from `inner` is deleted from it and reported as
     CorruptChunk, so that a read-through or failover asks the next tier; it is
-    never served.
+    never served. `put_verified` (a chunk another checked store just gave) is
+    not checked again, nor is a file named by `local_path` (whoever reads it checks it).
     """
 
-    def __init__(self, inner: ChunkStore) -> None:
-        super().__init__()
-        self.inner = inner
-        self.name = inner.name
-        self.stats = inner.stats
+    checked = True  # type: ignore[assignment]
 
     async def _check(self, digest: Digest, data: bytes) -> None:
+        # large chunks are checked off the event loop (zstd and hashlib release the GIL)
+        await asyncio.to_thread(verify, digest, data) if len(data) > 64 * 1024 else verify(digest, data)
+
+    async def _check_read(self, digest: Digest, data: bytes) -> None:
         """CorruptChunk (after deleting the inner copy) if `data` does not match `digest`."""
         try:
-            # large chunks are checked off the event loop (zstd and hashlib release the GIL)
-            await asyncio.to_thread(verify, digest, data) if len(data) > 64 * 1024 else verify(digest, data)
+            await self._check(digest, data)
         except CorruptChunk as e:
             self.stats.corrupt_dropped += 1
             log.warning("%s: dropping corrupt chunk %s: %s", self.name, digest, e)
@@ -48,54 +48,51 @@ class VerifiedStore(ChunkStore):
 
     async def get(self, digest: Digest) -> bytes:
         data = await self.inner.get(digest)
-        await self._check(digest, data)
+        await self._check_read(digest, data)
         return data
 
     async def get_many(self, digests, concurrency: int = 16):  # type: ignore[no-untyped-def]
         """The inner store's batch, checked chunk by chunk; a corrupt one is dropped and not yielded."""
         async for digest, data in self.inner.get_many(digests, concurrency):
             try:
-                await self._check(digest, data)
+                await self._check_read(digest, data)
             except CorruptChunk:
                 continue
             yield digest, data
 
     async def put(self, digest: Digest, compressed: bytes) -> bool:
-        verify(digest, compressed)
-        return await self.inner.put(digest, compressed)
-
-    async def put_verified(self, digest: Digest, compressed: bytes) -> bool:
-        return await self.inner.put(digest, compressed)
-
-    async def local_path(self, digest: Digest) -> str | None:
-        return await self.inner.local_path(digest)  # whoever reads the file checks it
-
-    async def contains(self, digest: Digest) -> bool:
-        return await self.inner.contains(digest)
-
-    async def find_missing(self, digests):  # type: ignore[no-untyped-def]
-        return await self.inner.find_missing(digests)
-
-    async def delete(self, digest: Digest) -> None:
-        await self.inner.delete(digest)
-
-    async def close(self) -> None:
-        await self.inner.close()
+        await self._check(digest, compressed)
+        return await self.inner.put_verified(digest, compressed)
 
 
-class ReadThroughStore(ChunkStore):
+class ReadThroughStore(DelegatingStore):
     """Serve from `cache`; on a miss fetch from `upstream` and keep a copy in `cache`.
 
     A cache that fails (down, full, corrupt entry) never fails the read: the
-    upstream is asked instead.
+    upstream is asked instead. Writes (`put`, `delete`) are the cache's only:
+    they never travel up to the upstream tiers. A chunk from an upstream that
+    checks what it returns is kept with `put_verified`, so it is not checked twice.
     """
 
     def __init__(self, cache: ChunkStore, upstream: ChunkStore, name: str | None = None) -> None:
-        super().__init__()
+        super().__init__(cache, name or f"{cache.name}>{upstream.name}")
+        self.stats = Stats()
         self.cache = cache
         self.upstream = upstream
-        self.name = name or f"{cache.name}>{upstream.name}"
         self.fetch_seconds = None  # a Prometheus histogram child, set by services that export metrics
+
+    @property
+    def checked(self) -> bool:  # type: ignore[override]
+        return self.cache.checked and self.upstream.checked
+
+    async def _keep(self, digest: Digest, data: bytes) -> None:
+        try:
+            if self.upstream.checked:
+                await self.cache.put_verified(digest, data)
+            else:
+                await self.cache.put(digest, data)
+        except Unavailable as e:
+            log.warning("%s: could not keep chunk %s: %s", self.name, digest.short, e)
 
     async def get(self, digest: Digest) -> bytes:
         with telemetry.tracer.start_as_current_span(f"{self.name} get") as span:
@@ -117,10 +114,7 @@ class ReadThroughStore(ChunkStore):
             data = await self.upstream.get(digest)
             if self.fetch_seconds is not None:
                 self.fetch_seconds.observe(timer.seconds)
-            try:
-                await self.cache.put(digest, data)
-            except Unavailable as e:
-                log.warning("%s: could not keep chunk %s: %s", self.name, digest.short, e)
+            await self._keep(digest, data)
             self.stats.bytes_served += len(data)
             if span.is_recording():
                 span.set_attributes(_attrs(self.name, digest, False, len(data)))
@@ -142,20 +136,8 @@ class ReadThroughStore(ChunkStore):
         self.stats.misses += len(missing)
         self.stats.upstream_fetches += 1
         async for digest, data in self.upstream.get_many(missing, concurrency):
-            try:
-                await self.cache.put(digest, data)
-            except Unavailable as e:
-                log.warning("%s: could not keep chunk %s: %s", self.name, digest.short, e)
+            await self._keep(digest, data)
             yield digest, data
-
-    async def put(self, digest: Digest, compressed: bytes) -> bool:
-        """Write through: a chunk given to a cache tier is stored in the region too (e.g. a startup profile)."""
-        stored = await self.upstream.put(digest, compressed)
-        try:
-            await self.cache.put(digest, compressed)
-        except Unavailable as e:
-            log.warning("%s: could not keep chunk %s: %s", self.name, digest.short, e)
-        return stored
 
     async def local_path(self, digest: Digest) -> str | None:
         return await self.cache.local_path(digest) or await self.upstream.local_path(digest)
@@ -173,7 +155,7 @@ class ReadThroughStore(ChunkStore):
 
 
 class FailoverStore(ChunkStore):
-    """An ordered list of upstream stores (see `Failover`).
+    """An ordered list of upstream stores (see `Failover`): each call goes to the first that answers.
 
     This is how a node falls back to the regional store when its zonal cache
     is gone.
@@ -183,6 +165,7 @@ class FailoverStore(ChunkStore):
         super().__init__()
         self.failover: Failover[ChunkStore] = Failover(upstreams, cooldown_s)
         self.name = "|".join(u.name for u in upstreams)
+        self.checked = all(u.checked for u in upstreams)
 
     async def get(self, digest: Digest) -> bytes:
         return await self.failover.call(f"get chunk {digest.short}", lambda u: u.get(digest))
@@ -225,7 +208,7 @@ class FailoverStore(ChunkStore):
             await u.close()
 
 
-class CoalescingStore(ChunkStore):
+class CoalescingStore(DelegatingStore):
     """Concurrent gets of one chunk share one call to `inner`, single gets and batches alike.
 
     In the zonal cache it sits over the whole read-through (Redis, then the
@@ -235,10 +218,7 @@ class CoalescingStore(ChunkStore):
     """
 
     def __init__(self, inner: ChunkStore) -> None:
-        super().__init__()
-        self.inner = inner
-        self.name = inner.name
-        self.stats = inner.stats
+        super().__init__(inner)
         self.flights = Flights()
         self.coalesced = 0
 
@@ -276,21 +256,3 @@ class CoalescingStore(ChunkStore):
         finally:
             for digest, fut in mine.items():  # those the batch did not bring
                 self.flights.abandon(digest, fut, FetchAbandoned(f"fetch of {digest.short} abandoned"))
-
-    async def put(self, digest: Digest, compressed: bytes) -> bool:
-        return await self.inner.put(digest, compressed)
-
-    async def put_verified(self, digest: Digest, compressed: bytes) -> bool:
-        return await self.inner.put_verified(digest, compressed)
-
-    async def local_path(self, digest: Digest) -> str | None:
-        return await self.inner.local_path(digest)
-
-    async def contains(self, digest: Digest) -> bool:
-        return await self.inner.contains(digest)
-
-    async def find_missing(self, digests):  # type: ignore[no-untyped-def]
-        return await self.inner.find_missing(digests)
-
-    async def close(self) -> None:
-        await self.inner.close()

@@ -13,11 +13,6 @@ from imagestream.errors import NotFound, Unavailable
 from imagestream.store.base import ChunkStore
 
 
-def chunk_file(root: pathlib.Path, digest: Digest) -> pathlib.Path:
-    """Where the node's disk tier keeps a chunk (readers on the same node may open it directly)."""
-    return root / digest.hash[:2] / f"{digest.hash}-{digest.size}"
-
-
 class DiskStore(ChunkStore):
     """Files named by digest under `root/ab/<hash>-<size>`, evicted least recently used first.
 
@@ -42,7 +37,7 @@ class DiskStore(ChunkStore):
         self._scan()
 
     def _path(self, digest: Digest) -> pathlib.Path:
-        return chunk_file(self.root, digest)
+        return self.root / digest.hash[:2] / f"{digest.hash}-{digest.size}"
 
     def _scan(self) -> None:
         found: list[tuple[float, Digest, int]] = []
@@ -81,6 +76,7 @@ class DiskStore(ChunkStore):
         return data
 
     async def local_path(self, digest: Digest) -> str | None:
+        """The chunk's file, for a reader on this machine (a hit: the read counts as recent use)."""
         if digest not in self._lru:
             return None
         self._lru.move_to_end(digest)
@@ -145,13 +141,6 @@ class DiskStore(ChunkStore):
         raise Unavailable(
             f"disk cache full: {self.size_bytes} of {self.capacity_bytes} bytes held by chunks of mounted images"
         )
-
-    async def collect(self) -> int:
-        """Drop every chunk no mounted image uses; the number dropped."""
-        victims = [d for d in self._lru if d not in self._pinned]
-        for d in victims:
-            await self.delete(d)
-        return len(victims)
 
     def _forget(self, digest: Digest) -> None:
         nbytes = self._lru.pop(digest, None)
