@@ -44,7 +44,7 @@ def missing() -> str | None:
 
 
 def in_ns(*argv: str, check: bool = True, timeout: float = 300, input: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(["ip", "netns", "exec", ENV["NS"], *argv], capture_output=True, text=True, check=check,
+    return subprocess.run(["nsenter", f"--net=/run/netns/{ENV['NS']}", *argv], capture_output=True, text=True, check=check,
                           timeout=timeout, input=input, env=ENV)
 
 
@@ -86,9 +86,9 @@ def cluster() -> dict[str, float]:  # type: ignore[misc]
     timed("build-binaries", timings, [str(SCRIPTS / "build")], 3600)
     timed("cluster-up", timings, [str(SCRIPTS / "up")], 600)
     registry = ENV["REGISTRY"]
-    timed("build-images", timings, ["ip", "netns", "exec", ENV["NS"], str(SCRIPTS / "images"), "--push", registry], 3600)
+    timed("build-images", timings, ["nsenter", f"--net=/run/netns/{ENV['NS']}", str(SCRIPTS / "images"), "--push", registry], 3600)
     timed("build-third-party-images", timings,
-          ["ip", "netns", "exec", ENV["NS"], str(SCRIPTS / "images"), "--third-party", "--push", registry], 3600)
+          ["nsenter", f"--net=/run/netns/{ENV['NS']}", str(SCRIPTS / "images"), "--third-party", "--push", registry], 3600)
     started = time.monotonic()
     kubectl("apply", "-k", str(dev_overlay(registry)))
     for namespace in NAMESPACES:  # every workload rolled out: Cassandra, chunk store, Redis, zonal cache, Zipkin, node agent

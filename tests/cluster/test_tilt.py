@@ -19,7 +19,7 @@ def test_tilt_ci_builds_deploys_and_smoke_tests_on_the_cluster(cluster, debian_i
     env = {**ENV, "PYTHON": sys.executable, "SMOKE_IMAGE": str(debian_image)}
     started = time.monotonic()
     result = tilt_ci(env, tmp_path / "tilt-home", 26390, ["--mode=k8s", "--builder=buildah"], timeout_s=1800,
-                     prefix=["ip", "netns", "exec", ENV["NS"]])
+                     prefix=["nsenter", f"--net=/run/netns/{ENV['NS']}"])
     cluster["tilt-ci-cluster"] = round(time.monotonic() - started, 1)
     print(f"tilt ci (cluster) in {cluster['tilt-ci-cluster']} s")
     output = result.stdout + result.stderr
