@@ -111,12 +111,12 @@ HEALTHCHECK --interval=15s --timeout=5s --start-period=30s \
 ENTRYPOINT ["python", "-m", "zonal_cache"]
 
 # The node agent: the node cache (gRPC on a Unix socket, no TCP port) and the FUSE client with the
-# `imagestream` CLI that starts it. Root: mounting FUSE filesystems, overlayfs and chroot need it
+# `imagestream` CLI that starts it. Root: mounting FUSE filesystems, overlayfs and runc need it
 # (the DaemonSet runs the node cache itself without any capability). tini is PID 1 and reaps the
 # FUSE client processes that `imagestream mount` leaves running in the background.
 FROM runtime AS node-agent
 RUN apt-get update \
- && apt-get install -y --no-install-recommends fuse3 mount tini \
+ && apt-get install -y --no-install-recommends fuse3 mount tini runc \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=build-node-agent /opt/imagestream /opt/imagestream
 ENV IMAGESTREAM_HOME=/var/lib/imagestream \

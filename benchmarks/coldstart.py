@@ -68,14 +68,12 @@ def _stop(proc: subprocess.Popen, timeout_s: float = 30.0) -> int:
 
 
 def unmount_runs() -> None:
-    """Unmount what a killed `imagestream run` left behind."""
-    from fuse_client import mounts
-    from imagestream import config
+    """Drop the leases a killed `imagestream run` left on its image."""
+    from fuse_client import attach
 
-    runs = str(config.home() / "runs")
-    for m in mounts.list_mounts():
-        if m.mountpoint.startswith(runs):
-            mounts.unmount(m.mountpoint)
+    attached, _, _ = attach.attachments()
+    for lease in (lease for a in attached for lease in a.leases if lease.startswith("run:")):
+        attach.detach(lease)
 
 
 def start_python(setup: Setup, name: str, mode: str, extra_env: dict | None = None, timeout_s: float = 900) -> dict:
@@ -107,7 +105,9 @@ def start_http(setup: Setup, name: str, mode: str, port: int, timeout_s: float =
     with tempfile.TemporaryFile() as err:
         started = time.perf_counter()
         proc = subprocess.Popen(
-            setup.cli_args("run", name, "--", "python3", "-m", "http.server", str(port), "--bind", "127.0.0.1"),
+            # the server must answer from this side: the container shares the host's network
+            setup.cli_args("run", "--network", "host", name, "--", "python3", "-m", "http.server", str(port),
+                           "--bind", "127.0.0.1"),
             stdout=subprocess.DEVNULL, stderr=err, env=env, start_new_session=True)
         try:
             status = None

@@ -6,6 +6,7 @@ per session, on ports of its own so that a developer's stack can keep running.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import shutil
@@ -56,14 +57,22 @@ def stack(stack_home: pathlib.Path):  # type: ignore[no-untyped-def]
     env = {**local.private_env(stack_home, CACHE, port_base), "IMAGESTREAM_REDIS_MAXMEMORY": "512MiB",
            "IMAGESTREAM_NODE_MEMORY_BYTES": "64MiB",
            "OTEL_BSP_SCHEDULE_DELAY": "200"}  # spans reach Zipkin quickly
+    with environment(env):
+        try:
+            local.up(print)
+            yield env
+        finally:
+            local.down(print)
+
+
+@contextlib.contextmanager
+def environment(env: dict[str, str]):  # type: ignore[no-untyped-def]
+    """os.environ with `env` set, as it was afterwards."""
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-
     try:
-        local.up(print)
-        yield env
+        yield
     finally:
-        local.down(print)
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)

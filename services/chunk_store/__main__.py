@@ -9,25 +9,41 @@ from imagestream import config, telemetry
 from chunk_store.distribution.blobs import Distribution
 from chunk_store.distribution.grpc_service import DistributionServicer
 from imagestream.rpc.server import serve, service_main
-from imagestream.store import VerifiedStore
-from imagestream.v1 import distribution_pb2_grpc
+from imagestream.v1 import admin_pb2_grpc, distribution_pb2_grpc
 
 from chunk_store.distribution import http as oci_http
 from chunk_store.distribution.cassandra_blobs import CassandraBlobIndex
+from chunk_store.admin import RegionalAdminServicer
 from chunk_store.cassandra_backend import CassandraChunkStore, CassandraImageNames, connect_from_settings
+from chunk_store.healing import HealingStore
 
 SETTINGS = (
     "chunk_store_listen", "chunk_store_metrics", "distribution_listen", "cassandra_hosts", "cassandra_port",
     "cassandra_keyspace", "cassandra_replication", "cassandra_local_dc", "read_consistency", "write_consistency",
+    "scrub_interval",
 )
+
+
+def collect(cassandra: CassandraChunkStore, store: HealingStore):  # type: ignore[no-untyped-def]
+    from prometheus_client.core import CounterMetricFamily
+
+    yield from telemetry.tier_families({"regional": cassandra})
+    healing = CounterMetricFamily("imagestream_regional_corrupt_chunks",
+                                  "Regional reads that found a chunk not matching its digest, by outcome",
+                                  labels=["outcome"])
+    healing.add_metric(["healed"], store.heal_stats.healed)
+    healing.add_metric(["quarantined"], store.heal_stats.unhealed)
+    yield healing
 
 
 async def main(args: argparse.Namespace) -> None:
     db = await asyncio.to_thread(connect_from_settings, vars(args))
-    # Bytes read back from Cassandra are checked like any other tier's: a corrupt
-    # row is deleted and reported missing rather than served.
+    # Bytes read back from Cassandra are checked like any other tier's; a corrupt row is
+    # quarantined and healed from a good replica, never deleted (see healing.py).
     cassandra = CassandraChunkStore(db)
-    store = VerifiedStore(cassandra)
+    store = HealingStore(cassandra)
+    scrubber = (asyncio.ensure_future(store.scrub_forever(float(args.scrub_interval)))
+                if float(args.scrub_interval) > 0 else None)
     names = CassandraImageNames(db)
     # what push received, for pulls the normal way: gRPC to write, OCI Distribution (HTTP) to read
     distribution = Distribution(store, await asyncio.to_thread(CassandraBlobIndex, db))
@@ -35,11 +51,14 @@ async def main(args: argparse.Namespace) -> None:
     try:
         await serve(
             "chunk_store", config.parse_list(args.chunk_store_listen), store, names,
-            metrics=(args.chunk_store_metrics, lambda: telemetry.tier_families({"regional": cassandra})),
-            add_servicers=lambda server: distribution_pb2_grpc.add_DistributionServicer_to_server(
-                DistributionServicer(distribution), server),
+            metrics=(args.chunk_store_metrics, lambda: collect(cassandra, store)),
+            add_servicers=lambda server: (
+                distribution_pb2_grpc.add_DistributionServicer_to_server(DistributionServicer(distribution), server),
+                admin_pb2_grpc.add_RegionalAdminServicer_to_server(RegionalAdminServicer(store), server)),
         )
     finally:
+        if scrubber is not None:
+            scrubber.cancel()
         if http is not None:
             await http.cleanup()
         await asyncio.to_thread(db.close)

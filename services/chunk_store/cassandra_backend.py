@@ -1,8 +1,9 @@
 """Chunks and image names in Apache Cassandra.
 
-One keyspace (NetworkTopologyStrategy, replication configurable), two tables:
+One keyspace (NetworkTopologyStrategy, replication configurable), tables:
 `chunks` keyed by the full digest (hash and size form the partition key, so a
-chunk is one partition read), and `images` keyed by name. Every statement is
+chunk is one partition read), `images` keyed by name, and `quarantine`, the
+chunks found not to match their digest (see healing.py). Every statement is
 prepared once; consistency levels are configurable per direction.
 """
 
@@ -100,6 +101,12 @@ class CassandraConnection:
             " content_bytes bigint, chunk_count bigint, published_at bigint,"
             " profile_hash text, profile_size bigint, streaming_disabled boolean)"
         )
+        # chunks found not to match their digest: kept (never deleted on a failed check), recorded here
+        s.execute(
+            f"CREATE TABLE IF NOT EXISTS {self.keyspace}.quarantine ("
+            " hash text, size bigint, found_at bigint, reason text, bad_sha256 text, healed boolean,"
+            " PRIMARY KEY ((hash, size)))"
+        )
         # columns added since the table was first made: a store created by an older version gains them
         have = {row.column_name for row in s.execute(
             "SELECT column_name FROM system_schema.columns WHERE keyspace_name = %s AND table_name = 'images'",
@@ -112,17 +119,27 @@ class CassandraConnection:
     def prepare(self, cql: str, write: bool) -> Any:
         statement = self.session.prepare(cql.format(ks=self.keyspace))
         statement.consistency_level = self.write_cl if write else self.read_cl
+        # Every statement but a lightweight transaction gives the same result when run twice (chunks are
+        # content-addressed): the driver may then retry it on another node when its coordinator dies.
+        statement.is_idempotent = " IF " not in cql.upper()
         return statement
 
-    async def execute(self, statement: Any, params: tuple = ()) -> list[Any]:
-        """Run a prepared statement without blocking the event loop; one span for the whole query."""
+    async def execute(self, statement: Any, params: tuple = (), host: Any = None) -> list[Any]:
+        """Run a prepared statement without blocking the event loop; one span for the whole query.
+
+        `host` makes that node the coordinator (one replica's own answer at consistency ONE)."""
         with telemetry.tracer.start_as_current_span("cassandra query", kind=SpanKind.CLIENT) as span:
             if span.is_recording():
                 span.set_attributes({"db.system": "cassandra", "db.name": self.keyspace,
                                      "db.statement": statement.query_string})
-            return await self._execute(statement, params)
+            return await self._execute(statement, params, host)
 
-    async def _execute(self, statement: Any, params: tuple) -> list[Any]:
+    def replicas(self, statement: Any, params: tuple) -> list[Any]:
+        """The live nodes holding the partition a prepared statement with `params` reads."""
+        key = statement.bind(params).routing_key
+        return [h for h in self.cluster.metadata.get_replicas(self.keyspace, key) if h.is_up is not False]
+
+    async def _execute(self, statement: Any, params: tuple, host: Any = None) -> list[Any]:
         loop = asyncio.get_running_loop()
         done: asyncio.Future[list[Any]] = loop.create_future()
 
@@ -133,7 +150,7 @@ class CassandraConnection:
             loop.call_soon_threadsafe(lambda: done.done() or done.set_exception(exc))
 
         try:
-            self.session.execute_async(statement, params).add_callbacks(ok, failed)
+            self.session.execute_async(statement, params, host=host).add_callbacks(ok, failed)
             return await done
         except (NoHostAvailable, DriverException, OSError) as e:
             raise Unavailable(f"cassandra: {type(e).__name__}: {e}") from e
@@ -179,6 +196,79 @@ class CassandraChunkStore(ChunkStore):
 
     async def delete(self, digest: Digest) -> None:
         await self.db.execute(self._delete, (digest.hash, digest.size))
+
+    # -- self-healing (chunk_store/healing.py) -----------------------------------------------
+
+    def _prepare_healing(self) -> None:
+        if hasattr(self, "_get_all"):
+            return
+        db = self.db
+        self._get_all = db.prepare("SELECT data FROM {ks}.chunks WHERE hash = ? AND size = ?", write=False)
+        self._get_all.consistency_level = ConsistencyLevel.ALL
+        self._get_one = db.prepare("SELECT data FROM {ks}.chunks WHERE hash = ? AND size = ?", write=False)
+        self._get_one.consistency_level = ConsistencyLevel.ONE
+        self._quarantine = db.prepare("INSERT INTO {ks}.quarantine (hash, size, found_at, reason, bad_sha256, healed)"
+                                      " VALUES (?, ?, ?, ?, ?, ?)", write=True)
+        self._quarantined = db.prepare("SELECT hash, size, found_at, reason, bad_sha256, healed FROM {ks}.quarantine",
+                                       write=False)
+        # ONE: each chunk is then read replica by replica anyway. Small pages: the node may read each
+        # partition's row (up to a chunk's MiB) to list its key, and a page of hundreds of them at once
+        # exhausts a small heap (the node exits on OutOfMemoryError)
+        self._all_keys = db.prepare("SELECT DISTINCT hash, size FROM {ks}.chunks", write=False)
+        self._all_keys.consistency_level = ConsistencyLevel.ONE
+        self._all_keys.fetch_size = 16
+
+    async def copies(self, digest: Digest, strong: bool = True) -> list[tuple[str, bytes | None]]:
+        """Each replica's own copy ((replica, bytes), None where it has none), read at consistency ONE with that
+        replica coordinating, so that no read repair mixes them; then, with `strong`, the copy read at ALL.
+        Replicas that do not answer are left out."""
+        self._prepare_healing()
+        params = (digest.hash, digest.size)
+        attempts = [(self._get_one, host) for host in self.db.replicas(self._get_one, params)]
+        if strong:
+            attempts.append((self._get_all, None))
+        found: list[tuple[str, bytes | None]] = []
+        for statement, host in attempts:
+            try:
+                rows = await self.db.execute(statement, params, host=host)
+            except Unavailable as e:
+                log.info("chunk %s: the copy of %s could not be read: %s", digest.short, host or "ALL", e)
+                continue
+            found.append((str(host.address) if host else "ALL", rows[0].data if rows else None))
+        return found
+
+    async def rewrite(self, digest: Digest, compressed: bytes) -> None:
+        """Write a good copy again: a new write timestamp supersedes a bad copy on every replica that takes it."""
+        await self.db.execute(self._put, (digest.hash, digest.size, compressed))
+
+    async def quarantine(self, digest: Digest, reason: str, bad_sha256: str, healed: bool) -> None:
+        self._prepare_healing()
+        await self.db.execute(self._quarantine, (digest.hash, digest.size, int(time.time()), reason[:500],
+                                                 bad_sha256, healed))
+
+    async def quarantine_list(self) -> list[Any]:
+        self._prepare_healing()
+        return await self.db.execute(self._quarantined)
+
+    def all_digests(self):  # type: ignore[no-untyped-def]
+        """Every stored chunk's digest, paged (a blocking iterator: run it in a thread)."""
+        self._prepare_healing()
+        paging_state = None
+        while True:
+            for attempt in range(6):  # a page that times out (a busy or restarting node) is asked for again
+                try:
+                    result = self.db.session.execute(self._all_keys, paging_state=paging_state, timeout=60)
+                    break
+                except Exception as e:  # noqa: BLE001 - the driver's timeouts and unavailability
+                    if attempt == 5:
+                        raise
+                    log.warning("listing chunks: page failed, again in %d s: %s", 2**attempt, e)
+                    time.sleep(2**attempt)
+            for row in result.current_rows:
+                yield row.hash, row.size
+            paging_state = result.paging_state
+            if paging_state is None:
+                return
 
 
 class CassandraImageNames(WritableImageNames):

@@ -1,178 +1,186 @@
-"""Mount one image: `python -m fuse_client NAME MOUNTPOINT` (usually started by `imagestream mount`).
+"""The node's FUSE client: `python -m fuse_client` (one per node; the local stack and the node agent start it).
 
-Resolves NAME and fetches only its index through the node cache, mounts, tells
-the parent it is ready (on --ready-fd), and serves until unmounted or SIGTERM.
-Chunks are read through the node cache only; a startup profile recorded here is
-stored in the regional store (IMAGESTREAM_REGION), the one tier that takes writes.
+Mounts one FUSE filesystem on IMAGESTREAM_FUSE_MOUNTPOINT (default HOME/images)
+and serves the Fuse API (protos/imagestream/v1/fuse.proto) on a Unix socket:
+every image attached by `imagestream mount`, `imagestream run` or the
+snapshotter is a directory of that mount, read through the node cache; the
+startup profiles it records go to the regional store (IMAGESTREAM_REGION), the
+one tier that takes writes. On start
+it removes what a dead predecessor left: its mount and the bind mounts of it.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
+import contextlib
+import errno
 import logging
 import os
 import signal
+import subprocess
 import time
 
+import grpc
 import pyfuse3
 import pyfuse3.asyncio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from imagestream import config, telemetry
-from imagestream.digests import Digest
 from imagestream.rpc.client import GrpcChunkStore, GrpcImageNames, NodeClient
-from imagestream.rpc.server import setup_logging
-from imagestream.index import load_index
-from fuse_client.profiles import load_profile, save_profile, should_record
+from imagestream.rpc.server import setup_logging, status_on_error
+from imagestream.v1 import fuse_pb2, fuse_pb2_grpc
 
-from fuse_client.filesystem import ImageFilesystem
-from fuse_client.reader import ChunkReader
+from fuse_client import mounts
+from fuse_client.filesystem import NodeFilesystem
+from fuse_client.node import NodeImages
 
 log = logging.getLogger("fuse_client")
 
-
-def _tell_parent(fd: int | None, message: dict) -> None:
-    if fd is None:
-        return
-    try:
-        os.write(fd, (json.dumps(message) + "\n").encode())
-        os.close(fd)
-    except OSError:
-        pass
+SETTINGS = ("home", "node_cache_socket", "region", "fuse_socket", "fuse_mountpoint", "fetch_timeout",
+            "fetch_retries", "profile")
 
 
 def _raise_kernel_readahead(mountpoint: str, kib: int = 4096) -> None:
     """Let the kernel read ahead 4 MiB (FUSE mounts get 128 KiB), so a sequential reader's requests are
     large and arrive early: measured 178 -> 276 MB/s on a node-local 200 MB file (docs/benchmarks/core.md)."""
-    target = mountpoint  # already resolved: resolving it now would ask this very filesystem
     device = None
     with open("/proc/self/mountinfo") as f:  # not os.stat(): that would ask this very filesystem, not yet served
         for line in f:
             fields = line.split()
-            if fields[4] == target:
+            if fields[4] == mountpoint:
                 device = fields[2]
     try:
         with open(f"/sys/class/bdi/{device}/read_ahead_kb", "w") as f:
             f.write(str(kib))
     except OSError as e:
-        log.info("kernel readahead left at its default for %s: %s", target, e)
+        log.info("kernel readahead left at its default for %s: %s", mountpoint, e)
+
+
+def clean_up_after_predecessor(mountpoint: str) -> None:
+    """No dead mounts: the mount of an earlier FUSE client that died, and the bind mounts of it."""
+    for m in mounts.list_mounts():
+        if not mounts.answers(m.mountpoint):
+            log.warning("bind mount %s of %s is dead (the FUSE client serving it is gone): unmounting it",
+                        m.mountpoint, m.name)
+            mounts.detach_mountpoint(m.mountpoint)
+            mounts.forget(m.mountpoint)
+    if mounts.is_mountpoint(mountpoint):
+        log.warning("%s is still mounted by an earlier FUSE client: unmounting it", mountpoint)
+        result = subprocess.run(["fusermount3", "-u", "-z", mountpoint], capture_output=True, text=True)
+        if result.returncode != 0:
+            subprocess.run(["umount", "-l", mountpoint], capture_output=True)
+
+
+class FuseServicer(fuse_pb2_grpc.FuseServicer):
+    def __init__(self, images: NodeImages) -> None:
+        self.images = images
+
+    async def Attach(self, request, context):  # type: ignore[no-untyped-def]
+        async with status_on_error(context):
+            return await self.images.attach(request)
+
+    async def Detach(self, request, context):  # type: ignore[no-untyped-def]
+        async with status_on_error(context):
+            return fuse_pb2.DetachResponse(detached=await self.images.detach(request.lease, request.wait))
+
+    async def ListAttachments(self, request, context):  # type: ignore[no-untyped-def]
+        return fuse_pb2.ListAttachmentsResponse(attachments=self.images.attachments(),
+                                                mountpoint=self.images.mountpoint, pid=os.getpid())
 
 
 async def run(args: argparse.Namespace) -> None:
     started = time.monotonic()
+    mountpoint = str(config.fuse_mountpoint())
+    sock = config.fuse_socket()
+    if os.path.exists(sock) and _serving(sock):
+        raise SystemExit(f"fuse_client: another FUSE client already serves unix:{sock}")
+    await asyncio.to_thread(clean_up_after_predecessor, mountpoint)
+    os.makedirs(mountpoint, exist_ok=True)
     target = "unix:" + config.node_cache_socket()
     timeout = float(args.fetch_timeout)
     # the node cache sits on this machine: a chunk on its disk comes back as its file's path
     store = GrpcChunkStore(target, name="node cache", timeout_s=timeout, accept_local_path=True)
     names = GrpcImageNames(target, timeout_s=timeout)
     node = NodeClient(target, timeout_s=timeout)
-    try:
-        image = await names.resolve(args.name)
-        index_digest = Digest.from_proto(image.index)
-        index = await load_index(store, index_digest)
-    except Exception as e:
-        _tell_parent(args.ready_fd, {"error": f"cannot mount {args.name!r}: {e}"})
-        raise SystemExit(1) from None
-    reader = ChunkReader(store, index, timeout_s=timeout, retries=int(args.fetch_retries))
-    recording = should_record(args.profile, image)
-    if recording:
-        reader.touched = []
-    fs = ImageFilesystem(index, reader, args.name)
-    if args.record_reads:
-        fs.recorded = []
+    fs = NodeFilesystem()
+    images = NodeImages(fs, store, names, node, mountpoint, timeout_s=timeout, retries=int(args.fetch_retries))
     options = set(pyfuse3.default_options)
-    options |= {f"fsname=imagestream:{args.name}", "subtype=imagestream", "ro", "default_permissions", "nodev"}
+    options |= {"fsname=imagestream", "subtype=imagestream", "ro", "default_permissions", "nodev"}
     if os.geteuid() == 0:
         options.add("allow_other")  # the container's processes run as other users
-    args.mountpoint = os.path.realpath(args.mountpoint)
-    try:
-        pyfuse3.init(fs, args.mountpoint, options)
-    except Exception as e:
-        _tell_parent(args.ready_fd, {"error": f"cannot mount on {args.mountpoint}: {e}"})
-        raise SystemExit(1) from None
+    pyfuse3.init(fs, mountpoint, options)
+    server = grpc.aio.server()
+    fuse_pb2_grpc.add_FuseServicer_to_server(FuseServicer(images), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(sock)
+    server.add_insecure_port("unix:" + sock)
+    await server.start()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, pyfuse3.terminate)
     loop.add_signal_handler(signal.SIGINT, pyfuse3.terminate)
 
     async def after_init() -> None:
-        """Ready once the kernel has our INIT reply and the larger readahead: a file opened before that
+        """Serving once the kernel has our INIT reply and the larger readahead: a file opened before that
         would keep the 128 KiB default for as long as it is open."""
         try:
             await asyncio.wait_for(fs.initialized.wait(), 5)
             await asyncio.sleep(0.01)  # the kernel sets the mount's readahead from our INIT reply: go after it
-            await asyncio.to_thread(_raise_kernel_readahead, args.mountpoint)
+            await asyncio.to_thread(_raise_kernel_readahead, mountpoint)
         except TimeoutError:
             log.warning("no INIT from the kernel within 5 s; readahead left at its default")
-        mount_s = time.monotonic() - started
-        log.info("ImageStreaming: streaming %s (index %s, %d inodes) on %s, mounted in %.3f s",
-                 args.name, image.index.hash[:12], len(index.inodes), args.mountpoint, mount_s)
-        _tell_parent(args.ready_fd, {"ok": True, "pid": os.getpid(), "mount_seconds": mount_s,
-                                     "index": image.index.hash, "inodes": len(index.inodes),
-                                     "profile": bool(image.profile.hash), "recording_profile": recording})
+        for name in ("", "fuse_client", "imagestream.v1.Fuse"):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("node FUSE client serving %s on unix:%s, ready in %.3f s", mountpoint, sock, time.monotonic() - started)
 
-    async def start_download() -> None:
-        # the profile's chunks first (fetched in parallel right after mount), then the whole image
-        first = await load_profile(store, image)
-        try:
-            await node.start_download(mount_id, args.name, index_digest, first)
-        except Exception as e:  # noqa: BLE001 - streaming works without it
-            log.warning("background download of %s not started: %s", args.name, e)
-            return
-        log.info("background download of %s started (%d chunks first from its startup profile)", args.name, len(first))
-
-    mount_id = f"{os.getpid()}:{args.mountpoint}"
-    background = [asyncio.ensure_future(after_init())]
-    if args.download:
-        background.append(asyncio.ensure_future(start_download()))
+    ready = asyncio.ensure_future(after_init())
     try:
         await pyfuse3.main()
     finally:
-        for task in background:
-            task.cancel()
+        ready.cancel()
+        log.info("stopping: %d images attached", len(images.attachments()))
+        await health_servicer.enter_graceful_shutdown()
+        await server.stop(grace=2)
+        for m in mounts.list_mounts():  # bind mounts of this mount would be dead once it goes
+            mounts.detach_mountpoint(m.mountpoint)
+            mounts.forget(m.mountpoint)
+        await images.close()
         pyfuse3.close(unmount=True)
-        log.info("unmounted %s; %d reads, %d chunks fetched (%d bytes, %d read from files the node named), %d readaheads",
-                 args.mountpoint, fs.reads, reader.fetches, reader.fetched_bytes, store.local_reads, reader.readaheads)
-        try:
-            await node.end_download(mount_id)
-            if recording and reader.touched:
-                digest = await save_profile(args.region, image, reader.touched, timeout_s=timeout)
-                log.info("startup profile of %s recorded in %s: %d chunks (%s)",
-                         args.name, args.region, len(reader.touched), digest)
-        except Exception as e:  # noqa: BLE001 - the unmount itself must finish
-            log.warning("after unmount of %s: %s", args.name, e)
         await store.close()
         await names.close()
         await node.close()
-        if fs.recorded is not None:
-            write_recording(args.record_reads, index, fs.recorded)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(sock)
         telemetry.shutdown()  # flush the last spans
 
 
-def write_recording(path: str, index, recorded: list[tuple[int, int, int]]) -> None:  # type: ignore[no-untyped-def]
-    """One JSON line per read, in order, with the file's path so it can be mapped onto another index."""
-    paths = {ino: p.decode("utf-8", "surrogateescape") for p, ino in index.walk()}
-    with open(path, "w") as f:
-        for ino, offset, size in recorded:
-            f.write(json.dumps({"inode": ino, "offset": offset, "size": size, "path": paths.get(ino, "")}) + "\n")
+def _serving(sock: str) -> bool:
+    with grpc.insecure_channel("unix:" + sock) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
+        except grpc.RpcError as e:
+            return e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+    return reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="fuse_client", description=__doc__)
-    parser.add_argument("name")
-    parser.add_argument("mountpoint")
-    parser.add_argument("--ready-fd", type=int, default=None, help="write one JSON line here once mounted")
-    parser.add_argument("--no-download", dest="download", action="store_false",
-                        help="stream only; do not fetch the whole image in the background")
-    config.add_arguments(parser, "node_cache_socket", "region", "fetch_timeout", "fetch_retries", "profile",
-                         "record_reads", "log_level")
+    parser = argparse.ArgumentParser(prog="fuse_client", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    config.add_arguments(parser, *SETTINGS, "log_level")
     args = parser.parse_args()
-    if args.node_cache_socket:
-        os.environ[config.SETTINGS["node_cache_socket"].env] = args.node_cache_socket
+    for name in SETTINGS:  # flags win over the environment, for config.get() too
+        os.environ[config.SETTINGS[name].env] = getattr(args, name)
     setup_logging(args.log_level)
     telemetry.setup_tracing("fuse_client")
     pyfuse3.asyncio.enable()
-    asyncio.run(run(args))
+    try:
+        asyncio.run(run(args))
+    except OSError as e:
+        if e.errno in (errno.EPERM, errno.EACCES, errno.ENODEV):
+            raise SystemExit(f"fuse_client: cannot mount: {e}") from None
+        raise
 
 
 if __name__ == "__main__":

@@ -1,19 +1,27 @@
-"""Mounting images on this node: start a FUSE client per mount, track it, unmount it."""
+"""Images on a mount point of the user's choice: the image's directory in the node's FUSE mount, bound there.
+
+No process is started per mount: the node's FUSE client (`python -m fuse_client`)
+serves every image. `mount` attaches the image under the lease "mount:<path>" and
+bind-mounts its directory; `unmount` undoes both. A record per mount point (in
+HOME/mounts) says which image it shows.
+"""
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import errno
 import hashlib
 import json
 import os
 import pathlib
-import subprocess
-import sys
-import time
+import shutil
 
 from imagestream import config
-from imagestream.proc import alive
 from imagestream.errors import ImagestreamError
+
+MS_BIND = 0x1000
+MNT_DETACH = 0x2
 
 
 class MountError(ImagestreamError):
@@ -24,17 +32,24 @@ class MountError(ImagestreamError):
 class Mount:
     name: str
     mountpoint: str
-    pid: int
+    pid: int  # the node's FUSE client
     mount_seconds: float
     index: str
-    log: str
+    source: str = ""  # the image's directory in the node's mount
+    lease: str = ""
+    download_id: str = ""
 
     @classmethod
     def find(cls, mountpoint: str) -> Mount:
         record = _record(os.path.realpath(mountpoint))
         if not record.exists():
             raise MountError(f"{mountpoint} is not mounted by imagestream")
-        return cls(**json.loads(record.read_text()))
+        return cls.load(record)
+
+    @classmethod
+    def load(cls, record: pathlib.Path) -> Mount:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in json.loads(record.read_text()).items() if k in fields})
 
 
 def _records() -> pathlib.Path:
@@ -53,72 +68,118 @@ def is_mountpoint(path: str | os.PathLike) -> bool:
         return any(line.split()[4] == target for line in f)
 
 
+def answers(path: str | os.PathLike) -> bool:
+    """Something serves the mount at `path` (a dead FUSE mount answers ENOTCONN)."""
+    try:
+        os.listdir(path)
+    except OSError as e:
+        return e.errno not in (errno.ENOTCONN, errno.ECONNABORTED, errno.EIO)
+    return True
+
+
+def streaming_unavailable_reason(image_streaming_disabled: bool = False) -> str | None:
+    """Why this node cannot stream an image, or None if it can."""
+    setting = config.get("streaming")
+    if setting not in ("auto", "off"):
+        raise ValueError(f"IMAGESTREAM_STREAMING={setting!r}: want auto or off")
+    if setting == "off":
+        return "streaming is turned off on this node (IMAGESTREAM_STREAMING=off)"
+    if image_streaming_disabled:
+        return "the image was pushed with streaming disabled (imagestream push --no-streaming)"
+    if not os.path.exists("/dev/fuse"):
+        return "/dev/fuse does not exist on this node"
+    if not os.access("/dev/fuse", os.R_OK | os.W_OK):
+        return "/dev/fuse is not readable and writable by this user"
+    if shutil.which("fusermount3") is None:
+        return "fusermount3 is not installed (Debian package fuse3)"
+    return None
+
+
+_libc = None
+
+
+def _sys(call: str, *args) -> None:  # type: ignore[no-untyped-def]
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    if getattr(_libc, call)(*args) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+def bind(source: str, target: str) -> None:
+    _sys("mount", source.encode(), target.encode(), None, ctypes.c_ulong(MS_BIND), None)
+
+
+def detach_mountpoint(mountpoint: str) -> None:
+    """Unmount, lazily if busy (the mount goes as soon as its last user does)."""
+    try:
+        _sys("umount2", mountpoint.encode(), 0)
+    except OSError as e:
+        if e.errno == errno.EINVAL:  # not a mount point (any more)
+            return
+        _sys("umount2", mountpoint.encode(), MNT_DETACH)
+
+
+def forget(mountpoint: str) -> None:
+    _record(mountpoint).unlink(missing_ok=True)
+
+
 def mount(name: str, mountpoint: str | os.PathLike, timeout_s: float = 60.0, download: bool = True) -> Mount:
-    """Mount image `name` read-only on `mountpoint`; returns once it is served.
+    """Show image `name` read-only on `mountpoint`; returns once it is served.
 
     With `download`, the node then fetches the whole image in the background.
     """
+    from fuse_client import attach
+
     mp = os.path.realpath(mountpoint)
     if not os.path.isdir(mp):
         raise MountError(f"mount point {mp} is not a directory")
     if is_mountpoint(mp):
         raise MountError(f"{mp} is already a mount point")
-    log_path = config.home() / "logs" / f"fuse-{_record(mp).stem}.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    read_end, write_end = os.pipe()
-    env = {**os.environ, "PYTHONPATH": str(pathlib.Path(__file__).resolve().parents[1]), "IMAGESTREAM_HOME": str(config.home())}
-    with open(log_path, "ab") as log:
-        child = subprocess.Popen(
-            [sys.executable, "-m", "fuse_client", name, mp, "--ready-fd", str(write_end),
-             *([] if download else ["--no-download"])],
-            pass_fds=(write_end,), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=env, start_new_session=True,
-        )
-    os.close(write_end)
-    with os.fdopen(read_end) as ready:
-        line = ready.readline()  # the child writes one line, or closes the pipe by dying
+    lease = "mount:" + mp
     try:
-        reply = json.loads(line) if line else {"error": f"FUSE client exited ({child.wait(timeout_s)}); see {log_path}"}
-    except json.JSONDecodeError:
-        reply = {"error": f"FUSE client said {line!r}; see {log_path}"}
-    if "error" in reply:
-        raise MountError(reply["error"])
-    m = Mount(name, mp, child.pid, reply["mount_seconds"], reply["index"], str(log_path))
+        attached = attach.attach(name, lease, download=download, timeout_s=timeout_s)
+    except ImagestreamError as e:
+        raise MountError(f"cannot mount {name!r}: {e}") from None
+    try:
+        bind(attached.path, mp)
+    except OSError as e:
+        attach.detach(lease)
+        raise MountError(f"cannot bind {attached.path} on {mp}: {e.strerror}") from None
+    m = Mount(name, mp, attached.pid, attached.attach_seconds, attached.index, attached.path, lease,
+              attached.download_id)
     _record(mp).write_text(json.dumps(dataclasses.asdict(m)))
     return m
 
 
-def unmount(mountpoint: str | os.PathLike, timeout_s: float = 20.0) -> None:
+def unmount(mountpoint: str | os.PathLike) -> None:
+    from fuse_client import attach
+
     mp = os.path.realpath(mountpoint)
     record = _record(mp)
-    pid = None
-    if record.exists():
-        pid = json.loads(record.read_text())["pid"]
+    m = Mount.load(record) if record.exists() else None
     if is_mountpoint(mp):
-        result = subprocess.run(["fusermount3", "-u", mp], capture_output=True, text=True)
-        if result.returncode != 0:
-            # busy: detach lazily so the mount goes away as soon as its last user does
-            lazy = subprocess.run(["fusermount3", "-u", "-z", mp], capture_output=True, text=True)
-            if lazy.returncode != 0:
-                raise MountError(f"cannot unmount {mp}: {result.stderr.strip() or lazy.stderr.strip()}")
-    elif pid is None:
+        try:
+            detach_mountpoint(mp)
+        except OSError as e:
+            raise MountError(f"cannot unmount {mp}: {e.strerror}") from None
+    elif m is None:
         raise MountError(f"{mp} is not mounted")
-    if pid is not None:
-        deadline = time.monotonic() + timeout_s
-        while alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if alive(pid):
-            os.kill(pid, 9)
+    if m is not None and m.lease:
+        try:
+            attach.detach(m.lease)
+        except attach.NotServing:
+            pass  # the FUSE client is gone, and every lease with it
     record.unlink(missing_ok=True)
-
 
 
 def list_mounts() -> list[Mount]:
     """Mounts this node's home knows of; records of mounts that are gone are dropped."""
     out = []
     for record in sorted(_records().glob("*.json")):
-        m = Mount(**json.loads(record.read_text()))
-        if alive(m.pid) or is_mountpoint(m.mountpoint):
+        m = Mount.load(record)
+        if is_mountpoint(m.mountpoint):
             out.append(m)
         else:
             record.unlink(missing_ok=True)

@@ -69,6 +69,7 @@ SETTINGS = {s.name: s for s in [
     Setting("cassandra_local_dc", "dc1", "data centre the regional store prefers"),
     Setting("read_consistency", "LOCAL_QUORUM", "Cassandra consistency level for reads"),
     Setting("write_consistency", "LOCAL_QUORUM", "Cassandra consistency level for writes"),
+    Setting("scrub_interval", "0", "seconds between background scrubs of every regional chunk (0: none)"),
     # zonal cache (Redis)
     Setting("zonal_cache_listen", "127.0.0.1:50062", "address the zonal cache serves gRPC on"),
     Setting("zonal_cache_metrics", "127.0.0.1:9462", "address of the zonal cache's Prometheus /metrics"),
@@ -90,11 +91,17 @@ SETTINGS = {s.name: s for s in [
     # clients
     Setting("region", "127.0.0.1:50061", "the regional store, where writes go: push, images, rm, startup profiles"),
     Setting("chunk_size", "1MiB", "chunk size used by push"),
+    Setting("max_unpacked_bytes", "32GiB", "push refuses an image whose layers unpack to more than this (0: no bound)"),
+    Setting("max_unpack_ratio", "200",
+            "push refuses a layer that expands more than this many times past its first GiB (a decompression bomb; 0: no bound)"),
     Setting("fetch_timeout", "10", "seconds one upstream chunk fetch may take before it is retried"),
-    Setting("fetch_retries", "3", "attempts for a chunk before a FUSE read fails with EIO"),
+    Setting("fetch_retries", "8", "attempts for a chunk before a FUSE read fails with EIO (8: about 25 s of retries, backing off from 0.1 s)"),
     Setting("streaming", "auto", "'auto': stream where this node can (FUSE), else pull in full; 'off': always pull in full"),
     Setting("profile", "first", "record a startup profile: 'first' run of an image without one, 'always', 'never'"),
     Setting("record_reads", "", "FUSE client: write every read (inode, offset, size, path) to this file at unmount"),
+    # the node's FUSE client (one per node, every image a directory of its mount)
+    Setting("fuse_socket", "", "Unix socket of the node's FUSE client (default: HOME/fuse.sock)"),
+    Setting("fuse_mountpoint", "", "the node's one FUSE mount, a directory per attached image (default: HOME/images)"),
     Setting("zipkin_port", "9411", "port of the local stack's Zipkin (tracing UI and API)"),
     # containerd snapshotter (node agent)
     Setting("snapshotter_socket", "", "Unix socket of the containerd snapshotter (default: HOME/snapshotter.sock)"),
@@ -116,6 +123,14 @@ def home() -> pathlib.Path:
 
 def node_cache_socket() -> str:
     return get("node_cache_socket") or str(home() / "node-cache.sock")
+
+
+def fuse_socket() -> str:
+    return get("fuse_socket") or str(home() / "fuse.sock")
+
+
+def fuse_mountpoint() -> pathlib.Path:
+    return pathlib.Path(get("fuse_mountpoint") or home() / "images").absolute()
 
 
 def snapshotter_socket() -> str:

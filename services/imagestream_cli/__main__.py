@@ -1,3 +1,3 @@
-from imagestream_cli.main import main
+from imagestream_cli.main import entry
 
-main()
+entry()

@@ -12,6 +12,7 @@ Nothing is uploaded before every blob has been read and checked.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import decimal
 import json
@@ -25,7 +26,7 @@ from collections.abc import Callable
 from typing import IO
 
 from imagestream.digests import MAX_BLOB_BYTES, Digest, compress
-from imagestream import whiteouts
+from imagestream import index_checks, whiteouts
 from imagestream.errors import BadImage
 from imagestream_cli.source import ImageSource
 from imagestream.v1 import index_pb2
@@ -99,7 +100,19 @@ def _check_path(raw: str, what: str) -> str:
     parts = [p for p in raw.split("/") if p not in ("", ".")]
     if ".." in parts:
         raise BadImage(f"{what} {raw!r}: '..' in path escapes the image root")
-    return "/".join(parts)
+    clean = "/".join(parts)
+    for part in parts:
+        if len(_fsencode(part)) > index_checks.MAX_NAME_BYTES:
+            raise BadImage(f"{what} {_short(raw)}: a name longer than {index_checks.MAX_NAME_BYTES} bytes")
+    if len(_fsencode(clean)) + 1 > index_checks.MAX_PATH_BYTES:
+        raise BadImage(f"{what} {_short(raw)}: path longer than {index_checks.MAX_PATH_BYTES} bytes")
+    if len(parts) > index_checks.MAX_DEPTH + 1:
+        raise BadImage(f"{what} {_short(raw)}: deeper than {index_checks.MAX_DEPTH} directories")
+    return clean
+
+
+def _short(raw: str) -> str:
+    return repr(raw if len(raw) <= 200 else raw[:100] + "..." + raw[-60:])
 
 
 def _fsencode(name: str) -> bytes:
@@ -107,14 +120,23 @@ def _fsencode(name: str) -> bytes:
     return name.encode("utf-8", "surrogateescape")
 
 
-def _mtime_ns(info: tarfile.TarInfo) -> int:
+_INT64 = range(-(2**63), 2**63)
+
+
+def _mtime_ns(info: tarfile.TarInfo, what: str) -> int:
     exact = info.pax_headers.get("mtime")  # PAX keeps sub-second mtimes as decimal text
-    if exact is not None:
-        try:
-            return int(decimal.Decimal(exact) * 1_000_000_000)
-        except decimal.InvalidOperation:
-            pass
-    return int(info.mtime) * 1_000_000_000
+    try:
+        if exact is not None:
+            with contextlib.suppress(decimal.InvalidOperation):
+                value = decimal.Decimal(exact)
+                if value.is_finite() and int(value * 1_000_000_000) in _INT64:
+                    return int(value * 1_000_000_000)
+        ns = int(info.mtime) * 1_000_000_000
+    except (ValueError, OverflowError, TypeError):  # nan, inf
+        raise BadImage(f"{what}: mtime {exact or info.mtime!r} is not a time") from None
+    if ns not in _INT64:
+        raise BadImage(f"{what}: mtime {info.mtime!r} is out of range")
+    return ns
 
 
 def _xattrs(info: tarfile.TarInfo) -> dict[str, bytes]:
@@ -177,7 +199,7 @@ class Flattener:
             what = f"{layer_name}: entry"
             path = _check_path(info.name, what)
             if not path:  # "./": the root directory itself
-                self._set_meta(self.root, info)
+                self._set_meta(self.root, info, f"{what} {info.name!r}")
                 continue
             parts = path.split("/")
             layer.update("/".join(parts[:i]) for i in range(1, len(parts)))
@@ -218,10 +240,14 @@ class Flattener:
             elif child.children is not None:
                 self._keep_only_layer(child, child_path, layer)
 
-    def _set_meta(self, node: Node, info: tarfile.TarInfo) -> None:
+    def _set_meta(self, node: Node, info: tarfile.TarInfo, what: str) -> None:
         node.mode = info.mode & 0o7777
+        for field in ("uid", "gid"):
+            value = getattr(info, field)
+            if not isinstance(value, int) or not 0 <= value < 2**32:
+                raise BadImage(f"{what}: {field} {value!r} is out of range (0..2^32-1)")
         node.uid, node.gid = info.uid, info.gid
-        node.mtime_ns = _mtime_ns(info)
+        node.mtime_ns = _mtime_ns(info, what)
         node.xattrs = _xattrs(info)
 
     def _add(self, path: str, info: tarfile.TarInfo, tar: tarfile.TarFile, what: str) -> None:
@@ -230,7 +256,7 @@ class Flattener:
         existing = parent.children.get(name)
         if info.isdir():
             if existing is not None and existing.type == T.DIRECTORY:
-                self._set_meta(existing, info)  # a directory in an upper layer merges with the lower one
+                self._set_meta(existing, info, f"{what} {path!r}")  # an upper layer's directory merges with the lower one
                 return
             node = Node(T.DIRECTORY, children={})
         elif info.islnk():
@@ -249,7 +275,10 @@ class Flattener:
                 resolved = posixpath.normpath(posixpath.join(posixpath.dirname(path), info.linkname))
                 if resolved == ".." or resolved.startswith("../"):
                     raise BadImage(f"{what} {path!r}: symlink target {info.linkname!r} escapes the image root")
-            node = Node(T.SYMLINK, target=info.linkname, size=len(info.linkname.encode()))
+            if "\0" in info.linkname or len(_fsencode(info.linkname)) > index_checks.MAX_SYMLINK_BYTES:
+                raise BadImage(f"{what} {path!r}: symlink target is longer than {index_checks.MAX_SYMLINK_BYTES} bytes or holds NUL")
+            # the target's bytes as the tar held them (tarfile decodes non-UTF-8 ones with surrogateescape)
+            node = Node(T.SYMLINK, target=info.linkname, size=len(_fsencode(info.linkname)))
         elif info.isreg():
             node = Node(T.REGULAR, size=info.size)
             if 0 < info.size <= self.small_file_limit:
@@ -257,15 +286,17 @@ class Flattener:
             else:
                 node.extents = self._chunk(tar.extractfile(info), info.size)
         elif info.ischr() or info.isblk():
-            if not (path == "dev" or path.startswith("dev/")):
+            if not path.startswith("dev/"):
                 kind = "character" if info.ischr() else "block"
                 raise BadImage(f"{what} {path!r}: {kind} device outside /dev is not allowed")
+            if not (0 <= info.devmajor < 2**32 and 0 <= info.devminor < 2**32):
+                raise BadImage(f"{what} {path!r}: device number out of range")
             node = Node(T.CHAR_DEVICE if info.ischr() else T.BLOCK_DEVICE, rdev=(info.devmajor, info.devminor))
         elif info.isfifo():
             node = Node(T.FIFO)
         else:
             raise BadImage(f"{what} {path!r}: unsupported tar entry type {info.type!r}")
-        self._set_meta(node, info)
+        self._set_meta(node, info, f"{what} {path!r}")
         parent.children[name] = node
 
     def _keep_small(self, f: IO[bytes] | None, size: int) -> tuple[int, int]:
@@ -338,18 +369,17 @@ class Flattener:
         order: list[Node] = []
         links: dict[int, int] = {}
 
-        def visit(node: Node) -> int:
+        # depth first, iteratively: a hostile depth must not meet Python's recursion limit
+        todo = [self.root]
+        while todo:
+            node = todo.pop()
             links[id(node)] = links.get(id(node), 0) + 1
             if id(node) in numbers:
-                return numbers[id(node)]
+                continue
             order.append(node)
             numbers[id(node)] = len(order)
             if node.children is not None:
-                for name in sorted(node.children):
-                    visit(node.children[name])
-            return numbers[id(node)]
-
-        visit(self.root)
+                todo.extend(node.children[name] for name in sorted(node.children, reverse=True))
         packed = self._pack_small_files(order)
         index = index_pb2.ImageIndex(chunk_size=self.chunk_size)
         chunks: dict[Digest, None] = {}
@@ -398,16 +428,20 @@ def convert(
     # more only add contention on a small machine (measured: 6.8 s with 1, 14.8 s with 2 on 2 cores).
     with concurrent.futures.ThreadPoolExecutor(workers or 1) as pool:
         flat = Flattener(spool, chunk_size, pool, small_file_limit)
-        for layer in source.layers:
-            with source.open_layer(layer) as tar:
-                flat.apply_layer(tar, layer.describe())
-            if on_layer is not None:
-                on_layer(layer.position, len(source.layers))
-        index, chunks, content_bytes, files = flat.build_index()
+        try:
+            for layer in source.layers:
+                with source.open_layer(layer) as tar:
+                    flat.apply_layer(tar, layer.describe())
+                if on_layer is not None:
+                    on_layer(layer.position, len(source.layers))
+            index, chunks, content_bytes, files = flat.build_index()
+        finally:
+            flat._small.close()  # the small files' spool, also when the image is refused half-way
     # Only the runtime part of the config (Env, Cmd, WorkingDir, ...): the same tree with the same
     # runtime settings gives the same index however it was packed into layers.
     runtime = source.config.get("config") or {}
     index.config_json = json.dumps(runtime, sort_keys=True, separators=(",", ":")).encode()
+    index_checks.check(index)  # what the region would refuse at publish is refused here, before any upload
     index_bytes = index.SerializeToString(deterministic=True)
     if len(index_bytes) > MAX_BLOB_BYTES:
         raise BadImage(f"{source.path}: index of {len(index_bytes)} bytes exceeds the {MAX_BLOB_BYTES} byte limit")
@@ -417,8 +451,3 @@ def convert(
         spool,
     )
 
-
-def temporary_spool(parent: pathlib.Path | None = None) -> tempfile.TemporaryDirectory[str]:
-    if parent is not None:
-        parent.mkdir(parents=True, exist_ok=True)
-    return tempfile.TemporaryDirectory(prefix="imagestream-push-", dir=parent)

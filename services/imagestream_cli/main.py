@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import datetime
 import os
 import pathlib
 import sys
@@ -36,14 +34,21 @@ def _fail(e: Exception) -> None:
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @_setting("home")
 @_setting("cache_dir")
-def main() -> None:
+@click.pass_context
+def main(ctx: click.Context) -> None:
     """Container image streaming: mount an image in about a second and fetch only what is read."""
     import atexit
 
+    if ctx.invoked_subcommand not in TRACED:
+        return  # the tracing SDK and its exporter take longer to import than a warm `run` takes
     from imagestream import telemetry
 
     if telemetry.setup_tracing("imagestream"):
         atexit.register(telemetry.shutdown)
+
+
+# the commands whose own calls are worth a trace (reads are traced by the node's FUSE client)
+TRACED = {"push", "images", "rm"}
 
 
 # -- stack ------------------------------------------------------------------
@@ -112,8 +117,58 @@ def push(source: str, name: str, quiet: bool, no_streaming: bool) -> None:
 
 @main.command()
 @_setting("region")
+@click.option("--limit", type=int, default=0, help="check only the first N chunks (default: all)")
+@click.option("--list", "list_only", is_flag=True, help="only list the chunks quarantined so far")
+def scrub(limit: int, list_only: bool) -> None:
+    """Check every chunk of the regional store against its digest; corrupt ones are quarantined and healed
+    from a good replica where one exists. Exits 1 if a chunk stays corrupt."""
+    import asyncio
+    import datetime
+
+    import grpc
+
+    from imagestream.digests import Digest
+    from imagestream.rpc.client import channel, to_error
+    from imagestream.v1 import admin_pb2, admin_pb2_grpc
+
+    target = config.get("region")
+
+    async def call():  # type: ignore[no-untyped-def]
+        ch = channel(target)
+        try:
+            stub = admin_pb2_grpc.RegionalAdminStub(ch)
+            if list_only:
+                return await stub.ListQuarantine(admin_pb2.ListQuarantineRequest(), timeout=60)
+            return await stub.Scrub(admin_pb2.ScrubRequest(limit=limit), timeout=24 * 3600)
+        except grpc.RpcError as e:
+            raise to_error(target, e) from None
+        finally:
+            await ch.close()
+
+    try:
+        reply = asyncio.run(call())
+    except ImagestreamError as e:
+        _fail(e)
+    chunks = reply.chunks if list_only else reply.found
+    if not list_only:
+        click.echo(f"scrubbed {reply.checked} chunks ({reply.bytes / 1e6:.1f} MB) in {reply.seconds:.1f} s: "
+                   f"{reply.corrupt} corrupt, {reply.healed} healed from a good replica, {reply.unhealed} quarantined "
+                   f"without a good copy, {reply.unreadable} unreadable")
+    for q in chunks:
+        state = "healed" if q.healed else "QUARANTINED (push an image holding it again)"
+        found = datetime.datetime.fromtimestamp(q.found_at, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+        click.echo(f"  {Digest.from_proto(q.digest)}  {state}  found {found} UTC: {q.reason}")
+    if not list_only and (reply.unhealed or reply.unreadable):
+        sys.exit(1)
+
+
+@main.command()
+@_setting("region")
 def images() -> None:
     """The images published in the regional store."""
+    import asyncio
+    import datetime
+
     from imagestream.rpc.client import GrpcImageNames
 
     async def fetch():  # type: ignore[no-untyped-def]
@@ -138,26 +193,40 @@ def images() -> None:
 @_setting("region")
 def rm(name: str) -> None:
     """Remove the name NAME from the regional store (its chunks stay; other images may share them)."""
+    import asyncio
+
     from imagestream.rpc.client import GrpcImageNames
 
-    async def delete() -> bool:
+    from imagestream.errors import NotFound
+    from imagestream_cli import pull
+
+    async def delete() -> tuple[bool, str]:
         names = GrpcImageNames(config.get("region"))
         try:
-            return await names.delete(name)
+            try:
+                index = (await names.resolve(name)).index.hash
+            except NotFound:
+                index = ""
+            return await names.delete(name), index
         finally:
             await names.close()
 
     try:
-        if not asyncio.run(delete()):
+        deleted, index = asyncio.run(delete())
+        if not deleted:
             _fail(ImagestreamError(f"no image named {name!r}"))
     except ImagestreamError as e:
         _fail(e)
+    # this node's full pull of it goes too (another name may share the index: it is pulled again if run)
+    if index and pull.remove_pulled(index):
+        click.echo(f"removed the full pull of {name} from this node")
     click.echo(f"removed {name}")
 
 
 # -- node -------------------------------------------------------------------
 
 @main.command()
+@_setting("fuse_socket")
 @click.argument("name")
 @click.argument("mountpoint", type=click.Path(file_okay=False))
 @_setting("node_cache_socket")
@@ -173,10 +242,10 @@ def mount(name: str, mountpoint: str, wait: bool, no_download: bool) -> None:
         m = mounts.mount(name, mountpoint, download=not no_download)
     except ImagestreamError as e:
         _fail(e)
-    click.echo(f"mounted {name} on {m.mountpoint} in {m.mount_seconds:.3f} s: ImageStreaming engaged "
-               f"(FUSE client pid {m.pid})")
+    click.echo(f"mounted {name} on {m.mountpoint} (attached in {m.mount_seconds:.3f} s): ImageStreaming engaged "
+               f"(the node's FUSE client, pid {m.pid}, serves it from {m.source})")
     if wait:
-        _wait_for_download(m.mountpoint)
+        _wait_for_download(m.download_id)
 
 
 def _node_status():  # type: ignore[no-untyped-def]
@@ -185,15 +254,12 @@ def _node_status():  # type: ignore[no-untyped-def]
     return node_status()
 
 
-def _wait_for_download(mountpoint: str) -> None:
-    """A progress bar until every chunk of the image mounted on `mountpoint` is on this node."""
+def _wait_for_download(mount_id: str) -> None:
+    """A progress bar until every chunk of the image of the background download `mount_id` is on this node."""
     import time
 
     from tqdm import tqdm
 
-    from fuse_client import mounts
-
-    mount_id = f"{mounts.Mount.find(mountpoint).pid}:{mountpoint}"
     bar = None
     while True:
         download = next((d for d in _node_status().downloads if d.mount_id == mount_id), None)
@@ -210,6 +276,7 @@ def _wait_for_download(mountpoint: str) -> None:
 
 
 @main.command()
+@_setting("fuse_socket")
 @_setting("node_cache_socket")
 @_setting("zonal_cache_metrics")
 @_setting("chunk_store_metrics")
@@ -221,11 +288,17 @@ def status() -> None:
         node = _node_status()
     except ImagestreamError as e:
         _fail(e)
+    from fuse_client import attach
+
     downloads = {d.mount_id: d for d in node.downloads}
-    click.echo("MOUNTS")
-    found = mounts.list_mounts()
-    for m in found:
-        d = downloads.get(f"{m.pid}:{m.mountpoint}")
+    try:
+        attached, root, pid = attach.attachments()
+    except ImagestreamError as e:
+        attached, root, pid = [], f"(not served: {e})", 0
+    click.echo(f"IMAGES  attached in {root}" + (f" (FUSE client pid {pid})" if pid else ""))
+    bound = {m.source: m.mountpoint for m in mounts.list_mounts()}
+    for a in attached:
+        d = downloads.get(a.download_id)
         if d is None or not d.chunks_total:
             progress = "streaming (download not started)"
         else:
@@ -233,8 +306,9 @@ def status() -> None:
             progress = (f"{d.chunks_local}/{d.chunks_total} chunks, {d.bytes_local / 1e6:.1f}/{d.bytes_total / 1e6:.1f} MB "
                         f"({pct:.0f}%), {d.rate_bytes_per_s / 1e6:.1f} MB/s"
                         + (", complete: all reads local" if d.done else "") + (f", stalled: {d.stalled}" if d.stalled else ""))
-        click.echo(f"  {m.mountpoint}  {m.name}  ImageStreaming engaged  {progress}")
-    if not found:
+        shown = f"  on {bound[a.path]}" if a.path in bound else ""
+        click.echo(f"  {a.image}  {a.path}{shown}  {len(a.leases)} lease(s)  ImageStreaming engaged  {progress}")
+    if not attached:
         click.echo("  (none)")
     click.echo("TIERS")
     for t in node.tiers:
@@ -273,6 +347,7 @@ def _tier_counts(address: str, tier: str) -> tuple[float | None, float]:
 
 
 @main.command()
+@_setting("fuse_socket")
 @click.argument("mountpoint", type=click.Path())
 def umount(mountpoint: str) -> None:
     """Unmount an image mounted with `imagestream mount`."""
@@ -285,29 +360,35 @@ def umount(mountpoint: str) -> None:
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@_setting("fuse_socket")
 @click.argument("name")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @click.option("--env", "-e", "env", multiple=True, help="NAME=VALUE (or NAME to pass the caller's) for the command")
 @click.option("--keep", is_flag=True, help="keep the run's writable upper directory")
+@click.option("--network", type=click.Choice(["none", "host"]), default="none", show_default=True,
+              help="none: a network namespace of its own (loopback only); host: share this node's network")
 @_setting("node_cache_socket")
 @_setting("streaming")
-def run(name: str, command: tuple[str, ...], env: tuple[str, ...], keep: bool) -> None:
-    """Run COMMAND in image NAME: streamed mount, writable overlay, /proc /dev /sys, chroot.
+def run(name: str, command: tuple[str, ...], env: tuple[str, ...], keep: bool, network: str) -> None:
+    """Run COMMAND in image NAME as a container (runc): streamed mount under a writable overlay, its own
+    PID, IPC, UTS, mount and network namespaces, default capabilities, no_new_privs.
 
     Exits with the command's status.  Example: imagestream run debian-python -- python3 -c 'print(1)'
     """
     from imagestream_cli import sandbox
 
     if os.geteuid() != 0:
-        _fail(RuntimeError("run needs root (mount namespaces, overlayfs, chroot)"))
+        _fail(RuntimeError("run needs root (mount namespaces, overlayfs, runc)"))
+    command = command[1:] if command[:1] == ("--",) else command  # `run NAME -- CMD`: click keeps the "--"
     try:
-        code = sandbox.run(name, list(command), list(env), keep=keep)
+        code = sandbox.run(name, list(command), list(env), keep=keep, network=network)
     except ImagestreamError as e:
         _fail(e)
     sys.exit(code)
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@_setting("fuse_socket")
 @click.argument("name")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @_setting("node_cache_socket")
@@ -319,8 +400,9 @@ def profile(name: str, command: tuple[str, ...]) -> None:
     from imagestream_cli import sandbox
 
     if os.geteuid() != 0:
-        _fail(RuntimeError("profile needs root (mount namespaces, overlayfs, chroot)"))
+        _fail(RuntimeError("profile needs root (mount namespaces, overlayfs, runc)"))
     os.environ[config.SETTINGS["profile"].env] = "always"
+    command = command[1:] if command[:1] == ("--",) else command
     try:
         code = sandbox.run(name, list(command))
     except ImagestreamError as e:
@@ -344,5 +426,22 @@ def build_debian(out: pathlib.Path, fmt: str, filler_mb: int) -> None:
     click.echo(str(path))
 
 
+def entry() -> None:
+    """The console script: any error that is not one of ours is a one-line message too, never a
+    traceback (IMAGESTREAM_DEBUG=1 shows the traceback)."""
+    try:
+        main(standalone_mode=True)
+    except SystemExit:
+        raise
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as e:  # noqa: BLE001 - the edge of the program
+        if os.environ.get("IMAGESTREAM_DEBUG"):
+            raise
+        click.echo(f"imagestream: error: {type(e).__name__}: {e} (internal error; IMAGESTREAM_DEBUG=1 shows where)",
+                   err=True)
+        sys.exit(1)
+
+
 if __name__ == "__main__":
-    main()
+    entry()

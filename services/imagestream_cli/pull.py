@@ -1,10 +1,11 @@
 """Full pull: the fallback when an image cannot be streamed on this node.
 
 Every chunk is fetched through the node cache (in batches, with a progress
-bar), then the tree is written out to a local folder with all its metadata;
-`run` then uses that folder where it would have used the streamed mount. The
-folder is kept per index digest, so a second run of the same image starts at
-once. Written to a temporary folder and renamed into place, so a pull cut
+bar), then the tree is written out to a local folder with all its metadata
+(nothing outside it: see write_tree); `run` then uses that folder where it
+would have used the streamed mount. The folder is kept per index digest, only
+root can enter it, and `imagestream rm` removes it with the image; a second
+run of the same image starts at once. Written to a temporary folder and renamed into place, so a pull cut
 short is never taken for a complete one.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import os
 import pathlib
+import re
 import shutil
 import stat
 
@@ -22,28 +24,12 @@ from imagestream import config
 from imagestream.digests import Digest, decompress_verified
 from imagestream.rpc.client import GrpcChunkStore, GrpcImageNames
 from imagestream.index import Index, load_index
+from imagestream.index_checks import check_name
 from imagestream.v1 import index_pb2
+from fuse_client.mounts import streaming_unavailable_reason  # noqa: F401 - where run and the snapshotter ask
 
 T = index_pb2.Inode
 _KIND = {T.CHAR_DEVICE: stat.S_IFCHR, T.BLOCK_DEVICE: stat.S_IFBLK, T.FIFO: stat.S_IFIFO, T.SOCKET: stat.S_IFSOCK}
-
-
-def streaming_unavailable_reason(image_streaming_disabled: bool = False) -> str | None:
-    """Why this node cannot stream an image, or None if it can."""
-    setting = config.get("streaming")
-    if setting not in ("auto", "off"):
-        raise ValueError(f"IMAGESTREAM_STREAMING={setting!r}: want auto or off")
-    if setting == "off":
-        return "streaming is turned off on this node (IMAGESTREAM_STREAMING=off)"
-    if image_streaming_disabled:
-        return "the image was pushed with streaming disabled (imagestream push --no-streaming)"
-    if not os.path.exists("/dev/fuse"):
-        return "/dev/fuse does not exist on this node"
-    if not os.access("/dev/fuse", os.R_OK | os.W_OK):
-        return "/dev/fuse is not readable and writable by this user"
-    if shutil.which("fusermount3") is None:
-        return "fusermount3 is not installed (Debian package fuse3)"
-    return None
 
 
 async def _fetch_all(name: str, progress: bool) -> tuple[Index, dict[Digest, bytes], str]:
@@ -67,56 +53,120 @@ async def _fetch_all(name: str, progress: bool) -> tuple[Index, dict[Digest, byt
 
 
 def write_tree(index: Index, chunks: dict[Digest, bytes], root: pathlib.Path) -> None:
-    """The image's tree under `root`, with modes, owners, times, xattrs, links and holes as in the index."""
-    first_path: dict[int, pathlib.Path] = {}
-    dirs: list[tuple[pathlib.Path, index_pb2.Inode]] = [(root, index.inode(1))]
+    """The image's tree under `root`, with modes, owners, times, xattrs, links and holes as in the index.
+
+    Nothing is resolved by path: every name is created or opened relative to its parent directory's
+    descriptor with O_NOFOLLOW, so whatever the index holds (and index_checks has already refused
+    '..', '/' and loops), nothing is written outside `root`.
+    """
     root.mkdir(mode=0o700)
-    for raw, ino in index.walk():
-        path = root / os.fsdecode(raw.lstrip(b"/"))
-        node = index.inode(ino)
-        if ino in first_path:
-            os.link(first_path[ino], path)
-            continue
-        first_path[ino] = path
-        if node.type == T.DIRECTORY:
-            path.mkdir(mode=0o700)
-            dirs.append((path, node))
-            continue
-        if node.type == T.REGULAR:
-            with open(path, "wb") as f:
-                for ext in node.extents:
-                    if ext.HasField("chunk"):
-                        chunk = chunks[Digest.from_proto(ext.chunk)]
-                        f.write(chunk[ext.chunk_offset : ext.chunk_offset + ext.length])
-                    else:
-                        f.seek(ext.length, os.SEEK_CUR)  # a hole stays a hole
-                f.truncate(node.size)
-        elif node.type == T.SYMLINK:
-            os.symlink(node.symlink_target, path)
-        else:
-            os.mknod(path, _KIND[node.type] | 0o600, os.makedev(node.rdev_major, node.rdev_minor))
-        _set_metadata(path, node)
-    for path, node in reversed(dirs):  # directories last: writing into them changes their mtime
-        _set_metadata(path, node)
+    root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    first_name: dict[int, tuple[int, bytes]] = {}  # inode -> (its directory's descriptor, name), for hardlinks
+    kept: list[int] = []  # descriptors held for hardlinks, closed at the end
+    # (directory descriptor, directory inode, iterator over its entries); metadata set on the way out
+    stack = [(root_fd, index.inode(1), iter(index.inode(1).entries))]
+    try:
+        while stack:
+            dir_fd, dir_node, entries = stack[-1]
+            entry = next(entries, None)
+            if entry is None:
+                stack.pop()
+                _set_metadata_fd(dir_fd, dir_node)  # last: writing into a directory changes its mtime
+                if dir_fd != root_fd:
+                    os.close(dir_fd)
+                else:
+                    os.fchmod(root_fd, 0o700)  # the container sees its upper dir's mode for /, not this
+                continue
+            name, ino = entry.name, entry.inode
+            check_name(name)  # an Index is checked already; this function stays safe on its own
+            node = index.inode(ino)
+            if ino in first_name:
+                src_fd, src_name = first_name[ino]
+                os.link(src_name, name, src_dir_fd=src_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
+                continue
+            if node.type == T.DIRECTORY:
+                os.mkdir(name, 0o700, dir_fd=dir_fd)
+                child = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd)
+                stack.append((child, node, iter(node.entries)))
+                continue
+            if node.nlink > 1:
+                held = os.dup(dir_fd)
+                kept.append(held)
+                first_name[ino] = (held, name)
+            if node.type == T.REGULAR:
+                fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=dir_fd)
+                try:
+                    with open(fd, "wb", closefd=False) as f:
+                        for ext in node.extents:
+                            if ext.HasField("chunk"):
+                                chunk = chunks[Digest.from_proto(ext.chunk)]
+                                f.write(chunk[ext.chunk_offset : ext.chunk_offset + ext.length])
+                            else:
+                                f.seek(ext.length, os.SEEK_CUR)  # a hole stays a hole
+                        f.truncate(node.size)
+                    _set_metadata_fd(fd, node)
+                finally:
+                    os.close(fd)
+                continue
+            if node.type == T.SYMLINK:
+                os.symlink(node.symlink_target, name, dir_fd=dir_fd)
+            else:
+                os.mknod(name, _KIND[node.type] | 0o600, os.makedev(node.rdev_major, node.rdev_minor), dir_fd=dir_fd)
+            _set_metadata_at(dir_fd, name, node)
+    finally:
+        for fd in kept + [fd for fd, _, _ in stack[1:]]:
+            os.close(fd)
+        os.close(root_fd)
 
 
-def _set_metadata(path: pathlib.Path, node: index_pb2.Inode) -> None:
-    os.lchown(path, node.uid, node.gid)
+def _set_metadata_fd(fd: int, node: index_pb2.Inode) -> None:
+    """Owner, mode, xattrs and times of an open file or directory."""
+    os.fchown(fd, node.uid, node.gid)
+    os.fchmod(fd, node.mode)  # after chown, which clears setuid bits
+    for x in node.xattrs:
+        os.setxattr(fd, x.name, x.value)
+    os.utime(fd, ns=(node.mtime_ns, node.mtime_ns))
+
+
+def _set_metadata_at(dir_fd: int, name: bytes, node: index_pb2.Inode) -> None:
+    """The same for a symlink, device or fifo (never opened: a fifo would block, a device is not ours to open)."""
+    os.chown(name, node.uid, node.gid, dir_fd=dir_fd, follow_symlinks=False)
     if node.type != T.SYMLINK:
-        os.chmod(path, node.mode)  # after chown, which clears setuid bits
-        for x in node.xattrs:
-            os.setxattr(path, x.name, x.value, follow_symlinks=False)
-    os.utime(path, ns=(node.mtime_ns, node.mtime_ns), follow_symlinks=False)
+        # just made by mknod in a directory only root can reach: not a symlink, so following is the same
+        os.chmod(name, node.mode, dir_fd=dir_fd)
+        if node.xattrs:
+            path = f"/proc/self/fd/{dir_fd}/{os.fsdecode(name)}"
+            for x in node.xattrs:
+                os.setxattr(path, x.name, x.value, follow_symlinks=False)
+    os.utime(name, ns=(node.mtime_ns, node.mtime_ns), dir_fd=dir_fd, follow_symlinks=False)
+
+
+def pulled_dir() -> pathlib.Path:
+    """Where full pulls are kept: root's alone (trees keep their set-uid files and device nodes)."""
+    pulled = config.home() / "pulled"
+    pulled.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(pulled, 0o700)  # also when an older version made it world-traversable
+    return pulled
+
+
+def remove_pulled(index_hash: str) -> bool:
+    """Remove the full pull of an index from this node, if there is one."""
+    if not re.fullmatch(r"[0-9a-f]{64}", index_hash):
+        return False
+    path = config.home() / "pulled" / index_hash
+    if not path.is_dir() or path.is_symlink():
+        return False
+    shutil.rmtree(path)
+    return True
 
 
 def pull(name: str, progress: bool = True) -> pathlib.Path:
     """The image's tree on local disk (fetched and written now, or kept from an earlier pull)."""
     index, chunks, index_hash = asyncio.run(_fetch_all(name, progress))
-    pulled = config.home() / "pulled"
+    pulled = pulled_dir()
     final = pulled / index_hash
     if final.is_dir():
         return final
-    pulled.mkdir(parents=True, exist_ok=True)
     tmp = pulled / f".tmp-{index_hash[:16]}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:

@@ -1,9 +1,11 @@
 """`imagestream push`: convert a source image and publish it to the regional store.
 
 Order matters for "nothing half-published": every blob is read and checked
-and the whole index built before anything is uploaded; chunks and the index
-are uploaded before the name is published; the regional store itself refuses
-to publish a name whose chunks are not all stored.
+and the whole index built before anything is uploaded; chunks, index, blobs
+and manifest are all stored before the name is published, the last step, so a
+push that fails or is killed leaves no name behind; the regional store itself
+refuses to publish a name whose chunks are not all stored. The spool is removed
+on every exit (see `spool.py`).
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ from imagestream.rpc.client import GrpcChunkStore, GrpcDistribution, GrpcImageNa
 from imagestream.snapshot_labels import annotate_for_streaming
 from imagestream.store.base import ChunkStore
 from imagestream.v1 import images_pb2
-from imagestream_cli.convert import Converted, convert, temporary_spool
+from imagestream_cli.convert import Converted, convert
 from imagestream_cli.source import open_image
+from imagestream_cli.spool import push_spool
 
 
 @dataclasses.dataclass
@@ -66,10 +69,10 @@ def _push(source: str | pathlib.Path, name: str, region: str | None, chunk_size:
     validate_name(name)
     region = region or config.get("region")
     chunk_size = chunk_size or config.parse_size(config.get("chunk_size"))
-    with open_image(source) as image_source, temporary_spool() as spool_dir:
+    with push_spool() as spool_dir, open_image(source) as image_source:
         started = time.monotonic()
         with tqdm(total=len(image_source.layers), unit="layer", desc="convert", disable=not progress) as bar:
-            converted, spool = convert(image_source, pathlib.Path(spool_dir), chunk_size,
+            converted, spool = convert(image_source, spool_dir, chunk_size,
                                        on_layer=lambda done, total: bar.update(1))
         convert_s = time.monotonic() - started
         started = time.monotonic()
@@ -98,13 +101,14 @@ async def _upload(converted: Converted, spool, name: str, target: str, progress:
                     yield digest, data
 
             await store.put_many(chunks())
-        image = images_pb2.Image(name=name, index=converted.index_digest.to_proto(),
-                                 source_digest=converted.source_digest, streaming_disabled=not streaming)
-        published = await names.publish(image)
         # what was received, kept for pulls the normal way; a streamable image's layers say so
         with tqdm(unit="B", unit_scale=True, desc="blobs", disable=not progress) as bar:
             manifest, _ = await push_blobs(source, store, dist, name, converted.index_digest if streaming else None,
                                            on_bytes=bar.update)
+        # last: a name is never visible before everything it leads to is stored
+        image = images_pb2.Image(name=name, index=converted.index_digest.to_proto(),
+                                 source_digest=converted.source_digest, streaming_disabled=not streaming)
+        published = await names.publish(image)
         return published, len(missing), total, manifest
     finally:
         await store.close()

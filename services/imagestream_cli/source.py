@@ -14,11 +14,12 @@ import io
 import json
 import pathlib
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import IO, Any
 
 import zstandard
 
+from imagestream import config as settings
 from imagestream.digests import HashingStream
 from imagestream.errors import BadImage
 from imagestream.oci import IMAGE_INDEX_TYPES
@@ -36,6 +37,23 @@ class Layer:
 
     def describe(self) -> str:
         return f"layer {self.position} ({self.digest or self.blob_name})"
+
+
+RATIO_FROM_BYTES = 1 << 30  # small layers may compress as well as they like
+
+
+class _BoundedStream(HashingStream):
+    """A HashingStream that calls `check(bytes so far)` after every read: it raises to stop a stream
+    that grows too much (a decompression bomb)."""
+
+    def __init__(self, inner: IO[bytes], check: Callable[[int], None]) -> None:
+        super().__init__(inner)
+        self.check = check
+
+    def readinto(self, b) -> int:  # type: ignore[no-untyped-def]
+        n = super().readinto(b)
+        self.check(self.size)
+        return n
 
 
 def _decompressed(raw: IO[bytes]) -> IO[bytes]:
@@ -61,6 +79,7 @@ class ImageSource:
         self.config_bytes = b""
         self.config: dict[str, Any] = {}
         self.layers: list[Layer] = []
+        self.unpacked_bytes = 0  # of the layers read so far, uncompressed
 
     # -- per format ------------------------------------------------------
     def _open(self, name: str) -> IO[bytes]:
@@ -105,9 +124,16 @@ class ImageSource:
     def _set_config(self, data: bytes, what: str) -> None:
         self.config_bytes = data  # kept as received, for the regional OCI endpoint (chunk_store.distribution)
         self.config = self._json(data, what)
-        diff_ids = self.config.get("rootfs", {}).get("diff_ids")
+        diff_ids = _obj(self.config.get("rootfs") or {}, f"{what}: rootfs").get("diff_ids")
         if not isinstance(diff_ids, list):
             raise BadImage(f"{what}: rootfs.diff_ids is missing")
+        runtime = _obj(self.config.get("config") or {}, f"{what}: config")
+        # what `run` reads of it, so that a run never meets a wrong type
+        for key in ("User", "WorkingDir"):
+            _opt_str(runtime.get(key), f"{what}: config.{key}")
+        env = runtime.get("Env") or []
+        if not isinstance(env, list) or not all(isinstance(e, str) for e in env):
+            raise BadImage(f"{what}: config.Env must be a list of strings")
         self._diff_ids = diff_ids
 
     @contextlib.contextmanager
@@ -118,10 +144,23 @@ class ImageSource:
         """
         if not self._exists(layer.blob_name):
             raise BadImage(f"{layer.describe()}: blob is missing from {self.path}")
+        limit = settings.parse_size(settings.get("max_unpacked_bytes"))
+        ratio = float(settings.get("max_unpack_ratio"))
+        before = self.unpacked_bytes
+
+        def bounded(count: int) -> None:  # a decompression bomb stops here, not when the disk is full
+            self.unpacked_bytes = before + count
+            if limit and self.unpacked_bytes > limit:
+                raise BadImage(f"{layer.describe()}: the image unpacks to more than {limit} bytes "
+                               f"(IMAGESTREAM_MAX_UNPACKED_BYTES)")
+            if ratio and count > RATIO_FROM_BYTES and count > ratio * max(raw.size, 1):
+                raise BadImage(f"{layer.describe()}: expands more than {ratio:g} times "
+                               f"({raw.size} bytes into {count}; IMAGESTREAM_MAX_UNPACK_RATIO)")
+
         with self._open(layer.blob_name) as raw_file:
             raw = HashingStream(raw_file)
             try:
-                unpacked = HashingStream(_decompressed(raw))
+                unpacked = _BoundedStream(_decompressed(raw), bounded)
                 tar = tarfile.open(fileobj=unpacked, mode="r|", errorlevel=2)  # type: ignore[call-overload]
             except (tarfile.TarError, OSError, EOFError, zstandard.ZstdError) as e:
                 raise BadImage(f"{layer.describe()}: not a readable tar ({e})") from None
@@ -140,7 +179,24 @@ class ImageSource:
                 )
 
 
-def _check_digest_form(digest: str, what: str) -> None:
+def _obj(value: Any, what: str) -> dict[str, Any]:
+    """`value` if it is a JSON object, else BadImage: hostile JSON puts lists and numbers anywhere."""
+    if not isinstance(value, dict):
+        raise BadImage(f"{what}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _opt_str(value: Any, what: str) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise BadImage(f"{what}: expected a string, got {type(value).__name__}")
+    return value
+
+
+def _check_digest_form(digest: Any, what: str) -> None:
+    if not isinstance(digest, str):
+        raise BadImage(f"{what}: digest {digest!r} is not a string")
     algo, _, hex_ = digest.partition(":")
     if algo != "sha256" or len(hex_) != 64 or any(c not in "0123456789abcdef" for c in hex_):
         raise BadImage(f"{what}: unsupported or malformed digest {digest!r}")
@@ -152,8 +208,9 @@ def _pick_manifest(image_index: dict[str, Any], what: str) -> dict[str, Any]:
     manifests = image_index.get("manifests")
     if not isinstance(manifests, list) or not manifests:
         raise BadImage(f"{what}: lists no manifests")
-    for m in manifests:  # prefer linux/amd64 when several platforms are listed
-        platform = m.get("platform") or {}
+    for i, m in enumerate(manifests):  # prefer linux/amd64 when several platforms are listed
+        m = _obj(m, f"{what}: manifests[{i}]")
+        platform = _obj(m.get("platform") or {}, f"{what}: manifests[{i}].platform")
         if platform.get("os", "linux") == "linux" and platform.get("architecture", "amd64") == "amd64":
             return m
     raise BadImage(f"{what}: no linux/amd64 manifest among {len(manifests)}")
@@ -171,7 +228,7 @@ class _OciSource(ImageSource):
             digest = descriptor.get("digest", "")
             _check_digest_form(digest, "index.json")
             doc = self._json(self._read_blob(self._blob(digest), digest, f"manifest {digest}"), f"manifest {digest}")
-            if doc.get("mediaType") in IMAGE_INDEX_TYPES or "manifests" in doc:
+            if _opt_str(doc.get("mediaType"), f"manifest {digest}: mediaType") in IMAGE_INDEX_TYPES or "manifests" in doc:
                 descriptor = _pick_manifest(doc, f"image index {digest}")
                 continue
             break
@@ -179,7 +236,9 @@ class _OciSource(ImageSource):
             raise BadImage("index.json: image indexes nested too deeply")
         self.manifest_digest = digest
         self.manifest = doc
-        config = doc.get("config") or {}
+        config = _obj(doc.get("config") or {}, f"manifest {digest}: config")
+        _opt_str(config.get("mediaType"), f"manifest {digest}: config mediaType")
+        _obj(doc.get("annotations") or {}, f"manifest {digest}: annotations")
         config_digest = config.get("digest", "")
         _check_digest_form(config_digest, f"manifest {digest} config")
         self._set_config(self._read_blob(self._blob(config_digest), config_digest, "image config"), "image config")
@@ -189,6 +248,9 @@ class _OciSource(ImageSource):
         if len(layers) != len(self._diff_ids):
             raise BadImage(f"manifest {digest}: {len(layers)} layers but {len(self._diff_ids)} diff_ids in the config")
         for i, (layer, diff_id) in enumerate(zip(layers, self._diff_ids), 1):
+            layer = _obj(layer, f"manifest {digest}: layer {i}")
+            _opt_str(layer.get("mediaType"), f"manifest {digest}: layer {i} mediaType")
+            _obj(layer.get("annotations") or {}, f"manifest {digest}: layer {i} annotations")
             layer_digest = layer.get("digest", "")
             _check_digest_form(layer_digest, f"layer {i}")
             _check_digest_form(diff_id, f"layer {i} diff_id")
@@ -222,7 +284,7 @@ class _TarMembers:
             self.tar = tarfile.open(path, "r:*")
             self.members = {m.name.removeprefix("./"): m for m in self.tar.getmembers() if m.isfile()}
         except (tarfile.TarError, OSError, EOFError) as e:
-            raise BadImage(f"{path}: not a readable image archive ({e})") from None
+            raise BadImage(f"{path}: not a readable image archive ({' '.join(str(e).split())})") from None
 
     def exists(self, name: str) -> bool:
         return name in self.members
@@ -265,13 +327,16 @@ class DockerArchive(_InArchive):
 
     def __init__(self, path: pathlib.Path, members: _TarMembers) -> None:
         super().__init__(path, members)
-        entries = json.loads(self._read_blob("manifest.json", None, "manifest.json"))
+        try:
+            entries = json.loads(self._read_blob("manifest.json", None, "manifest.json"))
+        except ValueError as e:  # UnicodeDecodeError is a ValueError
+            raise BadImage(f"manifest.json: not valid JSON ({e})") from None
         if not isinstance(entries, list) or not entries or not isinstance(entries[0], dict):
             raise BadImage("manifest.json: expected a list of images")
         if len(entries) > 1:
             raise BadImage(f"manifest.json: holds {len(entries)} images; save one image per archive")
         entry = entries[0]
-        config_name = entry.get("Config", "")
+        config_name = _opt_str(entry.get("Config"), "manifest.json: Config")
         # the config is stored under its own digest (<hex>.json or blobs/sha256/<hex>)
         stem = pathlib.PurePosixPath(config_name).name.removesuffix(".json")
         config_digest = f"sha256:{stem}" if len(stem) == 64 else None
@@ -279,9 +344,13 @@ class DockerArchive(_InArchive):
         self._set_config(config_bytes, "image config")
         self.manifest_digest = "sha256:" + hashlib.sha256(config_bytes).hexdigest()
         layers = entry.get("Layers")
-        if not isinstance(layers, list) or len(layers) != len(self._diff_ids):
-            raise BadImage(f"manifest.json: {len(layers or [])} layers but {len(self._diff_ids)} diff_ids in the config")
+        if not isinstance(layers, list):
+            raise BadImage("manifest.json: Layers is not a list")
+        if len(layers) != len(self._diff_ids):
+            raise BadImage(f"manifest.json: {len(layers)} layers but {len(self._diff_ids)} diff_ids in the config")
         for i, (name, diff_id) in enumerate(zip(layers, self._diff_ids), 1):
+            if not isinstance(name, str):
+                raise BadImage(f"manifest.json: layer {i} is {name!r}, not a file name")
             _check_digest_form(diff_id, f"layer {i} diff_id")
             # the blob name is a digest in Docker 25+ archives; older ones name it <id>/layer.tar
             self.layers.append(Layer(i, name, None, diff_id))

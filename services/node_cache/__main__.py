@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 
 import grpc
@@ -18,6 +19,7 @@ from imagestream.v1 import node_pb2, node_pb2_grpc
 
 from node_cache.downloads import Downloads
 from node_cache.fetcher import NodeFetcher
+from node_cache.state import StateFile
 
 SETTINGS = ("home", "node_cache_socket", "node_cache_metrics", "node_upstreams", "node_memory_bytes", "node_disk_bytes", "node_disk_dir",
             "node_background_bandwidth", "node_background_concurrency", "node_background_quiet", "region")
@@ -111,13 +113,24 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
 
 async def main(args: argparse.Namespace) -> None:
     node = build(args)
-    downloads = Downloads(node.store, node.disk, node.fetcher, concurrency=int(args.node_background_concurrency))
+    downloads = Downloads(node.store, node.disk, node.fetcher, concurrency=int(args.node_background_concurrency),
+                          state=StateFile(config.node_disk_dir() / "downloads.json"))
+    downloads.resume()
+    reaper = asyncio.ensure_future(downloads.reap_forever())
     names = FailoverImageNames([GrpcImageNames(t) for t in config.parse_list(args.node_upstreams)])
     await serve(
         "node_cache", ["unix:" + config.node_cache_socket()], node.store, names, region=args.region,
         add_servicers=lambda server: node_pb2_grpc.add_NodeServicer_to_server(NodeServicer(node, downloads), server),
         metrics=(args.node_cache_metrics, lambda: collect(node, downloads)),
+        on_stop=_cancel(reaper),  # the state file stays: the next start resumes what is under way
     )
+
+
+def _cancel(task: asyncio.Task):  # type: ignore[no-untyped-def]
+    async def stop() -> None:
+        task.cancel()
+
+    return stop
 
 
 if __name__ == "__main__":

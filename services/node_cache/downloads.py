@@ -8,6 +8,10 @@ bandwidth cap, always yielding to foreground fetches and holding back the rest
 of the image while the application is starting (see fetcher.py). Chunks
 go to the node's disk, pinned there while the image is mounted; once all are
 local, every read of the mount is served by the node without a network hop.
+
+What is under way is recorded in a state file (state.py) and resumed when the
+node cache starts again; a download whose mount's process has exited is ended,
+and its pins released, whether or not EndDownload arrived.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from imagestream.store.disk import DiskStore
 from imagestream.v1 import node_pb2
 
 from node_cache.fetcher import NodeFetcher
+from node_cache.state import Entry, StateFile, owner_gone, owner_of
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +58,8 @@ class Download:
 
 class Downloads:
     def __init__(self, store: ChunkStore, disk: DiskStore, fetcher: NodeFetcher,
-                 batch_chunks: int = 16, batch_bytes: int = 4 << 20, concurrency: int = 2) -> None:
+                 batch_chunks: int = 16, batch_bytes: int = 4 << 20, concurrency: int = 2,
+                 state: StateFile | None = None) -> None:
         self.store = store  # the node's whole chain, to read the index through
         self.disk = disk
         self.fetcher = fetcher
@@ -61,19 +67,65 @@ class Downloads:
         self.batch_bytes = batch_bytes  # of chunk (uncompressed) bytes: bounds what a foreground read can wait behind
         self.concurrency = concurrency
         self.downloads: dict[str, Download] = {}
+        self.state = state
+        self.entries: dict[str, Entry] = {}  # what the state file holds
 
-    def start(self, mount_id: str, image: str, index: Digest, first: list[Digest]) -> Download:
-        self.end(mount_id)
+    def start(self, mount_id: str, image: str, index: Digest, first: list[Digest],
+              owner: tuple[int, str] | None = None) -> Download:
+        self._end(mount_id)
         download = self.downloads[mount_id] = Download(mount_id, image)
+        self.entries[mount_id] = Entry(mount_id, image, index, tuple(first), owner or owner_of(mount_id))
+        self._save()
         self.fetcher.gate.touch()  # the application's first reads are coming: the rest of the image waits
         download.task = asyncio.ensure_future(self._run(download, index, first))
         return download
 
     def end(self, mount_id: str) -> None:
+        self._end(mount_id)
+        self._save()
+
+    def _end(self, mount_id: str) -> None:
         download = self.downloads.pop(mount_id, None)
+        self.entries.pop(mount_id, None)
         if download is not None and download.task is not None:
             download.task.cancel()
         self.disk.unpin(mount_id)
+
+    def _save(self) -> None:
+        if self.state is not None:
+            self.state.save(list(self.entries.values()))
+
+    def resume(self) -> int:
+        """Start again the downloads the state file records whose mounts still live; returns how many."""
+        if self.state is None:
+            return 0
+        resumed = 0
+        for entry in self.state.load():
+            if owner_gone(entry):
+                log.info("mount %s of %s ended while the node cache was down: its download and pins are dropped",
+                         entry.mount_id, entry.image)
+                continue
+            self.start(entry.mount_id, entry.image, entry.index, list(entry.first), entry.owner)
+            resumed += 1
+        self._save()  # also drops what was not resumed
+        if resumed:
+            log.info("resumed %d background downloads (and their pins) from %s", resumed, self.state.path)
+        return resumed
+
+    def reap(self) -> list[str]:
+        """End the downloads whose mount's process has exited without saying so (killed); returns their ids."""
+        gone = [mount_id for mount_id, entry in self.entries.items() if owner_gone(entry)]
+        for mount_id in gone:
+            log.warning("mount %s is gone without ending its download: its download and pins are dropped", mount_id)
+            self._end(mount_id)
+        if gone:
+            self._save()
+        return gone
+
+    async def reap_forever(self, every_s: float = 5.0) -> None:
+        while True:
+            await asyncio.sleep(every_s)
+            self.reap()
 
     async def _run(self, download: Download, index_digest: Digest, first: list[Digest]) -> None:
         try:

@@ -29,7 +29,7 @@ log = logging.getLogger("snapshotter")
 # what it reads; the FUSE clients it starts read the region and the fetch settings from the same environment
 SETTINGS = ("home", "snapshotter_socket", "snapshotter_root", "snapshotter_metrics", "node_cache_socket",
             "distribution_listen", "containerd_socket", "region", "streaming", "fetch_timeout", "fetch_retries",
-            "profile", "log_level")
+            "profile", "fuse_socket", "fuse_mountpoint", "log_level")
 
 
 async def serve(args: argparse.Namespace) -> None:
@@ -41,7 +41,7 @@ async def serve(args: argparse.Namespace) -> None:
     from snapshotter.snapshotter import Snapshotter
 
     snapshotter = Snapshotter(config.snapshotter_root())
-    await snapshotter.start()  # no dead mounts from an earlier run; images in use mounted again
+    await snapshotter.start()  # images in use attached again, unused ones detached
     if args.kube_events:
         from snapshotter.kube_events import KubeEvents
 
@@ -67,9 +67,9 @@ async def serve(args: argparse.Namespace) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.info("snapshotter stopping; image mounts in use stay (their FUSE clients are processes of their own)")
+    log.info("snapshotter stopping; images in use stay attached (the node's FUSE client holds them)")
     await server.stop(grace=5)
-    await snapshotter.cleanup(remount=False)  # unused and dead mounts go; nothing is mounted on the way out
+    await snapshotter.cleanup(remount=False)  # unused images are detached; nothing is attached on the way out
     snapshotter.close()
 
 

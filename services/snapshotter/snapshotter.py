@@ -8,8 +8,10 @@ Two kinds of layer snapshot:
   If the node can stream (FUSE) and the regional store still names that image at
   that index, the snapshotter commits the layer itself, with no files, and answers
   ALREADY_EXISTS: containerd skips fetching and unpacking the layer, as it does for
-  every remote snapshotter. A container on the image's top layer gets the image's
-  FUSE mount (one per image, shared) as its lower dir, under a writable overlay.
+  every remote snapshotter. Committing the top layer attaches the image to the
+  node's FUSE client, so a container on it starts with nothing left to mount: it
+  gets the image's directory in the node's FUSE mount (shared by every container
+  on the image) as its lower dir, under a writable overlay.
 * **plain** — anything else: an overlay snapshotter, as containerd's own overlayfs
   (layers unpacked by containerd into `fs/`, containers as overlay upper dirs).
   That is the fallback: every image runs, streamed or not.
@@ -60,7 +62,7 @@ class Counters:
     plain_snapshots: int = 0  # containers and unpacks the overlay way (the fallback)
     streaming_declined: int = 0  # layers labelled streamable that were unpacked after all (see the log)
     materialized_layers: int = 0  # lower layers of streamed images unpacked after all (shared by another image)
-    image_mounts: int = 0  # FUSE mounts made
+    image_mounts: int = 0  # images attached to the node's FUSE client
     image_mount_seconds: float = 0.0
 
 
@@ -102,7 +104,7 @@ class Snapshotter:
     def _mounted(self, layer: StreamedLayer, seconds: float) -> None:
         self.counters.image_mounts += 1
         self.counters.image_mount_seconds += seconds
-        log.info("ImageStreaming: mounted %s (index %s) in %.2f s; its containers start without pulling it",
+        log.info("ImageStreaming: attached %s (index %s) in %.3f s; its containers start without pulling it",
                  layer.image, layer.index.hash[:12], seconds)
         self._save_status()
 
@@ -123,7 +125,7 @@ class Snapshotter:
                  "plain_snapshots": "Snapshots prepared the overlay way (the fallback)",
                  "streaming_declined": "Layers labelled streamable that containerd unpacked after all",
                  "materialized_layers": "Lower layers of streamed images unpacked because another image builds on them",
-                 "image_mounts": "FUSE mounts of streamed images made"}
+                 "image_mounts": "Streamed images attached to the node's FUSE client"}
         for name, text in helps.items():
             yield CounterMetricFamily(f"imagestream_snapshotter_{name}", text, value=getattr(self.counters, name))
         # scrapes come on another thread: the gauge is the value _save_status last saw, not a database read
@@ -224,6 +226,11 @@ class Snapshotter:
         log.info("ImageStreaming: layer %d/%d of %s committed as %s without fetching its blob",
                  layer.position, layer.count, layer.image, target)
         self._save_status()
+        if layer.is_top:  # attached now, at pull time: `ctr run` has nothing left to mount
+            try:
+                await self.images.ensure(layer)
+            except FailedPrecondition as e:
+                log.warning("%s; attached when a container needs it", e)
         raise AlreadyExists(f"target snapshot {target!r} is streamed from {layer.image}")
 
     async def _materialize_lower_layers(self, parent: str) -> None:
@@ -299,11 +306,16 @@ class Snapshotter:
                 raise FailedPrecondition(f"snapshot {key!r} has children ({children[0]!r}); remove them first")
             self.meta.remove(key)
             await asyncio.to_thread(shutil.rmtree, self._dir(s), True)
-            await self._release_if_unused(s.image_index)
+            await self._release_if_unused(s.image_index or (s.streamed.index.hash if s.streamed else ""))
             self._save_status()
 
+    def _pulled_images(self) -> dict[str, StreamedLayer]:
+        """Index hash -> top layer, of every streamed image whose top layer is committed here (pulled)."""
+        return {s.streamed.index.hash: s.streamed for s in self.meta.all()
+                if s.kind == COMMITTED and s.streamed is not None and s.streamed.is_top}
+
     async def _release_if_unused(self, index_hash: str) -> None:
-        if index_hash and not self.meta.users_of_image(index_hash):
+        if index_hash and not self.meta.users_of_image(index_hash) and index_hash not in self._pulled_images():
             await self.images.release(index_hash)
 
     def stat(self, key: str) -> Snapshot:
@@ -348,7 +360,7 @@ class Snapshotter:
             await self.images.reconcile(self._images_in_use(), remount)
 
     def _images_in_use(self) -> dict[str, StreamedLayer]:
-        in_use: dict[str, StreamedLayer] = {}
+        in_use: dict[str, StreamedLayer] = self._pulled_images()
         for s in self.meta.all():
             if s.kind != COMMITTED and s.image_index and s.image_index not in in_use:
                 _, streamed = self._chain(s.parent)
@@ -369,7 +381,7 @@ async def _streaming_check(layer: StreamedLayer) -> str | None:
     """None if this node can stream the layer's image now, else why not (then it is unpacked as usual)."""
     from imagestream.digests import Digest
     from imagestream.rpc.client import GrpcImageNames
-    from imagestream_cli.pull import streaming_unavailable_reason
+    from fuse_client.mounts import streaming_unavailable_reason
 
     reason = streaming_unavailable_reason(False)
     if reason is not None:

@@ -66,6 +66,7 @@ def test_streamed_image_runs_without_being_pulled(containerd, pushed_images) -> 
     held = content_digests(containerd, "k8s.io")
     assert layer_digest(image) not in held and len(held) == 2
     assert status()["streamed_layers"] == before["streamed_layers"] + 1
+    assert status()["image_mounts"] == before["image_mounts"] + 1  # attached at pull time
     node = node_status()
     disk_before = next(t for t in node.tiers if t.tier == "node disk").size_bytes
     assert disk_before < 10 << 20  # the 160 MB image is not on the node
@@ -78,8 +79,36 @@ def test_streamed_image_runs_without_being_pulled(containerd, pushed_images) -> 
     after = node_status()
     assert after.blocking_fetches > node.blocking_fetches  # read on demand while it ran
     assert status()["streamed_snapshots"] == before["streamed_snapshots"] + 1
+    assert status()["image_mounts"] == before["image_mounts"] + 1  # the run mounted nothing
     assert metric("imagestream_snapshotter_streamed_layers_total") == status()["streamed_layers"] >= 1
     print(f"streamed: ctr run to output in {seconds:.2f} s")
+
+
+def test_two_containers_on_one_image_are_served_by_one_fuse_client(containerd, pushed_images) -> None:  # type: ignore[no-untyped-def]
+    import subprocess
+
+    from fuse_client import attach
+    from imagestream import config
+    from imagestream_dev.stack import local
+    from snapshotter.cri import pull
+
+    ref = f"{registry_host()}/{pushed_images['streamed']}"
+    pull(containerd.socket, ref)
+    program = "import time; print('up', flush=True); time.sleep(3)"
+    running = [subprocess.Popen(["ctr", "--address", containerd.socket, "--namespace", "k8s.io", "run", "--rm",
+                                 "--snapshotter", "imagestream", ref, f"pair-{i}", "python3", "-c", program],
+                                stdout=subprocess.PIPE, text=True) for i in (1, 2)]
+    try:
+        assert [p.stdout.readline().strip() for p in running] == ["up", "up"]  # both run at once
+        attached, mountpoint, pid = attach.attachments()
+        assert [a.image for a in attached].count(pushed_images["streamed"]) == 1
+        assert pid == local.running_pid("fuse_client") and mountpoint == str(config.fuse_mountpoint())
+        with open("/proc/self/mountinfo") as f:  # and no FUSE mount of our node but its one
+            ours = [line.split()[4] for line in f if str(config.home()) in line.split()[4]
+                    and line.split()[line.split().index("-") + 1] == "fuse.imagestream"]
+        assert ours == [mountpoint]
+    finally:
+        assert [p.wait(60) for p in running] == [0, 0]
 
 
 def test_unstreamable_image_runs_by_the_fallback(containerd, pushed_images) -> None:  # type: ignore[no-untyped-def]

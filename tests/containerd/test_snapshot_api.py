@@ -18,7 +18,8 @@ import pytest
 from google.protobuf import field_mask_pb2
 
 from tests.conftest import needs_fuse
-from tests.containerd.conftest import fuse_mounts_under, kill, snapshotter_restart
+from imagestream_dev.stack import local
+from tests.containerd.conftest import fuse_mounts_under, snapshotter_restart
 
 pytestmark = [pytest.mark.services, needs_fuse]
 
@@ -151,55 +152,76 @@ def test_streamed_layer_is_committed_without_its_blob(snapshots, streamed_layer,
     snapshots.Remove(S.RemoveSnapshotRequest(key=low))
 
 
-def test_containers_share_one_image_mount_which_goes_with_the_last(snapshots, streamed_layer) -> None:  # type: ignore[no-untyped-def]
+def leases_of(index_hash: str) -> list[str]:
+    from fuse_client import attach
+
+    attached, _, _ = attach.attachments()
+    return next((a.leases for a in attached if a.index == index_hash), [])
+
+
+def test_the_image_is_attached_at_pull_and_served_to_every_container_by_one_fuse_client(  # type: ignore[no-untyped-def]
+        snapshots, streamed_layer) -> None:
+    from fuse_client import attach
+    from imagestream import config
+
     S = pb()
     ref, image, root = streamed_layer
+    # committing the top layer (containerd's unpack at pull time) attached it: nothing is left to mount at run
+    assert leases_of(image.index.hash) == ["snapshotter:" + image.index.hash]
     (c1,) = prepare(snapshots, "t/c1", ref)
     (c2,) = prepare(snapshots, "t/c2", ref)
     lower = options(c1)["lowerdir"]
-    assert lower == options(c2)["lowerdir"] and lower.startswith(str(root / "images"))
-    assert fuse_mounts_under(root / "images") == [(lower, "fuse.imagestream")]
+    assert lower == options(c2)["lowerdir"] and pathlib.Path(lower).parent == config.fuse_mountpoint()
+    assert fuse_mounts_under(root) == []  # no mount of its own: the node's one FUSE mount serves both
     assert b"PRETTY_NAME" in mount_and_read([c1], "etc/os-release")
+    assert b"PRETTY_NAME" in mount_and_read([c2], "etc/os-release")
+    _, _, pid = attach.attachments()
+    assert pid == local.running_pid("fuse_client")
     snapshots.Remove(S.RemoveSnapshotRequest(key="t/c1"))
-    assert fuse_mounts_under(root / "images") == [(lower, "fuse.imagestream")]  # c2 still uses it
     snapshots.Remove(S.RemoveSnapshotRequest(key="t/c2"))
-    assert fuse_mounts_under(root / "images") == []
-    assert not pathlib.Path(lower).exists()
+    assert leases_of(image.index.hash) == ["snapshotter:" + image.index.hash]  # the image is still pulled
+    snapshots.Remove(S.RemoveSnapshotRequest(key=ref))
+    # the image goes with its last pulled top layer (containerd's own pulls of it in other tests may hold it)
+    pulled = [i for r in snapshots.List(S.ListSnapshotsRequest()) for i in r.info
+              if i.labels.get("containerd.io/snapshot/imagestream.streamed") == "true"
+              and image.index.hash in i.labels.get("containerd.io/snapshot/imagestream.index", "")]
+    if not pulled:
+        assert leases_of(image.index.hash) == []
+        assert not pathlib.Path(lower).exists()
 
 
-def test_restart_leaves_no_dead_mounts(snapshots, streamed_layer) -> None:  # type: ignore[no-untyped-def]
+def test_restarts_leave_no_dead_mounts_and_new_containers_work(snapshots, streamed_layer) -> None:  # type: ignore[no-untyped-def]
     from containerd.services.snapshots.v1 import snapshots_pb2_grpc
-    from fuse_client import mounts
     from imagestream import config
-    from imagestream_dev.stack import local
 
     S = pb()
     ref, image, root = streamed_layer
     (c,) = prepare(snapshots, "t/survivor", ref)
     lower = options(c)["lowerdir"]
-    fuse_pid = mounts.Mount.find(lower).pid
-    # a restart alone keeps the mount (running containers use it) and the same FUSE client
+    # a snapshotter restart keeps the image attached (running containers use it), by the same FUSE client
+    fuse_pid = local.running_pid("fuse_client")
     snapshotter_restart()
-    assert fuse_mounts_under(root / "images") == [(lower, "fuse.imagestream")]
-    assert mounts.Mount.find(lower).pid == fuse_pid
-    # the FUSE client dies: its mount is dead (ENOTCONN) until the snapshotter restarts
-    kill(fuse_pid)
-    with pytest.raises(OSError):
-        os.listdir(lower)
+    assert leases_of(image.index.hash) == ["snapshotter:" + image.index.hash]
+    assert "usr" in os.listdir(lower)
+    # the node's FUSE client restarts: its mount comes back, alive, with no dead one left behind
+    local.down(lambda _: None, only="fuse_client")
+    local.up(lambda _: None, only="fuse_client")
+    assert local.running_pid("fuse_client") != fuse_pid
+    assert [t for _, t in fuse_mounts_under(config.fuse_mountpoint())] == ["fuse.imagestream"]
+    assert os.listdir(config.fuse_mountpoint()) == []  # its leases went with it
+    # a new container on the image attaches it again
+    (c2,) = prepare(snapshots, "t/after-restart", ref)
+    assert options(c2)["lowerdir"] == lower and "usr" in os.listdir(lower)
+    assert b"PRETTY_NAME" in mount_and_read([c2], "etc/os-release")
+    # the snapshotter, restarted while a snapshot uses the image, attaches it again too
+    local.down(lambda _: None, only="fuse_client")
+    local.up(lambda _: None, only="fuse_client")
     snapshotter_restart()
-    assert os.listdir(lower) and "usr" in os.listdir(lower)  # mounted again, alive
-    assert mounts.Mount.find(lower).pid != fuse_pid
-    # stopped with a dead mount: the mount goes and nothing is mounted on the way out; started: mounted again
-    kill(mounts.Mount.find(lower).pid)
-    local.down(lambda _: None, only="snapshotter")
-    assert fuse_mounts_under(root / "images") == []
-    local.up(lambda _: None, only="snapshotter")
     assert "usr" in os.listdir(lower)
     with grpc.insecure_channel("unix:" + str(config.snapshotter_socket())) as channel:  # the old one may back off
         stub = snapshots_pb2_grpc.SnapshotsStub(channel)
         stub.Remove(S.RemoveSnapshotRequest(key="t/survivor"))
-        snapshotter_restart()
-    assert fuse_mounts_under(root / "images") == []
+        stub.Remove(S.RemoveSnapshotRequest(key="t/after-restart"))
 
 
 def test_a_lower_layer_of_a_streamed_image_is_unpacked_when_another_image_builds_on_it(  # type: ignore[no-untyped-def]

@@ -369,22 +369,27 @@ def test_node_agent_can_mount_fuse_on_the_node(overlay: str, objects: Objects) -
     namespace = objects.get("Namespace", agent.namespace)
     assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "privileged"
     assert {"operator": "Exists"} in agent.pod["tolerations"], "runs on every node"
-    mounters = [c for c in agent.containers() if c.get("securityContext", {}).get("privileged")]
-    assert len(mounters) == 1, "exactly one privileged container: the one that mounts"
-    mounter = mounters[0]
+    privileged = [c for c in agent.containers() if c.get("securityContext", {}).get("privileged")]
+    # the one that mounts (FUSE), and the snapshotter (it unpacks layers: owners, devices)
+    assert sorted(c["name"] for c in privileged) == ["fuse-client", "snapshotter"]
+    (mounter,) = [c for c in privileged if c["name"] == "fuse-client"]
+    (snapshotter,) = [c for c in privileged if c["name"] == "snapshotter"]
     by_path = {m["mountPath"]: m for m in mounter["volumeMounts"]}
     assert agent.volume(by_path["/dev/fuse"]["name"])["hostPath"] == {"path": "/dev/fuse", "type": "CharDevice"}
     shared = [m for m in mounter["volumeMounts"] if m.get("mountPropagation") == "Bidirectional"]
     assert shared and all("hostPath" in agent.volume(m["name"]) for m in shared)
-    # the snapshotter: it reads the pod of a container from the node's containerd, read-only
-    assert argv(mounter)[-3:] == ["-m", "snapshotter", "--kube-events"]
-    containerd = by_path["/run/containerd"]
+    # the node's FUSE client unmounts on SIGTERM, and a new one removes what a killed one left (tests/fuse)
+    assert mounter["args"] == ["python", "-m", "fuse_client"], "the mounter is the node's FUSE client"
+    # the snapshotter reads the pod of a container from the node's containerd, read-only
+    assert argv(snapshotter)[-3:] == ["-m", "snapshotter", "--kube-events"]
+    snap_paths = {m["mountPath"]: m for m in snapshotter["volumeMounts"]}
+    containerd = snap_paths["/run/containerd"]
     assert containerd.get("readOnly") and agent.volume(containerd["name"])["hostPath"]["path"] == "/run/containerd"
-    env = {e["name"]: e.get("value") for e in mounter["env"]}
+    env = {e["name"]: e.get("value") for e in snapshotter["env"]}
     assert env["IMAGESTREAM_CONTAINERD_SOCKET"].startswith("/run/containerd/")
-    assert env["IMAGESTREAM_SNAPSHOTTER_SOCKET"].startswith(by_path["/run/imagestream"]["mountPath"])
+    assert env["IMAGESTREAM_SNAPSHOTTER_SOCKET"].startswith(snap_paths["/run/imagestream"]["mountPath"])
     for other in agent.containers():
-        if other is not mounter:
+        if other not in privileged:
             context = other.get("securityContext", {})
             assert context.get("capabilities", {}).get("drop") == ["ALL"], other["name"]
             assert context.get("allowPrivilegeEscalation") is False, other["name"]

@@ -49,8 +49,12 @@ def test_run_python_with_standard_modules(pushed) -> None:  # type: ignore[no-un
 def test_run_returns_the_exit_status_and_leaves_no_mounts(pushed, stack_home) -> None:  # type: ignore[no-untyped-def]
     result = run_cli("run", "debian-python:e2e", "--", "sh", "-c", "echo hi > /tmp/f && cat /tmp/f && exit 7", check=False)
     assert result.returncode == 7 and result.stdout.strip() == "hi"
-    with open("/proc/self/mountinfo") as f:
-        assert str(stack_home) not in f.read()
+    from fuse_client import attach
+
+    with open("/proc/self/mountinfo") as f:  # the node's one FUSE mount, and nothing of the run
+        assert [line.split()[4] for line in f if str(stack_home) in line] == [str(stack_home / "images")]
+    attached, _, _ = attach.attachments()
+    assert not [lease for a in attached for lease in a.leases if lease.startswith("run:")]  # its lease is gone
     assert not any((stack_home / "runs").iterdir())  # the run's upper dir is gone
 
 

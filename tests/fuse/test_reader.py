@@ -90,3 +90,31 @@ async def test_a_hanging_upstream_fails_the_read_after_the_deadline_instead_of_h
     reader, index, _ = await reader_for(HangingStore(), timeout_s=0.1, retries=2)
     with pytest.raises(ChunkFetchFailed, match="chunk sha256:"):
         await asyncio.wait_for(reader.read(ino(index, "etc/multi"), 0, 10), 5)
+
+
+async def test_any_unexpected_error_in_a_handler_is_answered_with_eio() -> None:
+    """An exception a handler did not mean must still answer the kernel (else the reading process hangs)."""
+    import errno
+
+    import pyfuse3
+
+    from fuse_client.filesystem import NodeFilesystem
+
+    reader, index, _ = await reader_for()
+
+    async def broken(*args):  # type: ignore[no-untyped-def]
+        raise IndexError("list index out of range")
+
+    reader.read = broken
+    node = NodeFilesystem()
+    fs = node.add(index, reader, "img")
+    with pytest.raises(pyfuse3.FUSEError) as failed:
+        await node.read(fs.base + ino(index, "etc/multi"), 0, 10)
+    assert failed.value.errno == errno.EIO
+    index.inodes[0].type = 99  # a type the attribute table does not know
+    with pytest.raises(pyfuse3.FUSEError) as failed:
+        await node.getattr(fs.root)
+    assert failed.value.errno == errno.EIO
+    with pytest.raises(pyfuse3.FUSEError) as missing:  # meant errors keep their errno
+        await node.getattr(fs.base + 10**9)
+    assert missing.value.errno == errno.ENOENT

@@ -1,4 +1,5 @@
-"""The local stack: Redis, one Cassandra node and the three tier services, on loopback.
+"""The local stack: Redis, Cassandra (one node, or one per address of IMAGESTREAM_CASSANDRA_HOSTS) and the
+three tier services, on loopback.
 
 `processes()` is the one definition of what runs and how it is checked; the
 `imagestream stack` commands and the Tiltfile's local branch both read it.
@@ -59,21 +60,16 @@ def processes() -> list[Process]:
 
     from imagestream_dev.stack import cassandra, zipkin
 
-    node = cassandra.CassandraNode(
-        cluster_name="imagestream",
-        node_dir=home / "cassandra",
-        address=config.get("cassandra_hosts").split(",")[0],
-        native_port=int(config.get("cassandra_port")),
-        storage_port=int(config.get("cassandra_storage_port")),
-        jmx_port=int(config.get("cassandra_jmx_port")),
-        dc=config.get("cassandra_local_dc"),
-    )
+    nodes = cassandra_nodes()
 
-    def prepare_cassandra() -> None:
-        jars = cassandra.ensure_jars(cache / "cassandra")
-        cassandra.write_config(node)
-        (home / "cassandra" / "lib").unlink(missing_ok=True)
-        (home / "cassandra" / "lib").symlink_to(jars)
+    def prepare_cassandra(node: cassandra.CassandraNode) -> Callable[[], None]:
+        def prepare() -> None:
+            jars = cassandra.ensure_jars(cache / "cassandra")
+            cassandra.write_config(node)
+            (node.node_dir / "lib").unlink(missing_ok=True)
+            (node.node_dir / "lib").symlink_to(jars)
+
+        return prepare
 
     def prepare_redis() -> None:
         (home / "redis").mkdir(parents=True, exist_ok=True)
@@ -106,24 +102,77 @@ def processes() -> list[Process]:
             prepare=prepare_redis,
             phase=0,
         ),
-        Process(
-            "cassandra",
-            cassandra.command(node, home / "cassandra" / "lib"),
+        *(Process(
+            cassandra_process_name(i),
+            cassandra.command(node, node.node_dir / "lib"),
             ("cql", node.address, node.native_port),
-            start_timeout_s=240,
-            prepare=prepare_cassandra,
+            start_timeout_s=240 * len(nodes),  # nodes of a cluster start side by side on the same cores
+            prepare=prepare_cassandra(node),
             phase=0,
-        ),
+        ) for i, node in enumerate(nodes)),
         Process("chunk_store", [py, "-m", "chunk_store"], ("grpc", config.get("chunk_store_listen")),
                 service_env("chunk_store"), start_timeout_s=90),
         Process("zonal_cache", [py, "-m", "zonal_cache"], ("grpc", config.get("zonal_cache_listen")),
                 service_env("zonal_cache"), phase=2),
         Process("node_cache", [py, "-m", "node_cache"], ("grpc", "unix:" + config.node_cache_socket()),
                 service_env("node_cache"), phase=3),
+        # the node's one FUSE mount: every image that `mount`, `run` and the snapshotter use is a directory of it
+        *([Process("fuse_client", [py, "-m", "fuse_client"], ("grpc", "unix:" + config.fuse_socket()),
+                   service_env("fuse_client"), phase=4)] if can_mount_fuse() else []),
         # the node agent containerd loads as a proxy snapshotter (docs/containerd.md)
         Process("snapshotter", [py, "-m", "snapshotter"], ("grpc", "unix:" + config.snapshotter_socket()),
-                service_env("snapshotter"), phase=4),
+                service_env("snapshotter"), phase=5),
     ]
+
+
+def cassandra_process_name(i: int) -> str:
+    return "cassandra" if i == 0 else f"cassandra-{i + 1}"
+
+
+def cassandra_nodes():  # type: ignore[no-untyped-def]
+    """One Cassandra node per address of IMAGESTREAM_CASSANDRA_HOSTS, all on the same ports (one loopback
+    address each: 127.0.0.2,127.0.0.3,127.0.0.4 makes a three-node cluster); every node is a seed, tokens
+    evenly spaced, so the nodes start side by side without bootstrapping."""
+    from imagestream_dev.stack import cassandra
+
+    home = config.home()
+    addresses = config.parse_list(config.get("cassandra_hosts"))
+    many = len(addresses) > 1
+    storage_port = int(config.get("cassandra_storage_port"))
+    return [
+        cassandra.CassandraNode(
+            cluster_name="imagestream",
+            node_dir=home / cassandra_process_name(i),
+            address=address,
+            native_port=int(config.get("cassandra_port")),
+            storage_port=storage_port,
+            # JMX listens on 127.0.0.1 whatever the node's address: one port each, 10 apart (the private
+            # stacks' other ports sit at offsets 0-14 of their base)
+            jmx_port=int(config.get("cassandra_jmx_port")) + 10 * i,
+            dc=config.get("cassandra_local_dc"),
+            seeds=[f"{a}:{storage_port}" for a in addresses] if many else (),
+            initial_token=str(-(2**63) + i * (2**64 // len(addresses))) if many else None,
+            heap_mb=512 if many else 768,
+        )
+        for i, address in enumerate(addresses)
+    ]
+
+
+def nodetool(i: int, *args: str, timeout_s: float = 600) -> subprocess.CompletedProcess:
+    """Cassandra's nodetool against the stack's node `i`, run from the same jars."""
+    from imagestream_dev.stack import cassandra
+
+    node = cassandra_nodes()[i]
+    cmd = [cassandra.find_java(), "-Xmx256m", *cassandra._JPMS_FLAGS, "-cp", f"{node.node_dir / 'lib'}/*",
+           "-Dlogback.configurationFile=" + cassandra._uri(node.conf_dir / "logback.xml"),
+           f"-Dcassandra.logdir={node.log_dir}", "org.apache.cassandra.tools.NodeTool",
+           "-h", "127.0.0.1", "-p", str(node.jmx_port), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+
+
+def can_mount_fuse() -> bool:
+    """Where it cannot, images run by a full pull and the stack has no FUSE client."""
+    return os.geteuid() == 0 and os.path.exists("/dev/fuse") and shutil.which("fusermount3") is not None
 
 
 # -- readiness -------------------------------------------------------------
@@ -315,16 +364,20 @@ def private_env(home: pathlib.Path, cache_dir: pathlib.Path, port_base: int = 20
 
 
 def empty_caches(log: Callable[[str], None] = lambda _: None) -> None:
-    """Empty the node cache (memory and disk) and the zonal cache, keeping the regional store: a cold node."""
+    """Empty the node cache (memory and disk) and the zonal cache, keeping the regional store: a cold node.
+
+    The node's FUSE client restarts too: it keeps the indexes of the images it knows, and the kernel
+    their pages."""
     import redis
 
-    for name in ("node_cache", "zonal_cache"):
+    node = [p.name for p in processes() if p.name == "fuse_client"] + ["node_cache"]
+    for name in (*node, "zonal_cache"):
         down(log, only=name)
     shutil.rmtree(config.node_disk_dir(), ignore_errors=True)
     client = redis.Redis.from_url(config.get("redis_url"))
     client.flushall()
     client.close()
-    for name in ("zonal_cache", "node_cache"):
+    for name in ("zonal_cache", *reversed(node)):
         up(log, only=name)
 
 

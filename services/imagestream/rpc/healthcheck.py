@@ -2,6 +2,7 @@
 
     python -m imagestream.rpc.healthcheck chunk_store         # where the chunk store itself listens
     python -m imagestream.rpc.healthcheck node_cache          # its Unix socket
+    python -m imagestream.rpc.healthcheck fuse_client         # the node's FUSE client, on its Unix socket
     python -m imagestream.rpc.healthcheck 10.0.0.7:50061 --service chunk_store
 
 A tier's name is resolved through the settings the tier itself reads (IMAGESTREAM_CHUNK_STORE_LISTEN,
@@ -21,7 +22,7 @@ from imagestream import config
 
 # tier (its Python package, its name in the health service) -> the setting holding its listen address
 TIERS = {"chunk_store": "chunk_store_listen", "zonal_cache": "zonal_cache_listen", "node_cache": "node_cache_socket",
-         "snapshotter": "snapshotter_socket"}
+         "fuse_client": "fuse_socket", "snapshotter": "snapshotter_socket"}
 
 
 def dial_address(listen: str) -> str:
@@ -42,6 +43,8 @@ def resolve(target: str) -> tuple[str, str]:
         return target, ""
     if target == "node_cache":
         return "unix:" + config.node_cache_socket(), target
+    if target == "fuse_client":
+        return "unix:" + config.fuse_socket(), target
     if target == "snapshotter":
         return "unix:" + config.snapshotter_socket(), target
     return dial_address(config.parse_list(config.get(TIERS[target]))[0]), target

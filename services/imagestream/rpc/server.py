@@ -18,7 +18,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from imagestream import config, telemetry
 from imagestream.digests import Digest, decompress_verified
-from imagestream.errors import CorruptChunk, FailedPrecondition, ImagestreamError, InvalidArgument, NotFound, Unavailable
+from imagestream.errors import (BadImage, CorruptChunk, FailedPrecondition, ImagestreamError, InvalidArgument,
+                                NotFound, Unavailable)
 from imagestream.rpc.client import MAX_MESSAGE_BYTES
 from imagestream.index import ensure_complete
 from imagestream.names import ImageNames, WritableImageNames, validate_name
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 
 _ERROR_TO_STATUS: list[tuple[type[Exception], grpc.StatusCode]] = [
     (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
+    (BadImage, grpc.StatusCode.INVALID_ARGUMENT),  # e.g. an index that fails index_checks at publish
     (NotFound, grpc.StatusCode.NOT_FOUND),
     (CorruptChunk, grpc.StatusCode.NOT_FOUND),  # a corrupt copy was dropped: as good as absent
     (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
