@@ -125,25 +125,15 @@ def scrub(limit: int, list_only: bool) -> None:
     import asyncio
     import datetime
 
-    import grpc
-
     from imagestream.digests import Digest
-    from imagestream.rpc.client import channel, to_error
-    from imagestream.v1 import admin_pb2, admin_pb2_grpc
-
-    target = config.get("region")
+    from imagestream.rpc.client import GrpcRegionalAdmin
 
     async def call():  # type: ignore[no-untyped-def]
-        ch = channel(target)
+        admin = GrpcRegionalAdmin(config.get("region"))
         try:
-            stub = admin_pb2_grpc.RegionalAdminStub(ch)
-            if list_only:
-                return await stub.ListQuarantine(admin_pb2.ListQuarantineRequest(), timeout=60)
-            return await stub.Scrub(admin_pb2.ScrubRequest(limit=limit), timeout=24 * 3600)
-        except grpc.RpcError as e:
-            raise to_error(target, e) from None
+            return await (admin.list_quarantine() if list_only else admin.scrub(limit))
         finally:
-            await ch.close()
+            await admin.close()
 
     try:
         reply = asyncio.run(call())

@@ -13,8 +13,8 @@ from imagestream.errors import CorruptChunk, FailedPrecondition, ImagestreamErro
 from imagestream.store.failover import Failover
 from imagestream.names import ImageNames, WritableImageNames
 from imagestream.store.base import ChunkStore
-from imagestream.v1 import (chunk_store_pb2, chunk_store_pb2_grpc, distribution_pb2, distribution_pb2_grpc, images_pb2,
-                            images_pb2_grpc, node_pb2, node_pb2_grpc)
+from imagestream.v1 import (admin_pb2, admin_pb2_grpc, chunk_store_pb2, chunk_store_pb2_grpc, distribution_pb2,
+                            distribution_pb2_grpc, images_pb2, images_pb2_grpc, node_pb2, node_pb2_grpc)
 
 MAX_MESSAGE_BYTES = 80 * 1024 * 1024  # a 64 MiB blob plus framing
 
@@ -236,6 +236,21 @@ class GrpcDistribution(GrpcClient):
     async def find_missing(self, digests: list[str]) -> list[str]:
         request = distribution_pb2.FindMissingBlobsRequest(digests=digests)
         return list((await self._call(self._stub.FindMissingBlobs, request)).missing)
+
+
+class GrpcRegionalAdmin(GrpcClient):
+    """The regional store's admin service: scrub stored chunks, list what was quarantined."""
+
+    stub_class = admin_pb2_grpc.RegionalAdminStub
+
+    def __init__(self, target: str, timeout_s: float = 60.0) -> None:
+        super().__init__(target, timeout_s)
+
+    async def scrub(self, limit: int = 0) -> admin_pb2.ScrubReport:
+        return await self._call(self._stub.Scrub, admin_pb2.ScrubRequest(limit=limit), 24 * 3600)
+
+    async def list_quarantine(self) -> admin_pb2.QuarantineList:
+        return await self._call(self._stub.ListQuarantine, admin_pb2.ListQuarantineRequest())
 
 
 def node_status(target: str | None = None) -> node_pb2.NodeStatus:
