@@ -9,7 +9,10 @@ import glob
 import json
 import os
 import pathlib
+import re
+import shutil
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable
 
@@ -125,9 +128,9 @@ def pod_yaml(name: str, image: str, command: list[str], streamed: bool) -> str:
             f"      command: {json.dumps(command)}\n")
 
 
-def first_output(name: str, started: float, timeout: float = 600) -> tuple[float, str]:
+def first_output(name: str, uid: str, started: float, timeout: float = 600) -> tuple[float, str]:
     """Seconds from `started` until the pod's container wrote its first line (its log file on the node)."""
-    pattern = f"{RUN}/pod-logs/default_{name}_*/app/*.log"
+    pattern = f"{RUN}/pod-logs/default_{name}_{uid}/app/*.log"
     deadline = started + timeout
     while time.monotonic() < deadline:
         for path in glob.glob(pattern):
@@ -144,8 +147,8 @@ def run_pod(name: str, image: str, streamed: bool, command: list[str]) -> tuple[
     """(seconds from `kubectl apply` to the first line of output, that line) of a new pod."""
     kubectl("delete", "pod", name, "--ignore-not-found", "--wait=true")
     started = time.monotonic()
-    kubectl("apply", "-f", "-", input=pod_yaml(name, image, command, streamed))
-    return first_output(name, started)
+    uid = kubectl("apply", "-f", "-", "-o", "jsonpath={.metadata.uid}", input=pod_yaml(name, image, command, streamed)).stdout
+    return first_output(name, uid, started)
 
 
 def ctr(*args: str) -> subprocess.CompletedProcess:
@@ -159,11 +162,13 @@ def content_digests() -> set[str]:
 
 
 def forget_image(*references: str) -> None:
-    """The node no longer has these images: tags removed and their content collected at once."""
-    present = set(ctr("images", "ls", "-q").stdout.split())
-    gone = [r for r in references if r in present]
-    if gone:
-        ctr("images", "rm", "--sync", *gone)
+    """The node no longer has these images: every name of them (the CRI adds `repo@digest` and the image id)
+    removed, and their content and snapshots collected at once."""
+    rows = [line.split() for line in ctr("images", "ls").stdout.splitlines()[1:]]
+    digests = {row[2] for row in rows if row[0] in references}
+    names = [row[0] for row in rows if row[2] in digests]
+    if names:
+        ctr("images", "rm", "--sync", *names)
 
 
 def node_agent_pod() -> str:
@@ -188,8 +193,6 @@ def cold_node(log: Callable[[str], None] = lambda _: None) -> None:
 
 def metrics(port: int) -> dict[str, float]:
     """The node agent's Prometheus metrics (node cache 9463, snapshotter 9464), read over the pod network."""
-    import re
-
     ip = kubectl("get", "pod", "-n", "imagestream-node", "-l", "app=node-agent", "-o", "jsonpath={.items[0].status.podIP}").stdout
     text = in_ns("curl", "-sf", f"http://{ip}:{port}/metrics").stdout
     out = {}
@@ -198,3 +201,39 @@ def metrics(port: int) -> dict[str, float]:
         if m:
             out[m.group(1)] = float(m.group(2))
     return out
+
+
+def zipkin() -> str:
+    """The Zipkin server's base URL, from the cluster's namespace."""
+    return f"http://{service_ip('zipkin')}:9411"
+
+
+def cold_start_trace(since_ms: int, services: tuple[str, ...] = ("snapshotter", "node-cache", "chunk-store")) -> dict:
+    """The trace, begun after `since_ms` (epoch ms), that crosses the most of imagestream's services; it must
+    reach every one of `services`. Returns {"id": ..., "services": [...], "spans": n}."""
+    lookback = max(60_000, int(time.time() * 1000) - since_ms + 60_000)
+    found = json.loads(in_ns("curl", "-sf", f"{zipkin()}/api/v2/traces?serviceName=snapshotter&limit=100&lookback={lookback}").stdout)
+    best: dict = {}
+    for trace in found:
+        if min(s.get("timestamp", 0) for s in trace) // 1000 < since_ms:
+            continue
+        names = sorted({s.get("localEndpoint", {}).get("serviceName", "") for s in trace} - {""})
+        if len(names) > len(best.get("services", ())) or (len(names) == len(best.get("services", ())) and len(trace) > best["spans"]):
+            best = {"id": trace[0]["traceId"], "services": names, "spans": len(trace)}
+    if not best or not set(services) <= set(best["services"]):
+        raise RuntimeError(f"no trace since {since_ms} crosses {', '.join(services)}: best {best or 'none'}")
+    return best
+
+
+def screenshot_trace(trace_id: str, out: pathlib.Path) -> None:
+    """A PNG of Zipkin's page for the trace, by headless Chromium (Debian's chromium) in the cluster's namespace."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not browser:
+        raise RuntimeError("the trace screenshot needs Chromium: apt-get install chromium")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="chromium-") as profile:
+        in_ns(browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--user-data-dir={profile}",
+              "--window-size=1600,1000", "--virtual-time-budget=20000", f"--screenshot={out}",
+              f"{zipkin()}/zipkin/traces/{trace_id}", timeout=180)
+    if not out.exists() or out.stat().st_size < 10_000:
+        raise RuntimeError(f"chromium wrote no screenshot of trace {trace_id} to {out}")

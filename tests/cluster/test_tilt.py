@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.cluster.conftest import ENV
+from imagestream_dev.cluster import ENV
 from tests.deploy.tilt_ci import tilt_ci
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(3600)]  # the first one waits for the cluster to be built
