@@ -6,12 +6,13 @@ and the multi-zone overlay against the real API server."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 
 import pytest
 
-from imagestream_dev.cluster import (ENV, NAMESPACES, cold_node, content_digests, ctr, forget_image, kubectl, metrics,
+from imagestream_dev.cluster import (ENV, NAMESPACES, RUN, cold_node, content_digests, ctr, forget_image, kubectl, metrics,
                                      push_both_ways, run_pod)
 from tests.conftest import ROOT
 
@@ -124,6 +125,20 @@ def test_no_pod_loses_its_root_when_the_snapshotter_restarts(cluster, pushed) ->
 
 
 def test_multi_zone_overlay_is_valid_for_the_api_server(cluster) -> None:  # type: ignore[no-untyped-def]
-    result = kubectl("apply", "-k", str(ROOT / "k8s" / "overlays" / "multi-zone"), "--dry-run=server", check=False)
+    """As a fresh install beside the dev overlay that runs: every name prefixed (an update of dev's Cassandra
+    StatefulSet would be refused for its volume claims), and the one node port dev holds moved."""
+    check = RUN / "multi-zone-check"
+    check.mkdir(parents=True, exist_ok=True)
+    overlay = os.path.relpath(ROOT / "k8s" / "overlays" / "multi-zone", check)
+    (check / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+        f"resources:\n  - {overlay}\nnamePrefix: check-\npatches:\n"
+        "  - target: {kind: Service, name: chunk-store-registry}\n"
+        "    patch: '[{\"op\": \"replace\", \"path\": \"/spec/ports/0/nodePort\", \"value\": 30051}]'\n")
+    result = kubectl("apply", "-k", str(check), "--dry-run=server", check=False)
     assert result.returncode == 0, result.stderr
-    assert "daemonset.apps/node-agent" in result.stdout and "statefulset.apps/cassandra" in result.stdout
+    created = [line.split()[0] for line in result.stdout.splitlines() if line.endswith("created (server dry run)")]
+    rendered = kubectl("kustomize", str(ROOT / "k8s" / "overlays" / "multi-zone")).stdout
+    kinds = [line.split()[1] for line in rendered.splitlines() if line.startswith("kind: ")]
+    assert len(created) == len(kinds) - kinds.count("Namespace"), result.stdout  # every object but the namespaces
+    assert {"daemonset.apps/check-node-agent", "statefulset.apps/check-cassandra"} <= set(created)
