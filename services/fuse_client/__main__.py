@@ -31,7 +31,7 @@ from imagestream.rpc.client import GrpcChunkStore, GrpcImageNames, NodeClient
 from imagestream.rpc.server import add_port, setup_logging, status_on_error
 from imagestream.v1 import fuse_pb2, fuse_pb2_grpc
 
-from fuse_client import mounts
+from fuse_client import held, mounts
 from fuse_client.filesystem import NodeFilesystem
 from fuse_client.node import NodeImages
 
@@ -116,6 +116,7 @@ async def run(args: argparse.Namespace) -> None:
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     add_port(server, "fuse_client", "unix:" + sock)  # 0600 (0660 with IMAGESTREAM_SOCKET_GROUP)
     await server.start()
+    held_server = await held.serve(images, held.socket_path(sock))
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, pyfuse3.terminate)
     loop.add_signal_handler(signal.SIGINT, pyfuse3.terminate)
@@ -140,6 +141,7 @@ async def run(args: argparse.Namespace) -> None:
         ready.cancel()
         log.info("stopping: %d images attached", len(images.attachments()))
         await health_servicer.enter_graceful_shutdown()
+        held_server.close()
         await server.stop(grace=2)
         for m in mounts.list_mounts():  # bind mounts of this mount would be dead once it goes
             mounts.detach_mountpoint(m.mountpoint)
@@ -149,8 +151,9 @@ async def run(args: argparse.Namespace) -> None:
         await store.close()
         await names.close()
         await node.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(sock)
+        for path in (sock, held.socket_path(sock)):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
         telemetry.shutdown()  # flush the last spans
 
 
