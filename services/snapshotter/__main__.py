@@ -28,7 +28,7 @@ log = logging.getLogger("snapshotter")
 # what it reads; the FUSE clients it starts read the region and the fetch settings from the same environment
 SETTINGS = ("home", "snapshotter_socket", "snapshotter_root", "snapshotter_metrics", "node_cache_socket",
             "distribution_listen", "containerd_socket", "region", "streaming", "fetch_timeout", "fetch_retries",
-            "profile", "fuse_socket", "fuse_mountpoint", "log_level")
+            "profile", "fuse_socket", "fuse_mountpoint", "log_level", "socket_group", *tls.SETTINGS)
 
 
 async def serve(args: argparse.Namespace) -> None:

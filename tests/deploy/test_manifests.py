@@ -476,7 +476,7 @@ def test_cassandra_settings_agree_with_the_local_stack(overlay: str, objects: Ob
 # -- mutual TLS ---------------------------------------------------------------------------------------------
 
 TLS_PROCESSES = {"chunk_store": "chunk-store", "zonal_cache": "zonal-cache", "node_cache": "node-cache",
-                 "fuse_client": "fuse-client"}  # Python module -> its identity in the local stack (certs.IDENTITIES)
+                 "fuse_client": "fuse-client", "snapshotter": "snapshotter"}  # Python module -> its identity in the local stack (certs.IDENTITIES)
 
 
 def certificates() -> dict[tuple[str, str], dict]:
