@@ -267,4 +267,7 @@ def service_main(prog: str, description: str | None, settings: Sequence[str],
         os.environ[config.SETTINGS[name].env] = getattr(args, name)
     setup_logging(args.log_level)
     telemetry.setup_tracing(prog)
-    asyncio.run(main(args))
+    try:
+        asyncio.run(main(args))
+    except ImagestreamError as e:  # a setting that cannot work (an unreadable password file, a refused login)
+        raise SystemExit(f"{prog}: {e}") from None
