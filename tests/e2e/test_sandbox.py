@@ -104,6 +104,54 @@ def test_capabilities_are_a_containers_default_set(image, mode) -> None:  # type
     assert "MOUNTED" not in out and "UNSHARED" not in out and out.strip().endswith("end")
 
 
+# x86_64 system call numbers, called directly (no tool in the image needed); each prints ok or its errno name
+SYSCALLS = """
+import ctypes, errno
+libc = ctypes.CDLL(None, use_errno=True)
+def call(name, nr, *args):
+    r = libc.syscall(nr, *args)
+    print(name, "ok" if r >= 0 else errno.errorcode[ctypes.get_errno()])
+call("getpid", 39)
+call("unshare", 272, 0x10000000)  # CLONE_NEWUSER: needs no capability, only the filter stops it
+call("keyctl", 250, 0, -3, 0)  # KEYCTL_GET_KEYRING_ID of the session keyring
+call("add_key", 248, b"user", b"imagestream-test", b"x", 1, -3)
+call("mount", 165, b"none", b"/mnt", b"tmpfs", 0, None)
+call("bpf", 321, 0, None, 0)
+print("Seccomp", [l.split()[1] for l in open("/proc/self/status") if l.startswith("Seccomp:")][0])
+"""
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="system call numbers of x86_64")
+@pytest.mark.parametrize("mode", MODES)
+def test_system_calls_outside_the_allowlist_fail_inside_run(image, mode) -> None:  # type: ignore[no-untyped-def]
+    # the control: in a plain child process on the host (root), unshare, keyctl and add_key work
+    host = subprocess.run(["python3", "-c", SYSCALLS], capture_output=True, text=True, check=True).stdout
+    host_results = dict(line.split() for line in host.splitlines())
+    assert host_results["unshare"] == host_results["keyctl"] == host_results["add_key"] == "ok", host
+    out = run_cli("run", IMAGE, "--", "python3", "-c", SYSCALLS,
+                  env={"IMAGESTREAM_STREAMING": "off"} if mode == "pulled" else {}).stdout
+    results = dict(line.split() for line in out.splitlines())
+    assert results["getpid"] == "ok"
+    assert results["Seccomp"] == "2"  # a filter is loaded
+    for name in ("unshare", "keyctl", "add_key", "mount", "bpf"):
+        assert results[name] == "EPERM", (name, out)
+
+
+def test_a_user_namespace_makes_the_containers_root_an_unprivileged_host_user(image) -> None:  # type: ignore[no-untyped-def]
+    script = ("cat /proc/self/uid_map /proc/self/gid_map; id -u; stat -c '%u %U' /etc/passwd; "
+              "echo x > /tmp/mine && echo WROTE-TMP; echo x > /etc/imagestream-test && echo WROTE-ETC; echo end")
+    result = sh(script, "streamed", "--userns", check=False)
+    out = result.stdout
+    assert result.returncode == 0 and out.strip().endswith("end"), result.stderr
+    maps = [line.split() for line in out.splitlines()[:2]]
+    assert maps == [["0", "100000", "65536"], ["0", "100000", "65536"]]
+    assert out.splitlines()[2] == "0"  # root inside
+    assert "WROTE-TMP" in out
+    # the image's files belong to host uid 0, which the namespace does not map: nobody, and not writable
+    assert out.splitlines()[3] == "65534 nobody"
+    assert "WROTE-ETC" not in out
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_setuid_does_not_escalate(image, mode) -> None:  # type: ignore[no-untyped-def]
     script = ("cp /usr/bin/python3 /tmp/py && chmod 4755 /tmp/py && "
