@@ -114,6 +114,8 @@ SETTINGS = {s.name: s for s in [
     Setting("snapshotter_socket", "", "Unix socket of the containerd snapshotter (default: HOME/snapshotter.sock)"),
     Setting("snapshotter_root", "", "snapshots, image mounts and metadata of the snapshotter (default: HOME/snapshotter)"),
     Setting("snapshotter_metrics", "127.0.0.1:9464", "address of the snapshotter's Prometheus /metrics ('' for none)"),
+    Setting("containerd_socket", "/run/containerd/containerd.sock",
+            "containerd's gRPC socket: the snapshotter reads a container's pod from it for the ImageStreaming event"),
     Setting("log_level", "INFO", "logging level of the services"),
 ]}
 

@@ -26,6 +26,11 @@ from imagestream import config
 
 log = logging.getLogger("snapshotter")
 
+# what it reads; the FUSE clients it starts read the region and the fetch settings from the same environment
+SETTINGS = ("home", "snapshotter_socket", "snapshotter_root", "snapshotter_metrics", "node_cache_socket",
+            "distribution_listen", "containerd_socket", "region", "streaming", "fetch_timeout", "fetch_retries",
+            "profile", "fuse_socket", "fuse_mountpoint", "log_level")
+
 
 async def serve(args: argparse.Namespace) -> None:
     import grpc
@@ -37,12 +42,10 @@ async def serve(args: argparse.Namespace) -> None:
 
     snapshotter = Snapshotter(config.snapshotter_root())
     await snapshotter.start()  # images in use attached again, unused ones detached
-    events = None
     if args.kube_events:
         from snapshotter.kube_events import KubeEvents
 
-        events = KubeEvents.in_cluster()
-        snapshotter.images.on_mount = events.wrap(snapshotter.images.on_mount)
+        snapshotter.on_streamed_container = KubeEvents.in_cluster(args.containerd_socket).container_started
     if args.snapshotter_metrics:
         from imagestream import telemetry
 
@@ -56,7 +59,8 @@ async def serve(args: argparse.Namespace) -> None:
         os.unlink(sock)
     server.add_insecure_port("unix:" + sock)
     await server.start()
-    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    for name in ("", "snapshotter"):  # "snapshotter": what `python -m imagestream.rpc.healthcheck snapshotter` asks
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("snapshotter serving containerd's snapshots API on unix:%s (root %s)", sock, snapshotter.root)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -77,10 +81,10 @@ def main() -> None:
     parser.add_argument("--cri-socket", default="/run/containerd/containerd.sock",
                         help="pull: containerd's socket (its CRI plugin)")
     parser.add_argument("--kube-events", action="store_true",
-                        help="post an ImageStreaming event to the node in Kubernetes (in-cluster credentials; "
-                             "UNTESTED here: no cluster)")
+                        help="in Kubernetes: post an ImageStreaming event on the pod of every container started on a "
+                             "streamed image (the pod's service account; the pod from containerd's Containers API)")
     config.add_arguments(parser, "home", "snapshotter_socket", "snapshotter_root", "snapshotter_metrics", "node_cache_socket",
-                         "distribution_listen", "log_level")
+                         "distribution_listen", "containerd_socket", "log_level")
     args = parser.parse_args()
     for name in ("home", "snapshotter_socket", "snapshotter_root", "node_cache_socket", "distribution_listen"):
         os.environ[config.SETTINGS[name].env] = getattr(args, name)

@@ -26,6 +26,7 @@ import logging
 import os
 import pathlib
 import shutil
+from collections.abc import Callable
 
 from imagestream import config
 from imagestream.snapshot_labels import LABEL_PREFIX, StreamedLayer
@@ -90,6 +91,8 @@ class Snapshotter:
         self.counters = Counters()
         self._images_mounted = 0
         self.images = ImageMounts(root, on_mount=self._mounted)
+        # called with (key, image) when a container's snapshot is prepared on a streamed image (kube_events)
+        self.on_streamed_container: Callable[[str, str], object] | None = None
         self._lock = asyncio.Lock()
         # (image, index) -> None if it can stream here, else why not; see `_can_stream`
         self.streaming_check = streaming_check or _streaming_check
@@ -197,6 +200,8 @@ class Snapshotter:
                 self.counters.streamed_snapshots += 1
                 log.info("ImageStreaming: %s snapshot %s runs on the streamed image %s (overlay on its mount)",
                          "active" if kind == ACTIVE else "view", key, streamed.image)
+                if kind == ACTIVE and self.on_streamed_container is not None:
+                    self.on_streamed_container(key, streamed.image)
             else:
                 self.counters.plain_snapshots += 1
             self._save_status()

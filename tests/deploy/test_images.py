@@ -13,15 +13,15 @@ from tests.deploy import dockerfile
 
 ARGS, STAGES = dockerfile.parse()
 TARGETS = sorted(n for n, s in STAGES.items() if s.all("ENTRYPOINT") or s.all("CMD"))
-NEEDS_ROOT = {"node-agent"}  # FUSE mounts, overlayfs, chroot
+NEEDS_ROOT = {"node-agent", "snapshotter"}  # FUSE mounts, overlayfs, chroot
 
 
 def test_one_image_per_service_named_after_it() -> None:
     """Each image runs one of the service packages (kebab-case image, snake_case package) or holds them."""
-    assert TARGETS == ["chunk-store", "node-agent", "zonal-cache"]
+    assert TARGETS == ["chunk-store", "node-agent", "snapshotter", "zonal-cache"]
     for target in TARGETS:
         module = dockerfile.python_module(dockerfile.final_command(STAGES, target))
-        assert module in ("chunk_store", "zonal_cache", "node_cache"), target
+        assert module in ("chunk_store", "zonal_cache", "node_cache", "snapshotter"), target
         assert (dockerfile.ROOT / "services" / module / "__main__.py").is_file()
         if target != "node-agent":
             assert module == target.replace("-", "_"), "image name = package name in kebab-case"
@@ -44,7 +44,7 @@ def test_copies_only_its_packages_from_an_allowed_context(target: str) -> None:
     assert f"services/{module}" in copied and "services/imagestream" in copied and "protos" in copied
     other_services = {f"services/{m}" for m in ("chunk_store", "zonal_cache", "node_cache", "fuse_client")} - {
         f"services/{module}"}
-    if target == "node-agent":
+    if target in ("node-agent", "snapshotter"):
         other_services.discard("services/fuse_client")  # the node agent mounts, too
         assert "services/fuse_client" in copied
     assert not copied & other_services, f"{target} copies {copied & other_services}"

@@ -152,13 +152,17 @@ def test_one_name_per_service(overlay: str, objects: Objects) -> None:
             assert workload.name == workload.app
         selector = workload.obj["spec"]["selector"]["matchLabels"]
         assert selector.items() <= workload.labels.items()
+        # the node agent's pod also runs the snapshotter, an image of its own
+        images = {workload.app, "snapshotter"} if workload.app == "node-agent" else {workload.app}
         for container in workload.containers():
             if image_name(container["image"]) in ours():
-                assert image_name(container["image"]) == workload.app, (workload.name, container["image"])
+                assert image_name(container["image"]) in images, (workload.name, container["image"])
     for service in objects.of_kind("Service"):
         selected = objects.selected(service)
         assert selected, f"Service {service['metadata']['name']} selects no pods"
-        assert {w.app for w in selected} == {service["metadata"]["name"]}
+        name = service["metadata"]["name"]
+        # a workload's Service is named after it; a second Service of it adds what it is for (chunk-store-registry)
+        assert {w.app for w in selected} == {name} or [name.startswith(w.app + "-") for w in selected] == [True], name
 
 
 def test_services_reach_declared_ports(overlay: str, objects: Objects) -> None:
@@ -466,17 +470,27 @@ def test_node_agent_can_mount_fuse_on_the_node(overlay: str, objects: Objects) -
     namespace = objects.get("Namespace", agent.namespace)
     assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "privileged"
     assert {"operator": "Exists"} in agent.pod["tolerations"], "runs on every node"
-    mounters = [c for c in agent.containers() if c.get("securityContext", {}).get("privileged")]
-    assert len(mounters) == 1, "exactly one privileged container: the one that mounts"
-    mounter = mounters[0]
+    privileged = [c for c in agent.containers() if c.get("securityContext", {}).get("privileged")]
+    # the one that mounts (FUSE), and the snapshotter (it unpacks layers: owners, devices)
+    assert sorted(c["name"] for c in privileged) == ["fuse-client", "snapshotter"]
+    (mounter,) = [c for c in privileged if c["name"] == "fuse-client"]
+    (snapshotter,) = [c for c in privileged if c["name"] == "snapshotter"]
     by_path = {m["mountPath"]: m for m in mounter["volumeMounts"]}
     assert agent.volume(by_path["/dev/fuse"]["name"])["hostPath"] == {"path": "/dev/fuse", "type": "CharDevice"}
     shared = [m for m in mounter["volumeMounts"] if m.get("mountPropagation") == "Bidirectional"]
     assert shared and all("hostPath" in agent.volume(m["name"]) for m in shared)
     # the node's FUSE client unmounts on SIGTERM, and a new one removes what a killed one left (tests/fuse)
     assert mounter["args"] == ["python", "-m", "fuse_client"], "the mounter is the node's FUSE client"
+    # the snapshotter reads the pod of a container from the node's containerd, read-only
+    assert argv(snapshotter)[-3:] == ["-m", "snapshotter", "--kube-events"]
+    snap_paths = {m["mountPath"]: m for m in snapshotter["volumeMounts"]}
+    containerd = snap_paths["/run/containerd"]
+    assert containerd.get("readOnly") and agent.volume(containerd["name"])["hostPath"]["path"] == "/run/containerd"
+    env = {e["name"]: e.get("value") for e in snapshotter["env"]}
+    assert env["IMAGESTREAM_CONTAINERD_SOCKET"].startswith("/run/containerd/")
+    assert env["IMAGESTREAM_SNAPSHOTTER_SOCKET"].startswith(snap_paths["/run/imagestream"]["mountPath"])
     for other in agent.containers():
-        if other is not mounter:
+        if other not in privileged:
             context = other.get("securityContext", {})
             assert context.get("capabilities", {}).get("drop") == ["ALL"], other["name"]
             assert context.get("allowPrivilegeEscalation") is False, other["name"]

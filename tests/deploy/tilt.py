@@ -137,6 +137,15 @@ class Tilt:
                           platform: str = "", extra_hosts: Any = []) -> None:
         return None
 
+    def tilt_custom_build(self, ref: str, command: Any = "", deps: list = [], tag: str = "", disable_push: bool = False,
+                          skips_local_docker: bool = False, live_update: list = [], match_in_env_vars: bool = False,
+                          ignore: Any = [], entrypoint: Any = [], command_bat_val: str = "", outputs_image_ref_to: str = "",
+                          command_bat: Any = "", image_deps: list = [], env: dict = {}, dir: str = "") -> None:
+        return None
+
+    def tilt_ci_settings(self, k8s_grace_period: str = "", timeout: str = "", readiness_timeout: str = "") -> None:
+        return None
+
     def tilt_k8s_yaml(self, yaml: Any, allow_duplicates: bool = False) -> None:
         return None
 

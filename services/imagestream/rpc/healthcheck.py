@@ -22,7 +22,7 @@ from imagestream import config
 
 # tier (its Python package, its name in the health service) -> the setting holding its listen address
 TIERS = {"chunk_store": "chunk_store_listen", "zonal_cache": "zonal_cache_listen", "node_cache": "node_cache_socket",
-         "fuse_client": "fuse_socket"}
+         "fuse_client": "fuse_socket", "snapshotter": "snapshotter_socket"}
 
 
 def dial_address(listen: str) -> str:
@@ -45,6 +45,8 @@ def resolve(target: str) -> tuple[str, str]:
         return "unix:" + config.node_cache_socket(), target
     if target == "fuse_client":
         return "unix:" + config.fuse_socket(), target
+    if target == "snapshotter":
+        return "unix:" + config.snapshotter_socket(), target
     return dial_address(config.parse_list(config.get(TIERS[target]))[0]), target
 
 

@@ -66,7 +66,14 @@ def rack(labels: dict[str, str]) -> str:
 
 
 def main() -> None:
-    shutil.copytree(IMAGE_CONFIG, CONFIG, dirs_exist_ok=True)
+    # the files and folders inside, not the mount point's own mode and times: CONFIG is an emptyDir this
+    # user does not own, and setting them fails with EPERM
+    os.makedirs(CONFIG, exist_ok=True)
+    for entry in os.scandir(IMAGE_CONFIG):
+        if entry.is_dir(follow_symlinks=False):
+            shutil.copytree(entry.path, os.path.join(CONFIG, entry.name), dirs_exist_ok=True)
+        else:
+            shutil.copy(entry.path, CONFIG)
     path = os.path.join(CONFIG, "cassandra.yaml")
     with open(path) as f:
         text = f.read()

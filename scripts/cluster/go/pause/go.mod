@@ -1,0 +1,3 @@
+module imagestream.local/cluster/pause
+
+go 1.26.8
