@@ -357,11 +357,9 @@ def umount(mountpoint: str) -> None:
 @click.option("--keep", is_flag=True, help="keep the run's writable upper directory")
 @click.option("--network", type=click.Choice(["none", "host"]), default="none", show_default=True,
               help="none: a network namespace of its own (loopback only); host: share this node's network")
-@click.option("--userns", is_flag=True,
-              help="a user namespace too: the container's root is host uid 100000 (the image's files then show as nobody)")
 @_setting("node_cache_socket")
 @_setting("streaming")
-def run(name: str, command: tuple[str, ...], env: tuple[str, ...], keep: bool, network: str, userns: bool) -> None:
+def run(name: str, command: tuple[str, ...], env: tuple[str, ...], keep: bool, network: str) -> None:
     """Run COMMAND in image NAME as a container (runc): streamed mount under a writable overlay, its own
     PID, IPC, UTS, mount and network namespaces, default capabilities, no_new_privs, a seccomp allowlist.
 
@@ -373,7 +371,7 @@ def run(name: str, command: tuple[str, ...], env: tuple[str, ...], keep: bool, n
         _fail(RuntimeError("run needs root (mount namespaces, overlayfs, runc)"))
     command = command[1:] if command[:1] == ("--",) else command  # `run NAME -- CMD`: click keeps the "--"
     try:
-        code = sandbox.run(name, list(command), list(env), keep=keep, network=network, userns=userns)
+        code = sandbox.run(name, list(command), list(env), keep=keep, network=network)
     except ImagestreamError as e:
         _fail(e)
     sys.exit(code)

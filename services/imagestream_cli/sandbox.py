@@ -16,13 +16,11 @@ standard devices (and a device cgroup that denies the rest), a read-only
 Docker's default profile (seccomp.py: no mount, unshare, setns, keyctl, bpf, ...), and
 the image's Env, WorkingDir and User.
 
-With `userns=True` (`run --userns`) the container also gets a user namespace: its
-uids and gids 0-65535 are host ids USERNS_BASE-USERNS_BASE+65535, so its root is an
-unprivileged user on the host. Off by default: the image's files (FUSE and the
-overlay's upper dir) belong to host uid 0, which is not mapped into the namespace, so
-they show as nobody and the container's root cannot write where the image's root
-could (its /etc, /root, ...); an idmapped mount of the root would lift that, which
-this runc (1.1) cannot make.
+No user namespace: the image's files (FUSE and the overlay's upper dir) belong to host
+uid 0, which a namespace mapping the container's root to an unprivileged host range
+does not map, so they would show as nobody and the container's root could not write
+where the image's root can (its /etc, /root, ...). An idmapped mount of the root would
+lift that; Debian's runc (1.1) cannot make one.
 """
 
 from __future__ import annotations
@@ -57,7 +55,6 @@ READONLY_PATHS = ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysr
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 NETWORKS = ("none", "host")  # none: a namespace of its own with loopback only
 STOP_GRACE_S = 5.0  # after Ctrl-C, how long the command may take to exit before it is killed
-USERNS_BASE, USERNS_SIZE = 100000, 65536  # --userns: the container's 0-65535 are these host ids
 
 
 class SandboxError(ImagestreamError):
@@ -159,8 +156,7 @@ def resolve_user(spec: str, root: pathlib.Path) -> tuple[int, int, list[int], st
 
 def oci_config(rootfs: pathlib.Path, command: list[str], env: dict[str, str], cwd: str = "/",
                uid: int = 0, gid: int = 0, additional_gids: list[int] = (), network: str = "none",  # type: ignore[assignment]
-               hostname: str = "imagestream", terminal: bool = False, cgroup: str = "",
-               userns: bool = False) -> dict[str, Any]:
+               hostname: str = "imagestream", terminal: bool = False, cgroup: str = "") -> dict[str, Any]:
     """The runtime spec (config.json) `runc run` gets."""
     from imagestream_cli import seccomp
 
@@ -171,8 +167,6 @@ def oci_config(rootfs: pathlib.Path, command: list[str], env: dict[str, str], cw
     namespaces = [{"type": t} for t in ("pid", "ipc", "uts", "mount")]
     if network == "none":
         namespaces.append({"type": "network"})  # runc brings up its loopback
-    if userns:
-        namespaces.append({"type": "user"})
     mounts_ = [
         {"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]},
         {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
@@ -214,12 +208,6 @@ def oci_config(rootfs: pathlib.Path, command: list[str], env: dict[str, str], cw
             "seccomp": seccomp.profile(),
         },
     }
-    if userns:
-        ids = [{"containerID": 0, "hostID": USERNS_BASE, "size": USERNS_SIZE}]
-        spec["linux"]["uidMappings"], spec["linux"]["gidMappings"] = ids, ids
-        if network == "host":  # sysfs cannot be mounted in a user namespace that does not own the network's
-            sysfs = next(m for m in mounts_ if m["destination"] == "/sys")
-            sysfs.update(type="bind", source="/sys", options=["rbind", "nosuid", "noexec", "nodev", "ro"])
     if cgroup:
         spec["linux"]["cgroupsPath"] = cgroup
     return spec
@@ -237,7 +225,7 @@ _ENTER = 'mount -t overlay overlay -o "$1" "$2" || exit 125; exec "$3" --root "$
 
 
 def run(name: str, command: list[str], extra_env: list[str] = (), keep: bool = False,  # type: ignore[assignment]
-        network: str = "none", userns: bool = False) -> int:
+        network: str = "none") -> int:
     """Run `command` in image `name` and clean up; the command's exit status (128+N if killed by signal N).
 
     The image is streamed (attached to the node's FUSE client) where this node can; otherwise it is
@@ -248,11 +236,9 @@ def run(name: str, command: list[str], extra_env: list[str] = (), keep: bool = F
 
     runc = _runc()
     run_id = uuid.uuid4().hex[:12]
-    runs = config.home() / ("runs-userns" if userns else "runs")
+    runs = config.home() / "runs"
     runs.mkdir(parents=True, exist_ok=True)
     os.chmod(runs, 0o700)  # upper dirs hold what the command wrote, set-uid files included
-    if userns:  # runc binds the root from inside the namespace: its root (host USERNS_BASE) must reach it
-        os.chown(runs, USERNS_BASE, USERNS_BASE)
     run_dir = runs / run_id
     upper, work, merged, bundle, state = (run_dir / d for d in ("upper", "work", "merged", "bundle", "runc"))
     for d in (upper, work, merged, bundle):
@@ -291,7 +277,7 @@ def run(name: str, command: list[str], extra_env: list[str] = (), keep: bool = F
             env = container_env(cfg.get("Env") or [], list(extra_env), home or ("/root" if uid == 0 else "/"))
             terminal = sys.stdin.isatty() and sys.stdout.isatty()
             spec = oci_config(merged, command, env, workdir, uid, gid, extra_gids, network,
-                              hostname=run_id, terminal=terminal, cgroup=f"/imagestream/{run_id}", userns=userns)
+                              hostname=run_id, terminal=terminal, cgroup=f"/imagestream/{run_id}")
             (bundle / "config.json").write_text(json.dumps(spec))
             options = f"lowerdir={lower},upperdir={upper},workdir={work}"
             child = subprocess.Popen(
