@@ -190,12 +190,12 @@ class Setup:
         table while a benchmark runs, except FindMissingChunks (push, publish), which the benchmarks
         never do while they count.
         """
-        from cassandra.cluster import Cluster
+        from imagestream_dev.stack import credentials
 
         if self._cassandra is None:
             port = int(self.env.get("IMAGESTREAM_CASSANDRA_PORT", "9042"))
-            cluster = Cluster(["127.0.0.1"], port=port)
-            self._cassandra = (cluster, cluster.connect())
+            cluster = credentials.cassandra_admin(["127.0.0.1"], port)
+            self._cassandra = (cluster, cluster.session)
         rows = self._cassandra[1].execute(
             "SELECT count FROM system_views.local_read_latency WHERE keyspace_name = %s AND table_name = 'chunks'",
             (os.environ.get("IMAGESTREAM_CASSANDRA_KEYSPACE", "imagestream"),))

@@ -20,7 +20,7 @@ from chunk_store.tenancy import TenantReads, load_policy
 
 SETTINGS = (
     "chunk_store_listen", "chunk_store_metrics", "distribution_listen", "cassandra_hosts", "cassandra_port",
-    "cassandra_keyspace", "cassandra_replication", "cassandra_local_dc", "read_consistency", "write_consistency",
+    "cassandra_keyspace", "cassandra_local_dc", "cassandra_username", "cassandra_password_file", "read_consistency", "write_consistency",
     "scrub_interval", "tenants", *tls.SETTINGS,
 )
 

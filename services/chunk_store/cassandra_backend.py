@@ -15,9 +15,8 @@ import re
 import time
 from typing import Any
 
-from cassandra import ConsistencyLevel, DriverException, ProtocolVersion
-from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, NoHostAvailable, Session
-from cassandra.policies import DCAwareRoundRobinPolicy, TokenAwarePolicy
+from cassandra import ConsistencyLevel, DriverException
+from cassandra.cluster import NoHostAvailable, Session
 
 from opentelemetry.trace import SpanKind
 
@@ -33,17 +32,6 @@ log = logging.getLogger(__name__)
 _IDENT = re.compile(r"[a-z_][a-z0-9_]{0,47}\Z")
 
 
-def parse_replication(text: str) -> dict[str, int]:
-    """'dc1:3,dc2:3' -> {'dc1': 3, 'dc2': 3}"""
-    out: dict[str, int] = {}
-    for part in text.split(","):
-        dc, _, factor = part.strip().partition(":")
-        if not dc or not factor.isdigit() or int(factor) < 1:
-            raise InvalidArgument(f"replication {text!r}: want 'dc:factor[,dc:factor...]', e.g. 'dc1:3'")
-        out[dc] = int(factor)
-    return out
-
-
 def consistency(name: str) -> int:
     try:
         return ConsistencyLevel.name_to_value[name.upper()]
@@ -52,69 +40,33 @@ def consistency(name: str) -> int:
 
 
 class CassandraConnection:
-    """A driver session with the keyspace and tables made, and an asyncio bridge."""
+    """A driver session, logged in as the service's role, on a keyspace the schema step made; an asyncio bridge."""
 
     def __init__(
         self,
         hosts: list[str],
         port: int,
         keyspace: str,
-        replication: dict[str, int],
         local_dc: str,
         read_consistency: str = "LOCAL_QUORUM",
         write_consistency: str = "LOCAL_QUORUM",
+        username: str | None = None,
+        password: str | None = None,
     ) -> None:
+        from chunk_store import schema
+
         if not _IDENT.match(keyspace):
             raise InvalidArgument(f"keyspace {keyspace!r}: want a lower-case identifier")
         self.keyspace = keyspace
         self.read_cl = consistency(read_consistency)
         self.write_cl = consistency(write_consistency)
-        profile = ExecutionProfile(
-            load_balancing_policy=TokenAwarePolicy(DCAwareRoundRobinPolicy(local_dc=local_dc)),
-            request_timeout=20,
-        )
-        self.cluster = Cluster(
-            hosts,
-            port=port,
-            protocol_version=ProtocolVersion.V5,
-            execution_profiles={EXEC_PROFILE_DEFAULT: profile},
-            connect_timeout=10,
-        )
-        self.session: Session = self.cluster.connect()
-        self._create_schema(replication)
-
-    def _create_schema(self, replication: dict[str, int]) -> None:
-        strategy = ", ".join(f"'{dc}': {n}" for dc, n in sorted(replication.items()))
-        s = self.session
-        s.execute(
-            f"CREATE KEYSPACE IF NOT EXISTS {self.keyspace} "
-            f"WITH replication = {{'class': 'NetworkTopologyStrategy', {strategy}}}"
-        )
-        s.execute(
-            f"CREATE TABLE IF NOT EXISTS {self.keyspace}.chunks ("
-            " hash text, size bigint, data blob, PRIMARY KEY ((hash, size)))"
-            " WITH compression = {'enabled': 'false'}"  # chunks are already zstd frames
-        )
-        s.execute(
-            f"CREATE TABLE IF NOT EXISTS {self.keyspace}.images ("
-            " name text PRIMARY KEY, index_hash text, index_size bigint, source_digest text,"
-            " content_bytes bigint, chunk_count bigint, published_at bigint,"
-            " profile_hash text, profile_size bigint, streaming_disabled boolean)"
-        )
-        # chunks found not to match their digest: kept (never deleted on a failed check), recorded here
-        s.execute(
-            f"CREATE TABLE IF NOT EXISTS {self.keyspace}.quarantine ("
-            " hash text, size bigint, found_at bigint, reason text, bad_sha256 text, healed boolean,"
-            " PRIMARY KEY ((hash, size)))"
-        )
-        # columns added since the table was first made: a store created by an older version gains them
-        have = {row.column_name for row in s.execute(
-            "SELECT column_name FROM system_schema.columns WHERE keyspace_name = %s AND table_name = 'images'",
-            (self.keyspace,))}
-        for column, kind in (("profile_hash", "text"), ("profile_size", "bigint"), ("streaming_disabled", "boolean")):
-            if column not in have:
-                s.execute(f"ALTER TABLE {self.keyspace}.images ADD {column} {kind}")
-        self.cluster.control_connection.wait_for_schema_agreement()
+        self.cluster = schema.connect(hosts, port, username, password, local_dc=local_dc)
+        self.session: Session = self.cluster.session
+        try:
+            schema.check(self.cluster, keyspace)
+        except FailedPrecondition:
+            self.cluster.shutdown()
+            raise
 
     def prepare(self, cql: str, write: bool) -> Any:
         statement = self.session.prepare(cql.format(ks=self.keyspace))
@@ -332,12 +284,15 @@ class CassandraImageNames(WritableImageNames):
 
 
 def connect_from_settings(values: dict[str, str]) -> CassandraConnection:
+    from imagestream import config
+
     return CassandraConnection(
         hosts=[h.strip() for h in values["cassandra_hosts"].split(",") if h.strip()],
         port=int(values["cassandra_port"]),
         keyspace=values["cassandra_keyspace"],
-        replication=parse_replication(values["cassandra_replication"]),
         local_dc=values["cassandra_local_dc"],
+        username=values["cassandra_username"],
+        password=config.read_secret("cassandra_password_file", values["cassandra_password_file"]),
         read_consistency=values["read_consistency"],
         write_consistency=values["write_consistency"],
     )

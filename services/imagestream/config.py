@@ -67,6 +67,11 @@ SETTINGS = {s.name: s for s in [
     Setting("cassandra_keyspace", "imagestream", "keyspace holding chunks, indexes and names"),
     Setting("cassandra_replication", "dc1:1", "NetworkTopologyStrategy replication, e.g. 'dc1:3,dc2:3'"),
     Setting("cassandra_local_dc", "dc1", "data centre the regional store prefers"),
+    Setting("cassandra_username", "chunk_store", "Cassandra role the regional store logs in as (SELECT and MODIFY on its keyspace only)"),
+    Setting("cassandra_password_file", "", "file holding that role's password (default: HOME/secrets/cassandra-chunk-store)"),
+    Setting("cassandra_admin_username", "imagestream_admin",
+            "Cassandra superuser of the schema step (python -m chunk_store.schema), which replaces the default 'cassandra' role"),
+    Setting("cassandra_admin_password_file", "", "file holding the superuser's password (default: HOME/secrets/cassandra-admin)"),
     Setting("read_consistency", "LOCAL_QUORUM", "Cassandra consistency level for reads"),
     Setting("write_consistency", "LOCAL_QUORUM", "Cassandra consistency level for writes"),
     Setting("scrub_interval", "0", "seconds between background scrubs of every regional chunk (0: none)"),
@@ -74,6 +79,8 @@ SETTINGS = {s.name: s for s in [
     Setting("zonal_cache_listen", "127.0.0.1:50062", "address the zonal cache serves gRPC on"),
     Setting("zonal_cache_metrics", "127.0.0.1:9462", "address of the zonal cache's Prometheus /metrics"),
     Setting("redis_url", "redis://127.0.0.1:6390/0", "Redis behind the zonal cache"),
+    Setting("redis_username", "zonal-cache", "Redis ACL user of the zonal cache (chunk keys only; Redis's default user is off)"),
+    Setting("redis_password_file", "", "file holding that user's password (default: HOME/secrets/redis-zonal-cache)"),
     Setting("redis_maxmemory", "256MiB", "Redis maxmemory set by the local stack (evicts allkeys-lru)"),
     Setting("zonal_upstreams", "127.0.0.1:50061", "upstreams of the zonal cache, in order (regional stores)"),
     # node cache
@@ -151,6 +158,36 @@ def snapshotter_root() -> pathlib.Path:
 
 def node_disk_dir() -> pathlib.Path:
     return pathlib.Path(get("node_disk_dir") or home() / "node-cache")
+
+
+def secret_file(setting: str) -> pathlib.Path:
+    """Where the password of a `*_password_file` setting is: the setting, else HOME/secrets/<default name>."""
+    default = {"redis_password_file": "redis-zonal-cache", "cassandra_password_file": "cassandra-chunk-store",
+               "cassandra_admin_password_file": "cassandra-admin"}[setting]
+    return pathlib.Path(get(setting) or home() / "secrets" / default)
+
+
+def read_secret(setting: str, value: str | None = None) -> str | None:
+    """The password a `*_password_file` setting names (`value`: the setting as a service's flag gave it).
+
+    None when no file was named and the default one does not exist (the backend then refuses the
+    unauthenticated client, which says so). A file that is named and cannot be read, or is empty,
+    is one clear error: a password is never taken from a command line or a variable."""
+    from imagestream.errors import InvalidArgument
+
+    named = get(setting) if value is None else value
+    path = pathlib.Path(named) if named else secret_file(setting)
+    try:
+        text = path.read_text().strip()
+    except FileNotFoundError:
+        if not named:
+            return None
+        raise InvalidArgument(f"{SETTINGS[setting].env}: {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise InvalidArgument(f"{SETTINGS[setting].env}: cannot read {path}: {e}") from None
+    if not text or "\n" in text:
+        raise InvalidArgument(f"{SETTINGS[setting].env}: {path} must hold one line, the password")
+    return text
 
 
 def add_arguments(parser: argparse.ArgumentParser, *names: str) -> None:

@@ -361,7 +361,7 @@ def umount(mountpoint: str) -> None:
 @_setting("streaming")
 def run(name: str, command: tuple[str, ...], env: tuple[str, ...], keep: bool, network: str) -> None:
     """Run COMMAND in image NAME as a container (runc): streamed mount under a writable overlay, its own
-    PID, IPC, UTS, mount and network namespaces, default capabilities, no_new_privs.
+    PID, IPC, UTS, mount and network namespaces, default capabilities, no_new_privs, a seccomp allowlist.
 
     Exits with the command's status.  Example: imagestream run debian-python -- python3 -c 'print(1)'
     """

@@ -12,8 +12,15 @@ The container gets what a container runtime's defaults give: new PID, IPC, UTS,
 mount and network namespaces (or the host's network on request), a fresh
 /proc with runc's masked and read-only paths, a tmpfs /dev holding only the
 standard devices (and a device cgroup that denies the rest), a read-only
-/sys, containerd's default capability set, no_new_privs, and the image's Env,
-WorkingDir and User.
+/sys, containerd's default capability set, no_new_privs, a seccomp allowlist after
+Docker's default profile (seccomp.py: no mount, unshare, setns, keyctl, bpf, ...), and
+the image's Env, WorkingDir and User.
+
+No user namespace: the image's files (FUSE and the overlay's upper dir) belong to host
+uid 0, which a namespace mapping the container's root to an unprivileged host range
+does not map, so they would show as nobody and the container's root could not write
+where the image's root can (its /etc, /root, ...). An idmapped mount of the root would
+lift that; Debian's runc (1.1) cannot make one.
 """
 
 from __future__ import annotations
@@ -151,6 +158,8 @@ def oci_config(rootfs: pathlib.Path, command: list[str], env: dict[str, str], cw
                uid: int = 0, gid: int = 0, additional_gids: list[int] = (), network: str = "none",  # type: ignore[assignment]
                hostname: str = "imagestream", terminal: bool = False, cgroup: str = "") -> dict[str, Any]:
     """The runtime spec (config.json) `runc run` gets."""
+    from imagestream_cli import seccomp
+
     if network not in NETWORKS:
         raise ValueError(f"network {network!r}: want one of {', '.join(NETWORKS)}")
     if not cwd.startswith("/"):
@@ -196,6 +205,7 @@ def oci_config(rootfs: pathlib.Path, command: list[str], env: dict[str, str], cw
             "resources": {"devices": [{"allow": False, "access": "rwm"}]},  # runc adds the standard devices
             "maskedPaths": MASKED_PATHS,
             "readonlyPaths": READONLY_PATHS,
+            "seccomp": seccomp.profile(),
         },
     }
     if cgroup:

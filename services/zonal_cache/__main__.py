@@ -15,7 +15,8 @@ from imagestream.store.base import ChunkStore
 
 from zonal_cache.redis_backend import RedisChunkStore
 
-SETTINGS = ("zonal_cache_listen", "zonal_cache_metrics", "redis_url", "zonal_upstreams", *tls.SETTINGS)
+SETTINGS = ("zonal_cache_listen", "zonal_cache_metrics", "redis_url", "redis_username", "redis_password_file",
+            "zonal_upstreams", *tls.SETTINGS)
 
 
 def build(redis_store: ChunkStore, upstreams: list[str]) -> CoalescingStore:
@@ -29,7 +30,8 @@ def build(redis_store: ChunkStore, upstreams: list[str]) -> CoalescingStore:
 
 async def main(args: argparse.Namespace) -> None:
     upstreams = config.parse_list(args.zonal_upstreams)
-    redis_store = RedisChunkStore(args.redis_url)
+    redis_store = RedisChunkStore(args.redis_url, username=args.redis_username,
+                                  password=config.read_secret("redis_password_file", args.redis_password_file))
     try:
         await redis_store.check_eviction_policy()
     except Unavailable as e:  # Redis may come up later; reads go upstream meanwhile

@@ -22,11 +22,14 @@ log = logging.getLogger(__name__)
 class RedisChunkStore(ChunkStore):
     name = "redis"
 
-    def __init__(self, url: str, prefix: str = "chunk:") -> None:
+    def __init__(self, url: str, prefix: str = "chunk:", username: str | None = None,
+                 password: str | None = None) -> None:
         super().__init__()
         self.url = url
         self.prefix = prefix
-        self.client = aioredis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=2)
+        # the ACL user's password comes from a file (config.read_secret), never inside the URL
+        self.client = aioredis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=2,
+                                              username=username if password else None, password=password)
 
     def _key(self, digest: Digest) -> str:
         return f"{self.prefix}{digest.hash}:{digest.size}"

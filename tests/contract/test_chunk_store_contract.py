@@ -55,10 +55,19 @@ def redis_url():  # type: ignore[no-untyped-def]
 
 @pytest.fixture(scope="module")
 def cassandra_db(stack):  # type: ignore[no-untyped-def]
-    from chunk_store.cassandra_backend import CassandraConnection
+    import secrets
 
-    db = CassandraConnection(["127.0.0.1"], int(stack["IMAGESTREAM_CASSANDRA_PORT"]), "contract_test",
-                             {"dc1": 1}, "dc1", "ONE", "ONE")
+    from chunk_store import schema
+    from chunk_store.cassandra_backend import CassandraConnection
+    from imagestream_dev.stack import credentials
+
+    # a keyspace and a role of its own, made by the schema step as for the regional store
+    password = secrets.token_urlsafe(16)
+    admin = credentials.cassandra_admin()
+    schema.setup(admin.session, "contract_test", {"dc1": 1}, "contract_test", password)
+    admin.shutdown()
+    db = CassandraConnection(["127.0.0.1"], int(stack["IMAGESTREAM_CASSANDRA_PORT"]), "contract_test", "dc1",
+                             "ONE", "ONE", username="contract_test", password=password)
     db.session.execute("TRUNCATE contract_test.chunks")
     yield db
     db.close()

@@ -65,6 +65,8 @@ def test_writes_the_nodes_configuration(script, tmp_path: pathlib.Path, monkeypa
     monkeypatch.setattr(script, "CONFIG", str(config))
     monkeypatch.setattr(script, "SETTINGS", str(settings))
     monkeypatch.setattr(script, "node_labels", node_labels)
+    (tmp_path / "jmx-password").write_text("s3cret\n")
+    monkeypatch.setattr(script, "JMX_SECRET", str(tmp_path / "jmx-password"))
     monkeypatch.setenv("CASSANDRA_DC", "us-central1")
     monkeypatch.setenv("NODE_NAME", "gke-pool-1-abc")
     script.main()
@@ -76,3 +78,8 @@ def test_writes_the_nodes_configuration(script, tmp_path: pathlib.Path, monkeypa
     for key, value in script.settings(settings.read_text()).items():
         assert str(parsed[key]) == value, key
     assert (image / "cassandra.yaml").read_text() == IMAGE_YAML  # the image's own file is left alone
+    assert parsed["authenticator"] == "PasswordAuthenticator" and parsed["authorizer"] == "CassandraAuthorizer"
+    # JMX's login, for the user nodetool, in files only Cassandra's user reads
+    assert (config / "jmxremote.password").read_text() == "nodetool s3cret\n"
+    assert (config / "jmxremote.access").read_text() == "nodetool readwrite\n"
+    assert (config / "jmxremote.password").stat().st_mode & 0o777 == 0o600

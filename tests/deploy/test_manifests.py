@@ -29,9 +29,9 @@ OVERHEAD_ANNOTATION = "imagestream.dev/node-cache-memory-overhead"
 # cassandra-env.sh, the openzipkin/zipkin server. (Ours must be read by our code; see below.)
 THIRD_PARTY_ENV = {
     "cassandra": {"CASSANDRA_CLUSTER_NAME", "CASSANDRA_SEEDS", "CASSANDRA_ENDPOINT_SNITCH", "MAX_HEAP_SIZE",
-                  "HEAP_NEWSIZE"},
+                  "HEAP_NEWSIZE", "JVM_EXTRA_OPTS"},
     "openzipkin/zipkin": {"STORAGE_TYPE", "MEM_MAX_SPANS", "JAVA_OPTS"},
-    "redis": set(),
+    "redis": {"ZONAL_CACHE_ACL"},  # read by the acl init container's script
 }
 
 pytestmark = pytest.mark.parametrize("overlay", OVERLAYS)
@@ -317,8 +317,10 @@ def test_otel_variables_are_read_by_the_opentelemetry_sdk(overlay: str, objects:
 def test_redis_memory_limit_covers_maxmemory(overlay: str, objects: Objects, definition: list) -> None:
     """Limit = maxmemory + 25% (fragmentation, client buffers), and never far more; the eviction and
     persistence flags are the local stack's."""
-    (local_redis,) = [p for p in definition if p.name == "redis"]
-    redises = [(w, c) for w, c in objects.iter_containers() if c["image"].split(":")[0] == "redis"]
+    from imagestream_dev.stack import local
+
+    local_settings = dict(local.redis_settings())
+    redises = [(w, c) for w, c in objects.iter_containers() if c["image"].split(":")[0] == "redis" and c["name"] == "redis"]
     assert redises
     for workload, container in redises:
         args = container["args"]
@@ -326,9 +328,108 @@ def test_redis_memory_limit_covers_maxmemory(overlay: str, objects: Objects, def
         limit = quantity(container["resources"]["limits"]["memory"])
         assert maxmemory * 1.25 <= limit <= maxmemory * 2 + (64 << 20), (workload.name, maxmemory, limit)
         assert quantity(container["resources"]["requests"]["memory"]) == limit  # never evicted for memory
-        for name in ("--maxmemory-policy", "--save", "--appendonly"):
-            assert flag(args, name) == flag(local_redis.command, name), name
+        for name in ("maxmemory-policy", "save", "appendonly"):
+            assert flag(args, "--" + name) == local_settings[name].strip('"'), name
         assert container_port(container, int(flag(args, "--port"))), "Redis listens on its declared port"
+
+
+def test_backends_ask_for_a_login_from_secrets_never_a_command_line(overlay: str, objects: Objects) -> None:
+    """Redis: its ACL users from the acl init container (the local stack's rule for the zonal cache); the
+    zonal cache and the chunk store read their passwords from mounted Secrets; the chunk store's pod holds
+    its own password only, the schema Job the superuser's."""
+    from imagestream_dev.stack import credentials
+
+    for workload in objects.by_app("redis"):
+        acl = workload.container("acl")
+        assert objects.env(workload, acl)["ZONAL_CACHE_ACL"] == credentials.ZONAL_CACHE_ACL
+        assert "user default off" in acl["command"][-1]
+        redis = workload.container("redis")
+        assert redis["args"][:2] == ["redis-server", "/config/users.conf"]
+        assert "--protected-mode" not in redis["args"] and "--requirepass" not in redis["args"]
+        assert workload.volume("config")["emptyDir"]["medium"] == "Memory"
+    secret_keys = {}
+    for workload in [*objects.workloads(), *(Workload(j) for j in objects.of_kind("Job"))]:
+        for volume in workload.pod.get("volumes", []):
+            if "secret" in volume:
+                secret_keys.setdefault(workload.app, set()).update(i["key"] for i in volume["secret"].get("items", []))
+        for container in workload.containers():
+            env = objects.env(workload, container)
+            for name, value in env.items():
+                if name.endswith("_PASSWORD_FILE"):  # a file of a mounted Secret
+                    assert any(value.startswith(m["mountPath"] + "/") for m in container.get("volumeMounts", [])), \
+                        (workload.name, name, value)
+            assert not [n for n in env if "PASSWORD" in n and not n.endswith("_FILE")], workload.name
+    assert secret_keys["chunk-store"] == {"chunk-store-password"}
+    assert secret_keys["chunk-store-schema"] == {"admin-password", "chunk-store-password"}
+    assert secret_keys["zonal-cache"] == secret_keys["redis"] == {"zonal-cache-password"}
+    assert secret_keys["cassandra"] == {"jmx-password"}
+    # every key mounted is one scripts/k8s-secrets makes
+    script = (ROOT / "scripts" / "k8s-secrets").read_text()
+    for keys in secret_keys.values():
+        for key in keys:
+            assert re.search(rf"^make \S+ .*\b{key}\b", script, re.M), key
+    store = objects.by_app("chunk-store")[0]
+    assert objects.env(store, store.container("chunk-store"))["IMAGESTREAM_CASSANDRA_USERNAME"] == "chunk_store"
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+
+
+def _allowed_peers(policy: dict, port: str) -> set[tuple[str, str]]:
+    """(namespace or '*', app) pairs a policy lets reach `port` (named) of the pods it selects."""
+    peers = set()
+    for rule in policy["spec"].get("ingress", []):
+        if port not in {p["port"] for p in rule.get("ports", [])}:
+            continue
+        for peer in rule["from"]:
+            if "namespaceSelector" in peer:
+                ns = peer["namespaceSelector"].get("matchLabels", {}).get("kubernetes.io/metadata.name", "*")
+            else:
+                ns = policy["metadata"]["namespace"]
+            app = peer.get("podSelector", {}).get("matchLabels", {}).get("app", "*")
+            peers.add((ns, app))
+    return peers
+
+
+def test_network_policies_let_only_the_right_pods_reach_each_backend(overlay: str, objects: Objects) -> None:
+    policies = objects.of_kind("NetworkPolicy")
+    ns = "imagestream"
+    (deny,) = [p for p in policies if p["metadata"]["name"] == "default-deny-ingress"]
+    assert deny["metadata"]["namespace"] == ns and deny["spec"]["podSelector"] == {} and "ingress" not in deny["spec"]
+    node = ("imagestream-node", "node-agent")
+    expected = {  # app: {named port: the peers that may reach it}
+        "cassandra": {"cql": {(ns, "cassandra"), (ns, "chunk-store"), (ns, "chunk-store-schema")},
+                      "intra-node": {(ns, "cassandra")}},
+        "redis": {"redis": {(ns, "zonal-cache")}},
+        "chunk-store": {"grpc": {(ns, "zonal-cache"), node, ("*", "*")}},
+        "zonal-cache": {"grpc": {node}},
+        "zipkin": {"http": {(ns, "chunk-store"), (ns, "zonal-cache"), node}},
+    }
+    for app, ports in expected.items():
+        workloads = objects.by_app(app)
+        assert workloads, app
+        for workload in workloads:
+            assert workload.namespace == ns
+            selecting = [p for p in policies if p["metadata"]["namespace"] == ns and p is not deny
+                         and _selects(p["spec"]["podSelector"], workload.labels)]
+            assert len(selecting) == 1, (workload.name, [p["metadata"]["name"] for p in selecting])
+            (policy,) = selecting
+            for port, peers in ports.items():
+                assert container_port(workload.containers(init=False)[0], port), (app, port)
+                assert _allowed_peers(policy, port) == peers, (app, port, _allowed_peers(policy, port))
+    # the chunk store's open door is for pushers only: pods labelled so
+    (store_policy,) = [p for p in policies if p["metadata"]["name"] == "chunk-store"]
+    anywhere = [peer for rule in store_policy["spec"]["ingress"] for peer in rule["from"]
+                if peer.get("namespaceSelector") == {}]
+    assert anywhere == [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"imagestream.io/pusher": "true"}}}]
+    # the pods each policy names as peers exist with those labels
+    apps = {w.app for w in objects.workloads()} | {Workload(j).app for j in objects.of_kind("Job")}
+    for policy in policies:
+        for rule in policy["spec"].get("ingress", []):
+            for peer in rule["from"]:
+                app = peer.get("podSelector", {}).get("matchLabels", {}).get("app")
+                assert app is None or app in apps, (policy["metadata"]["name"], app)
 
 
 def test_node_cache_memory_is_the_reservation_plus_the_documented_overhead(overlay: str, objects: Objects) -> None:
@@ -400,7 +501,7 @@ def test_node_agent_can_mount_fuse_on_the_node(overlay: str, objects: Objects) -
 # -- Cassandra and the zones -------------------------------------------------------------------------
 
 def test_cassandra_racks_data_centre_and_replication_agree(overlay: str, objects: Objects) -> None:
-    from chunk_store.cassandra_backend import parse_replication
+    from chunk_store.schema import parse_replication
     from imagestream_dev.stack.cassandra import CASSANDRA_VERSION
 
     statefulset = Workload(objects.get("StatefulSet", "cassandra"))
@@ -411,7 +512,10 @@ def test_cassandra_racks_data_centre_and_replication_agree(overlay: str, objects
     assert factors[dc] <= statefulset.obj["spec"]["replicas"]
     (chunk_store,) = objects.by_app("chunk-store")
     env = objects.env(chunk_store, chunk_store.container("chunk-store"))
-    assert env["IMAGESTREAM_CASSANDRA_LOCAL_DC"] == dc and env["IMAGESTREAM_CASSANDRA_REPLICATION"] == replication
+    assert env["IMAGESTREAM_CASSANDRA_LOCAL_DC"] == dc
+    schema_job = objects.get("Job", "chunk-store-schema")
+    (schema_step,) = schema_job["spec"]["template"]["spec"]["containers"]
+    assert objects.env(Workload(schema_job), schema_step)["IMAGESTREAM_CASSANDRA_REPLICATION"] == replication
     assert objects.env(statefulset, statefulset.container("configure"))["CASSANDRA_DC"] == dc
     for container in statefulset.containers():
         assert container["image"] == f"cassandra:{CASSANDRA_VERSION}", "the local stack's release"
@@ -419,7 +523,7 @@ def test_cassandra_racks_data_centre_and_replication_agree(overlay: str, objects
     cassandra_env = objects.env(statefulset, cassandra)
     heap = quantity(cassandra_env["MAX_HEAP_SIZE"].replace("G", "Gi").replace("M", "Mi"))
     assert quantity(cassandra["resources"]["limits"]["memory"]) >= heap + (256 << 20), "room beyond the heap"
-    assert "cqlsh" in cassandra["readinessProbe"]["exec"]["command"], "ready when it answers CQL"
+    assert cassandra["readinessProbe"]["tcpSocket"]["port"] == "cql", "ready when it serves CQL"
     (data,) = statefulset.obj["spec"]["volumeClaimTemplates"]
     assert {"name": data["metadata"]["name"], "mountPath": "/var/lib/cassandra"} in cassandra["volumeMounts"]
     for seed in config.parse_list(cassandra_env["CASSANDRA_SEEDS"]):

@@ -61,9 +61,14 @@ def test_deploys_the_dev_overlay_and_its_workloads_are_resources(tilt_k8s: Tilt)
     (applied,) = tilt_k8s.called("k8s_yaml")
     objects = Objects(render("dev"))
     assert [d for d in yaml.safe_load_all(applied["yaml"]) if d] == objects.docs
-    workloads = {w.name: w for w in objects.workloads()}
+    workloads = {w.name: w for w in objects.workloads()} | {j["metadata"]["name"]: j for j in objects.of_kind("Job")}
     configured = {c["workload"] for c in tilt_k8s.called("k8s_resource")}
-    assert configured == set(workloads), "every workload gets a label and its dependencies"
+    assert configured == set(workloads), "every workload (and Job) gets a label and its dependencies"
+    # the Secrets the manifests mount are made before anything that mounts them starts
+    (secrets,) = [c for c in tilt_k8s.called("local_resource") if c["name"] == "backend-secrets"]
+    assert secrets["cmd"] == ["scripts/k8s-secrets", "imagestream"]
+    for name in ("cassandra", "redis"):
+        assert "backend-secrets" in resources(tilt_k8s)[name]["resource_deps"]
     defined = set(resources(tilt_k8s))
     for name, call in resources(tilt_k8s).items():
         assert set(call["resource_deps"]) <= defined, f"{name} depends on {set(call['resource_deps']) - defined}"
@@ -75,6 +80,8 @@ def test_port_forwards_reach_declared_container_ports(tilt_k8s: Tilt) -> None:
     objects = Objects(render("dev"))
     forwarded = {}
     for call in tilt_k8s.called("k8s_resource"):
+        if not call["port_forwards"]:
+            continue
         workload = objects.workload(call["workload"])
         for forward in call["port_forwards"]:
             port = forward["container_port"] or forward["local_port"]

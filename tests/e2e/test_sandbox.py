@@ -104,6 +104,39 @@ def test_capabilities_are_a_containers_default_set(image, mode) -> None:  # type
     assert "MOUNTED" not in out and "UNSHARED" not in out and out.strip().endswith("end")
 
 
+# x86_64 system call numbers, called directly (no tool in the image needed); each prints ok or its errno name
+SYSCALLS = """
+import ctypes, errno
+libc = ctypes.CDLL(None, use_errno=True)
+def call(name, nr, *args):
+    r = libc.syscall(nr, *args)
+    print(name, "ok" if r >= 0 else errno.errorcode[ctypes.get_errno()])
+call("getpid", 39)
+call("unshare", 272, 0x10000000)  # CLONE_NEWUSER: needs no capability, only the filter stops it
+call("keyctl", 250, 0, -3, 0)  # KEYCTL_GET_KEYRING_ID of the session keyring
+call("add_key", 248, b"user", b"imagestream-test", b"x", 1, -3)
+call("mount", 165, b"none", b"/mnt", b"tmpfs", 0, None)
+call("bpf", 321, 0, None, 0)
+print("Seccomp", [l.split()[1] for l in open("/proc/self/status") if l.startswith("Seccomp:")][0])
+"""
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="system call numbers of x86_64")
+@pytest.mark.parametrize("mode", MODES)
+def test_system_calls_outside_the_allowlist_fail_inside_run(image, mode) -> None:  # type: ignore[no-untyped-def]
+    # the control: in a plain child process on the host (root), unshare, keyctl and add_key work
+    host = subprocess.run(["python3", "-c", SYSCALLS], capture_output=True, text=True, check=True).stdout
+    host_results = dict(line.split() for line in host.splitlines())
+    assert host_results["unshare"] == host_results["keyctl"] == host_results["add_key"] == "ok", host
+    out = run_cli("run", IMAGE, "--", "python3", "-c", SYSCALLS,
+                  env={"IMAGESTREAM_STREAMING": "off"} if mode == "pulled" else {}).stdout
+    results = dict(line.split() for line in out.splitlines())
+    assert results["getpid"] == "ok"
+    assert results["Seccomp"] == "2"  # a filter is loaded
+    for name in ("unshare", "keyctl", "add_key", "mount", "bpf"):
+        assert results[name] == "EPERM", (name, out)
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_setuid_does_not_escalate(image, mode) -> None:  # type: ignore[no-untyped-def]
     script = ("cp /usr/bin/python3 /tmp/py && chmod 4755 /tmp/py && "

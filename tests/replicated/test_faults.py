@@ -145,7 +145,7 @@ def test_kill_during_a_push(stack, base_image, tmp_path, process) -> None:  # ty
 
 def test_bytes_flipped_at_every_tier(stack, base_image, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """Node disk, Redis and one Cassandra replica each hold a bad copy: every read gives the right bytes."""
-    import redis
+    from imagestream_dev.stack import credentials
 
     expected = base_image
     local.empty_caches()
@@ -170,7 +170,7 @@ def test_bytes_flipped_at_every_tier(stack, base_image, tmp_path) -> None:  # ty
         data[len(data) // 2] ^= 0x55
         path.write_bytes(bytes(data))
         flipped_node += 1
-    r = redis.Redis.from_url(config.get("redis_url"))
+    r = credentials.redis_admin()
     keys = sorted(r.scan_iter("chunk:*"))
     for key in keys[1::2]:  # the other half, in Redis
         value = bytearray(r.get(key))

@@ -31,13 +31,12 @@ def _status_nodes(want: list[str] | None = None, timeout: float = 180) -> list[s
 
 
 def test_three_nodes_up_and_the_keyspace_replicated_three_ways(stack) -> None:  # type: ignore[no-untyped-def]
-    from cassandra.cluster import Cluster
+    from imagestream_dev.stack import credentials
 
     assert _status_nodes(["UN", "UN", "UN"]) == ["UN", "UN", "UN"]
-    hosts = config.parse_list(config.get("cassandra_hosts"))
-    cluster = Cluster(hosts, port=int(config.get("cassandra_port")))
+    cluster = credentials.cassandra_admin()
     try:
-        row = cluster.connect().execute("SELECT replication FROM system_schema.keyspaces WHERE keyspace_name = %s",
+        row = cluster.session.execute("SELECT replication FROM system_schema.keyspaces WHERE keyspace_name = %s",
                                         (config.get("cassandra_keyspace"),)).one()
     finally:
         cluster.shutdown()

@@ -84,11 +84,12 @@ def _metric(name: str, label: str) -> float:
 
 
 def _cql(statement: str, params: tuple) -> list:  # type: ignore[type-arg]
-    from cassandra.cluster import Cluster
+    from imagestream_dev.stack import credentials
 
-    cluster = Cluster([config.get("cassandra_hosts")], port=int(config.get("cassandra_port")))
+    cluster = credentials.cassandra_admin()
     try:
-        return list(cluster.connect(config.get("cassandra_keyspace")).execute(statement, params))
+        cluster.session.set_keyspace(config.get("cassandra_keyspace"))
+        return list(cluster.session.execute(statement, params))
     finally:
         cluster.shutdown()
 

@@ -57,35 +57,35 @@ async def test_a_read_goes_node_zonal_regional_and_fills_each_tier(stack) -> Non
     regional, zonal, node = GrpcChunkStore(t["chunk_store"]), GrpcChunkStore(t["zonal_cache"]), GrpcChunkStore(t["node_cache"])
     try:
         await regional.put(digest, data)
-        import redis.asyncio as aioredis
+        from imagestream_dev.stack import credentials
 
-        r = aioredis.Redis.from_url(stack["IMAGESTREAM_REDIS_URL"])
+        r = credentials.redis_admin()
         key = f"chunk:{digest.hash}:{digest.size}"
-        assert await r.exists(key) == 0
+        assert r.exists(key) == 0
         assert await node.get(digest) == data
-        assert await r.exists(key) == 1  # the zonal cache kept a copy on the way
+        assert r.exists(key) == 1  # the zonal cache kept a copy on the way
         disk = config.node_disk_dir() / digest.hash[:2] / f"{digest.hash}-{digest.size}"
         assert disk.exists()  # so did the node's disk
-        await r.aclose()
+        r.close()
     finally:
         for s in (regional, zonal, node):
             await s.close()
 
 
 async def test_a_chunk_corrupted_in_redis_is_never_served(stack) -> None:  # type: ignore[no-untyped-def]
-    import redis.asyncio as aioredis
+    from imagestream_dev.stack import credentials
 
     t = targets(stack)
     digest, data, _ = fresh_chunk("redis-corrupt")
     regional, zonal = GrpcChunkStore(t["chunk_store"]), GrpcChunkStore(t["zonal_cache"])
-    r = aioredis.Redis.from_url(stack["IMAGESTREAM_REDIS_URL"])
+    r = credentials.redis_admin()
     try:
         await regional.put(digest, data)
-        await r.set(f"chunk:{digest.hash}:{digest.size}", compress(b"not the chunk"))
+        r.set(f"chunk:{digest.hash}:{digest.size}", compress(b"not the chunk"))
         assert await zonal.get(digest) == data  # dropped, fetched again from the regional store
-        assert await r.get(f"chunk:{digest.hash}:{digest.size}") == data  # and the good copy replaced it
+        assert r.get(f"chunk:{digest.hash}:{digest.size}") == data  # and the good copy replaced it
     finally:
-        await r.aclose()
+        r.close()
         await regional.close()
         await zonal.close()
 

@@ -39,6 +39,22 @@ def test_host_network_shares_the_namespace_and_the_resolver(tmp_path) -> None:  
     assert sandbox.oci_config(tmp_path, ["sh"], {}, "relative/dir")["process"]["cwd"] == "/"
 
 
+def test_a_seccomp_allowlist_denies_what_a_container_must_not_do(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    seccomp = sandbox.oci_config(tmp_path, ["sh"], {})["linux"]["seccomp"]
+    assert seccomp["defaultAction"] == "SCMP_ACT_ERRNO" and seccomp["defaultErrnoRet"] == 1  # EPERM
+    allowed = {n for rule in seccomp["syscalls"] if rule["action"] == "SCMP_ACT_ALLOW" and not rule.get("args")
+               for n in rule["names"]}
+    assert {"read", "write", "openat", "execve", "futex", "mmap", "socket", "setuid"} <= allowed
+    for denied in ("mount", "umount2", "unshare", "setns", "keyctl", "add_key", "request_key", "bpf", "ptrace",
+                   "perf_event_open", "kexec_load", "init_module", "reboot", "pivot_root", "open_by_handle_at",
+                   "fsopen", "move_mount", "clone3", "clone", "personality"):
+        assert denied not in allowed, denied
+    (clone,) = [r for r in seccomp["syscalls"] if r["names"] == ["clone"]]
+    assert clone["args"] == [{"index": 0, "value": 0x7E020000, "valueTwo": 0, "op": "SCMP_CMP_MASKED_EQ"}]
+    (clone3,) = [r for r in seccomp["syscalls"] if r["names"] == ["clone3"]]
+    assert clone3["errnoRet"] == 38  # ENOSYS: libc falls back to clone, whose flags are checked
+
+
 def image_root(tmp_path: pathlib.Path, passwd: str, group: str) -> pathlib.Path:
     (tmp_path / "etc").mkdir()
     (tmp_path / "etc/passwd").write_text(passwd)

@@ -189,6 +189,9 @@ class CassandraNode:
     initial_token: Optional[str] = None
     # 'group': a write is acknowledged once it is on disk; 'periodic': up to 10 s of acknowledged writes can be lost
     commitlog_sync: str = "group"
+    # JMX (nodetool) on loopback, authenticated with this password file ("user password") and the access
+    # file beside it (NAME.access); None: no JMX at all
+    jmx_password_file: Optional[pathlib.Path] = None
 
     def __post_init__(self) -> None:
         self.node_dir = pathlib.Path(self.node_dir).resolve()
@@ -273,8 +276,11 @@ storage_compatibility_mode: NONE
 concurrent_compactors: 1
 disk_failure_policy: stop
 commit_failure_policy: stop
-authenticator: AllowAllAuthenticator
-authorizer: AllowAllAuthorizer
+# Logins with a password; every statement checked against the role's permissions (roles and grants are
+# made by the schema step, chunk_store/schema.py, which also replaces the default superuser).
+authenticator: PasswordAuthenticator
+authorizer: CassandraAuthorizer
+role_manager: CassandraRoleManager
 """
 
 
@@ -353,6 +359,7 @@ _JPMS_FLAGS = [
         for m in (
             "java.base/jdk.internal.misc",
             "java.management.rmi/com.sun.jmx.remote.internal.rmi",
+            "java.management/com.sun.jmx.remote.security",  # JMX's file login (authenticated JMX)
             "java.rmi/sun.rmi.registry",
             "java.rmi/sun.rmi.server",
             "java.sql/java.sql",
@@ -490,6 +497,17 @@ def _cds_flags(java: str, lib_dir: pathlib.Path) -> list[str]:
     return [f"-XX:ArchiveClassesAtExit={dump}", "-Xlog:cds=off", "-Xlog:cds+dynamic=off"]
 
 
+def _jmx_flags(node: CassandraNode) -> list[str]:
+    """JMX on loopback only (Cassandra's "local" JMX server), with a login; none when no password file is given."""
+    if node.jmx_password_file is None:
+        return []
+    password = pathlib.Path(node.jmx_password_file).resolve()
+    return [f"-Dcassandra.jmx.local.port={node.jmx_port}",
+            "-Dcom.sun.management.jmxremote.authenticate=true",
+            f"-Dcom.sun.management.jmxremote.password.file={password}",
+            f"-Dcom.sun.management.jmxremote.access.file={password.with_name(password.name + '.access')}"]
+
+
 def command(node: CassandraNode, lib_dir: pathlib.Path, java: Optional[str] = None) -> list[str]:
     """The full ``java`` command line that runs ``node`` with the jars in ``lib_dir``."""
     lib_dir = pathlib.Path(lib_dir).resolve()
@@ -528,8 +546,7 @@ def command(node: CassandraNode, lib_dir: pathlib.Path, java: Optional[str] = No
         f"-Dcassandra.logdir={node.log_dir}",
         f"-Dcassandra.storagedir={node.data_dir}",
         f"-Dcassandra.triggers_dir={conf / 'triggers'}",
-        f"-Dcassandra.jmx.local.port={node.jmx_port}",
-        "-Dcom.sun.management.jmxremote.authenticate=false",
+        *_jmx_flags(node),
         # fast start for a small local cluster
         "-Dcassandra.skip_wait_for_gossip_to_settle=0",
         "-Dcassandra.load_ring_state=false",
@@ -621,8 +638,8 @@ def _port_open(address: str, port: int) -> bool:
 
 
 def _query_release(address: str, port: int) -> str:
-    from cassandra import ProtocolVersion
-    from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile
+    from cassandra import AuthenticationFailed, ProtocolVersion
+    from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, NoHostAvailable
     from cassandra.policies import WhiteListRoundRobinPolicy
 
     # Whitelist: in a multi-node cluster system.local must be asked of *this* node.
@@ -638,7 +655,13 @@ def _query_release(address: str, port: int) -> str:
         control_connection_timeout=3,
     )
     try:
-        session = cluster.connect()
+        try:
+            session = cluster.connect()
+        except NoHostAvailable as e:
+            # a node that asks for a login serves CQL: it is ready (its roles are the schema step's business)
+            if any(isinstance(x, AuthenticationFailed) for x in e.errors.values()):
+                return "(login required)"
+            raise
         row = session.execute("SELECT release_version FROM system.local").one()
         return row.release_version
     finally:

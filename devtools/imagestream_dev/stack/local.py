@@ -58,12 +58,14 @@ def processes() -> list[Process]:
     # the services find the shared package and each other through PYTHONPATH, also when not pip-installed
     env = {"PYTHONPATH": services_path(), "IMAGESTREAM_HOME": str(home)}
 
-    from imagestream_dev.stack import cassandra, zipkin
+    from imagestream_dev.stack import cassandra, credentials, zipkin
 
     nodes = cassandra_nodes()
+    redis_conf = home / "redis" / "redis.conf"
 
     def prepare_cassandra(node: cassandra.CassandraNode) -> Callable[[], None]:
         def prepare() -> None:
+            credentials.ensure()
             jars = cassandra.ensure_jars(cache / "cassandra")
             cassandra.write_config(node)
             (node.node_dir / "lib").unlink(missing_ok=True)
@@ -73,6 +75,15 @@ def processes() -> list[Process]:
 
     def prepare_redis() -> None:
         (home / "redis").mkdir(parents=True, exist_ok=True)
+        credentials.write_redis_config(redis_conf, redis_settings())
+
+    def prepare_chunk_store() -> None:
+        prepare_tls()  # the CA and the certificates, before the first tier starts
+        # the administrator's step: keyspace, tables, roles (the service's role may only read and write rows)
+        result = subprocess.run([py, "-m", "chunk_store.schema"], capture_output=True, text=True, timeout=300,
+                                env={**os.environ, **env, **credentials.schema_env()})
+        if result.returncode != 0:
+            raise SystemExit(f"chunk_store: the schema step failed: {(result.stderr or result.stdout).strip()}")
 
     zipkin_port = int(config.get("zipkin_port"))
     zipkin_jar = cache / "zipkin" / f"zipkin-server-{zipkin.ZIPKIN_VERSION}-exec.jar"
@@ -81,7 +92,6 @@ def processes() -> list[Process]:
         # every service exports its spans to the stack's Zipkin, unless OTEL_* says otherwise
         return {**env, "OTEL_SERVICE_NAME": name}
 
-    maxmemory = config.parse_size(config.get("redis_maxmemory"))
     return [
         Process(
             "zipkin",
@@ -94,9 +104,8 @@ def processes() -> list[Process]:
         ),
         Process(
             "redis",
-            ["redis-server", "--bind", redis.hostname or "127.0.0.1", "--port", str(redis.port or 6379),
-             "--maxmemory", str(maxmemory), "--maxmemory-policy", "allkeys-lru",
-             "--save", "", "--appendonly", "no", "--dir", str(home / "redis"), "--protected-mode", "no"],
+            # its settings and ACL users in a file only its owner reads: no password on the command line
+            ["redis-server", str(redis_conf)],
             ("redis", redis.hostname or "127.0.0.1", redis.port or 6379),
             start_timeout_s=15,
             prepare=prepare_redis,
@@ -111,7 +120,7 @@ def processes() -> list[Process]:
             phase=0,
         ) for i, node in enumerate(nodes)),
         Process("chunk_store", [py, "-m", "chunk_store"], ("grpc", config.get("chunk_store_listen")),
-                service_env("chunk_store"), start_timeout_s=90, prepare=prepare_tls),
+                service_env("chunk_store"), start_timeout_s=90, prepare=prepare_chunk_store),
         Process("zonal_cache", [py, "-m", "zonal_cache"], ("grpc", config.get("zonal_cache_listen")),
                 service_env("zonal_cache"), phase=2),
         Process("node_cache", [py, "-m", "node_cache"], ("grpc", "unix:" + config.node_cache_socket()),
@@ -135,6 +144,15 @@ def prepare_tls(log: Callable[[str], None] = lambda _: None) -> None:
         certs.ensure(log=log)
 
 
+def redis_settings() -> list[tuple[str, str]]:
+    """The local Redis's configuration (besides its ACL users): bound, evicting, not persisted."""
+    redis = urllib.parse.urlparse(config.get("redis_url"))
+    return [("bind", redis.hostname or "127.0.0.1"), ("port", str(redis.port or 6379)),
+            ("protected-mode", "yes"), ("maxmemory", str(config.parse_size(config.get("redis_maxmemory")))),
+            ("maxmemory-policy", "allkeys-lru"), ("save", '""'), ("appendonly", "no"),
+            ("dir", str(config.home() / "redis"))]
+
+
 def cassandra_process_name(i: int) -> str:
     return "cassandra" if i == 0 else f"cassandra-{i + 1}"
 
@@ -143,7 +161,7 @@ def cassandra_nodes():  # type: ignore[no-untyped-def]
     """One Cassandra node per address of IMAGESTREAM_CASSANDRA_HOSTS, all on the same ports (one loopback
     address each: 127.0.0.2,127.0.0.3,127.0.0.4 makes a three-node cluster); every node is a seed, tokens
     evenly spaced, so the nodes start side by side without bootstrapping."""
-    from imagestream_dev.stack import cassandra
+    from imagestream_dev.stack import cassandra, credentials
 
     home = config.home()
     addresses = config.parse_list(config.get("cassandra_hosts"))
@@ -163,6 +181,7 @@ def cassandra_nodes():  # type: ignore[no-untyped-def]
             seeds=[f"{a}:{storage_port}" for a in addresses] if many else (),
             initial_token=str(-(2**63) + i * (2**64 // len(addresses))) if many else None,
             heap_mb=512 if many else 768,
+            jmx_password_file=credentials.secrets_dir() / "jmx",
         )
         for i, address in enumerate(addresses)
     ]
@@ -173,10 +192,13 @@ def nodetool(i: int, *args: str, timeout_s: float = 600) -> subprocess.Completed
     from imagestream_dev.stack import cassandra
 
     node = cassandra_nodes()[i]
+    from imagestream_dev.stack import credentials
+
     cmd = [cassandra.find_java(), "-Xmx256m", *cassandra._JPMS_FLAGS, "-cp", f"{node.node_dir / 'lib'}/*",
            "-Dlogback.configurationFile=" + cassandra._uri(node.conf_dir / "logback.xml"),
            f"-Dcassandra.logdir={node.log_dir}", "org.apache.cassandra.tools.NodeTool",
-           "-h", "127.0.0.1", "-p", str(node.jmx_port), *args]
+           "-h", "127.0.0.1", "-p", str(node.jmx_port),
+           "-u", credentials.JMX_USER, "--password-file", str(credentials.jmx_password_file()), *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
 
 
@@ -191,9 +213,15 @@ def is_ready(check: tuple) -> bool:
     kind = check[0]
     try:
         if kind == "redis":
+            from imagestream_dev.stack import credentials
+
             with socket.create_connection((check[1], check[2]), timeout=1) as s:
-                s.sendall(b"PING\r\n")
-                return s.recv(16).startswith(b"+PONG")
+                secret = credentials.password("redis-admin").encode()
+                s.sendall(b"AUTH " + credentials.REDIS_ADMIN.encode() + b" " + secret + b"\r\nPING\r\n")
+                reply = b""
+                while reply.count(b"\r\n") < 2 and (part := s.recv(64)):
+                    reply += part
+                return reply == b"+OK\r\n+PONG\r\n"
         if kind == "tcp":
             with socket.create_connection((check[1], check[2]), timeout=1):
                 return True
@@ -373,13 +401,13 @@ def empty_caches(log: Callable[[str], None] = lambda _: None) -> None:
 
     The node's FUSE client restarts too: it keeps the indexes of the images it knows, and the kernel
     their pages."""
-    import redis
-
     node = [p.name for p in processes() if p.name == "fuse_client"] + ["node_cache"]
     for name in (*node, "zonal_cache"):
         down(log, only=name)
     shutil.rmtree(config.node_disk_dir(), ignore_errors=True)
-    client = redis.Redis.from_url(config.get("redis_url"))
+    from imagestream_dev.stack import credentials
+
+    client = credentials.redis_admin()
     client.flushall()
     client.close()
     for name in ("zonal_cache", *reversed(node)):

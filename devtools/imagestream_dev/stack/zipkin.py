@@ -48,7 +48,10 @@ def ensure_jar(cache_dir: pathlib.Path) -> pathlib.Path:
 def command(jar: pathlib.Path, java: str) -> list[str]:
     # a wedged JVM would keep the port and answer nothing: out of memory, it exits (and `stack up` restarts it)
     return [java, "-Xms64m", "-Xmx512m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1", "-XX:+ExitOnOutOfMemoryError",
-            "-Dlogging.level.root=WARN", "-jar", str(jar)]
+            "-Dlogging.level.root=WARN",
+            # on loopback only (its default is every interface); a list given here replaces the jar's whole list
+            "-Darmeria.ports[0].ip=127.0.0.1", "-Darmeria.ports[0].port=${QUERY_PORT}",
+            "-Darmeria.ports[0].protocols[0]=http", "-jar", str(jar)]
 
 
 def env(port: int) -> dict[str, str]:

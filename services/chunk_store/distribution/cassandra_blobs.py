@@ -16,12 +16,7 @@ from chunk_store.cassandra_backend import CassandraConnection
 class CassandraBlobIndex(BlobIndex):
     def __init__(self, db: CassandraConnection) -> None:
         self.db = db
-        ks = db.keyspace
-        db.session.execute(f"CREATE TABLE IF NOT EXISTS {ks}.blobs ("
-                           " digest text PRIMARY KEY, size bigint, media_type text, pieces blob)")
-        db.session.execute(f"CREATE TABLE IF NOT EXISTS {ks}.tags ("
-                           " repository text, tag text, digest text, PRIMARY KEY ((repository), tag))")
-        db.cluster.control_connection.wait_for_schema_agreement()
+        # the tables are made by the schema step (chunk_store/schema.py)
         self._put_blob = db.prepare("INSERT INTO {ks}.blobs (digest, size, media_type, pieces) VALUES (?, ?, ?, ?)",
                                     write=True)
         self._get_blob = db.prepare("SELECT size, media_type, pieces FROM {ks}.blobs WHERE digest = ?", write=False)

@@ -408,5 +408,5 @@ def service_main(prog: str, description: str | None, settings: Sequence[str],
     telemetry.setup_tracing(prog)
     try:
         asyncio.run(main(args))
-    except ImagestreamError as e:  # a certificate, a policy file, ...: one line, no traceback
+    except ImagestreamError as e:  # a setting that cannot work (a certificate, a policy file, a refused login)
         raise SystemExit(f"{prog}: {e}") from None

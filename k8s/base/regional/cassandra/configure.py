@@ -8,7 +8,9 @@ It runs in the Cassandra image itself (python3 is there for cqlsh), as the cassa
 3. writes cassandra-rackdc.properties: dc = CASSANDRA_DC, rack = the zone of the node this pod runs on
    (its topology.kubernetes.io/zone label, read from the Kubernetes API with the pod's service
    account), so that NetworkTopologyStrategy keeps a chunk's replicas in different zones. A node
-   without the label (a one-zone dev cluster) gives DEFAULT_RACK.
+   without the label (a one-zone dev cluster) gives DEFAULT_RACK;
+4. writes JMX's password and access files (0600) for user `nodetool` from the Secret's jmx-password:
+   JMX listens on the pod's loopback only and asks for that login (JVM_EXTRA_OPTS of the container).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ IMAGE_CONFIG = "/etc/cassandra"
 CONFIG = "/config"
 SETTINGS = "/scripts/settings.yaml"
 SERVICE_ACCOUNT = "/var/run/secrets/kubernetes.io/serviceaccount"
+JMX_SECRET = "/secrets/cassandra/jmx-password"
+JMX_USER = "nodetool"
 ZONE_LABEL = "topology.kubernetes.io/zone"
 DEFAULT_RACK = "rack1"
 
@@ -81,6 +85,12 @@ def main() -> None:
     dc, node_rack = os.environ["CASSANDRA_DC"], rack(node_labels(os.environ["NODE_NAME"]))
     with open(os.path.join(CONFIG, "cassandra-rackdc.properties"), "w") as f:
         f.write(f"dc={dc}\nrack={node_rack}\nprefer_local=true\n")
+    with open(JMX_SECRET) as f:
+        jmx_password = f.read().strip()
+    for name, text in (("jmxremote.password", f"{JMX_USER} {jmx_password}\n"), ("jmxremote.access", f"{JMX_USER} readwrite\n")):
+        fd = os.open(os.path.join(CONFIG, name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
     print(f"cassandra configured: dc={dc} rack={node_rack}")
 
 
