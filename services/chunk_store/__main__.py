@@ -6,7 +6,7 @@ import argparse
 import asyncio
 
 from imagestream import config, telemetry
-from chunk_store.distribution.blobs import Distribution
+from chunk_store.distribution.blobs import Distribution, TaggedNames
 from chunk_store.distribution.grpc_service import DistributionServicer
 from imagestream.rpc.server import serve, service_main
 from imagestream.v1 import admin_pb2_grpc, distribution_pb2_grpc
@@ -44,9 +44,9 @@ async def main(args: argparse.Namespace) -> None:
     store = HealingStore(cassandra)
     scrubber = (asyncio.ensure_future(store.scrub_forever(float(args.scrub_interval)))
                 if float(args.scrub_interval) > 0 else None)
-    names = CassandraImageNames(db)
     # what push received, for pulls the normal way: gRPC to write, OCI Distribution (HTTP) to read
     distribution = Distribution(store, await asyncio.to_thread(CassandraBlobIndex, db))
+    names = TaggedNames(CassandraImageNames(db), distribution)  # a name's tag comes and goes with it
     http = await oci_http.start(distribution, args.distribution_listen) if args.distribution_listen else None
     try:
         await serve(

@@ -99,7 +99,7 @@ class CassandraConnection:
             f"CREATE TABLE IF NOT EXISTS {self.keyspace}.images ("
             " name text PRIMARY KEY, index_hash text, index_size bigint, source_digest text,"
             " content_bytes bigint, chunk_count bigint, published_at bigint,"
-            " profile_hash text, profile_size bigint, streaming_disabled boolean)"
+            " profile_hash text, profile_size bigint, streaming_disabled boolean, manifest_digest text)"
         )
         # chunks found not to match their digest: kept (never deleted on a failed check), recorded here
         s.execute(
@@ -111,7 +111,8 @@ class CassandraConnection:
         have = {row.column_name for row in s.execute(
             "SELECT column_name FROM system_schema.columns WHERE keyspace_name = %s AND table_name = 'images'",
             (self.keyspace,))}
-        for column, kind in (("profile_hash", "text"), ("profile_size", "bigint"), ("streaming_disabled", "boolean")):
+        for column, kind in (("profile_hash", "text"), ("profile_size", "bigint"), ("streaming_disabled", "boolean"),
+                             ("manifest_digest", "text")):
             if column not in have:
                 s.execute(f"ALTER TABLE {self.keyspace}.images ADD {column} {kind}")
         self.cluster.control_connection.wait_for_schema_agreement()
@@ -278,7 +279,8 @@ class CassandraImageNames(WritableImageNames):
         self._all = db.prepare("SELECT * FROM {ks}.images", write=False)
         self._put = db.prepare(
             "INSERT INTO {ks}.images (name, index_hash, index_size, source_digest, content_bytes, chunk_count,"
-            " published_at, streaming_disabled, profile_hash, profile_size) VALUES (?, ?, ?, ?, ?, ?, ?, ?, null, null)",
+            " published_at, streaming_disabled, manifest_digest, profile_hash, profile_size)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, null, null)",
             write=True,
         )
         self._delete = db.prepare("DELETE FROM {ks}.images WHERE name = ? IF EXISTS", write=True)
@@ -293,7 +295,7 @@ class CassandraImageNames(WritableImageNames):
         image = images_pb2.Image(
             name=row.name, source_digest=row.source_digest or "", content_bytes=row.content_bytes or 0,
             chunk_count=row.chunk_count or 0, published_at=row.published_at or 0,
-            streaming_disabled=bool(row.streaming_disabled),
+            streaming_disabled=bool(row.streaming_disabled), manifest_digest=row.manifest_digest or "",
         )
         image.index.hash, image.index.size_bytes = row.index_hash, row.index_size
         if row.profile_hash:
@@ -313,7 +315,8 @@ class CassandraImageNames(WritableImageNames):
         await self.db.execute(
             self._put,
             (validate_name(image.name), image.index.hash, image.index.size_bytes, image.source_digest,
-             image.content_bytes, image.chunk_count, stored.published_at, image.streaming_disabled),
+             image.content_bytes, image.chunk_count, stored.published_at, image.streaming_disabled,
+             image.manifest_digest or None),
         )
         return stored
 

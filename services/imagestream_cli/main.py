@@ -104,12 +104,21 @@ def stack_status() -> None:
 @_setting("chunk_size")
 @click.option("--quiet", "-q", is_flag=True, help="no progress bars")
 @click.option("--no-streaming", is_flag=True, help="nodes must pull this image in full before running it")
-def push(source: str, name: str, quiet: bool, no_streaming: bool) -> None:
-    """Convert SOURCE (OCI layout dir, OCI archive, or docker save archive) and publish it as NAME."""
-    from imagestream_cli.push import push as do_push
+@click.option("--platform", default=None, metavar="OS/ARCH[/VARIANT]",
+              help="the manifest to take from a multi-platform image (default: this node's)")
+@click.option("--ca-file", type=click.Path(dir_okay=False), default=None,
+              help="registry source: trust this CA (PEM) for its TLS certificate")
+@click.option("--plain-http", is_flag=True, help="registry source: speak plain HTTP (a local registry)")
+def push(source: str, name: str, quiet: bool, no_streaming: bool, platform: str | None, ca_file: str | None,
+         plain_http: bool) -> None:
+    """Convert SOURCE and publish it as NAME. SOURCE is an OCI layout dir, an OCI archive, a docker save
+    archive, or an image in a registry: HOST[:PORT]/REPOSITORY[:TAG|@DIGEST] (credentials from Docker's
+    config.json: $DOCKER_CONFIG/config.json or ~/.docker/config.json)."""
+    from imagestream_cli.push import SourceOptions, push as do_push
 
     try:
-        result = do_push(source, name, progress=not quiet, streaming=not no_streaming)
+        result = do_push(source, name, progress=not quiet, streaming=not no_streaming,
+                         options=SourceOptions(platform, ca_file, plain_http))
     except ImagestreamError as e:
         _fail(e)
     click.echo(result.summary())

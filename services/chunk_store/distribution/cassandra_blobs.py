@@ -27,6 +27,7 @@ class CassandraBlobIndex(BlobIndex):
         self._get_blob = db.prepare("SELECT size, media_type, pieces FROM {ks}.blobs WHERE digest = ?", write=False)
         self._put_tag = db.prepare("INSERT INTO {ks}.tags (repository, tag, digest) VALUES (?, ?, ?)", write=True)
         self._get_tag = db.prepare("SELECT digest FROM {ks}.tags WHERE repository = ? AND tag = ?", write=False)
+        self._delete_tag = db.prepare("DELETE FROM {ks}.tags WHERE repository = ? AND tag = ?", write=True)
 
     async def put_blob(self, record: BlobRecord) -> None:
         await self.db.execute(self._put_blob, (record.digest, record.size, record.media_type, record.pieces_bytes()))
@@ -44,3 +45,6 @@ class CassandraBlobIndex(BlobIndex):
     async def get_tag(self, repository: str, reference: str) -> str | None:
         rows = await self.db.execute(self._get_tag, (repository, reference))
         return rows[0].digest if rows else None
+
+    async def delete_tag(self, repository: str, reference: str) -> None:
+        await self.db.execute(self._delete_tag, (repository, reference))
