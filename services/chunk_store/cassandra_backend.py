@@ -13,6 +13,7 @@ import asyncio
 import logging
 import re
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from cassandra import ConsistencyLevel, DriverException, ProtocolVersion
@@ -90,9 +91,11 @@ class CassandraConnection:
             f"CREATE KEYSPACE IF NOT EXISTS {self.keyspace} "
             f"WITH replication = {{'class': 'NetworkTopologyStrategy', {strategy}}}"
         )
+        # used_at: when a push last wrote the chunk or found it stored (ms), what gc's grace period reads;
+        # stored_bytes: the frame's length, written with the data (a row without it holds no chunk)
         s.execute(
             f"CREATE TABLE IF NOT EXISTS {self.keyspace}.chunks ("
-            " hash text, size bigint, data blob, PRIMARY KEY ((hash, size)))"
+            " hash text, size bigint, data blob, used_at bigint, stored_bytes int, PRIMARY KEY ((hash, size)))"
             " WITH compression = {'enabled': 'false'}"  # chunks are already zstd frames
         )
         s.execute(
@@ -107,14 +110,25 @@ class CassandraConnection:
             " hash text, size bigint, found_at bigint, reason text, bad_sha256 text, healed boolean,"
             " PRIMARY KEY ((hash, size)))"
         )
+        # mount leases (chunk_store/gc.py): a row per (holder, index), gone by itself when its TTL runs out
+        s.execute(
+            f"CREATE TABLE IF NOT EXISTS {self.keyspace}.leases ("
+            " holder text, index_hash text, index_size bigint, image text, expires_at bigint,"
+            " PRIMARY KEY ((holder), index_hash, index_size))"
+        )
         # columns added since the table was first made: a store created by an older version gains them
+        self.add_columns("images", (("profile_hash", "text"), ("profile_size", "bigint"),
+                                    ("streaming_disabled", "boolean"), ("manifest_digest", "text")))
+        self.add_columns("chunks", (("used_at", "bigint"), ("stored_bytes", "int")))
+
+    def add_columns(self, table: str, columns: tuple[tuple[str, str], ...]) -> None:
+        s = self.session
         have = {row.column_name for row in s.execute(
-            "SELECT column_name FROM system_schema.columns WHERE keyspace_name = %s AND table_name = 'images'",
-            (self.keyspace,))}
-        for column, kind in (("profile_hash", "text"), ("profile_size", "bigint"), ("streaming_disabled", "boolean"),
-                             ("manifest_digest", "text")):
+            "SELECT column_name FROM system_schema.columns WHERE keyspace_name = %s AND table_name = %s",
+            (self.keyspace, table))}
+        for column, kind in columns:
             if column not in have:
-                s.execute(f"ALTER TABLE {self.keyspace}.images ADD {column} {kind}")
+                s.execute(f"ALTER TABLE {self.keyspace}.{table} ADD {column} {kind}")
         self.cluster.control_connection.wait_for_schema_agreement()
 
     def prepare(self, cql: str, write: bool) -> Any:
@@ -172,8 +186,11 @@ class CassandraChunkStore(ChunkStore):
         super().__init__()
         self.db = db
         self._get = db.prepare("SELECT data FROM {ks}.chunks WHERE hash = ? AND size = ?", write=False)
-        self._has = db.prepare("SELECT size FROM {ks}.chunks WHERE hash = ? AND size = ?", write=False)
-        self._put = db.prepare("INSERT INTO {ks}.chunks (hash, size, data) VALUES (?, ?, ?)", write=True)
+        # stored_bytes is written with the data: a row gc deleted and a late touch brought back holds neither
+        self._has = db.prepare("SELECT stored_bytes FROM {ks}.chunks WHERE hash = ? AND size = ?", write=False)
+        self._put = db.prepare("INSERT INTO {ks}.chunks (hash, size, data, used_at, stored_bytes)"
+                               " VALUES (?, ?, ?, ?, ?)", write=True)
+        self._touch = db.prepare("UPDATE {ks}.chunks SET used_at = ? WHERE hash = ? AND size = ?", write=True)
         self._delete = db.prepare("DELETE FROM {ks}.chunks WHERE hash = ? AND size = ?", write=True)
         self._limit = asyncio.Semaphore(find_concurrency)
 
@@ -188,15 +205,48 @@ class CassandraChunkStore(ChunkStore):
 
     async def put(self, digest: Digest, compressed: bytes) -> bool:
         # Content-addressed: rewriting a chunk writes the same bytes, so no read-before-write.
-        await self.db.execute(self._put, (digest.hash, digest.size, compressed))
+        await self.db.execute(self._put, (digest.hash, digest.size, compressed, now_ms(), len(compressed)))
         return True
 
     async def contains(self, digest: Digest) -> bool:
         async with self._limit:
-            return bool(await self.db.execute(self._has, (digest.hash, digest.size)))
+            rows = await self.db.execute(self._has, (digest.hash, digest.size))
+            return bool(rows) and rows[0].stored_bytes is not None
+
+    async def find_missing(self, digests: Iterable[Digest]) -> list[Digest]:
+        """The chunks not stored; those stored are marked used now, so that gc's grace period keeps them for
+        the push that asked (it will not upload them, and publishes its name later)."""
+        digests = list(dict.fromkeys(digests))
+        present = await asyncio.gather(*(self.contains(d) for d in digests))
+        now = now_ms()
+
+        async def touch(d: Digest) -> None:
+            async with self._limit:
+                await self.db.execute(self._touch, (now, d.hash, d.size))
+
+        await asyncio.gather(*(touch(d) for d, here in zip(digests, present) if here))
+        return [d for d, here in zip(digests, present) if not here]
 
     async def delete(self, digest: Digest) -> None:
         await self.db.execute(self._delete, (digest.hash, digest.size))
+
+    # -- garbage collection (chunk_store/gc.py) ------------------------------------------------
+
+    async def usage(self, digest: Digest) -> tuple[int | None, int | None] | None:
+        """(used_at ms, stored bytes) of a chunk's row, None if there is no row."""
+        if not hasattr(self, "_usage"):
+            self._usage = self.db.prepare("SELECT used_at, stored_bytes FROM {ks}.chunks WHERE hash = ? AND size = ?",
+                                          write=False)
+            # a lightweight transaction: a push that marks the chunk used in between wins, the chunk stays
+            self._delete_if = self.db.prepare("DELETE FROM {ks}.chunks WHERE hash = ? AND size = ? IF used_at = ?",
+                                              write=True)
+        rows = await self.db.execute(self._usage, (digest.hash, digest.size))
+        return (rows[0].used_at, rows[0].stored_bytes) if rows else None
+
+    async def delete_if_unused_since(self, digest: Digest, used_at: int | None) -> bool:
+        """Delete the chunk unless it was marked used after `used_at` (what `usage` read); True if deleted."""
+        rows = await self.db.execute(self._delete_if, (digest.hash, digest.size, used_at))
+        return bool(rows and rows[0][0])
 
     # -- self-healing (chunk_store/healing.py) -----------------------------------------------
 
@@ -240,7 +290,7 @@ class CassandraChunkStore(ChunkStore):
 
     async def rewrite(self, digest: Digest, compressed: bytes) -> None:
         """Write a good copy again: a new write timestamp supersedes a bad copy on every replica that takes it."""
-        await self.db.execute(self._put, (digest.hash, digest.size, compressed))
+        await self.db.execute(self._put, (digest.hash, digest.size, compressed, now_ms(), len(compressed)))
 
     async def quarantine(self, digest: Digest, reason: str, bad_sha256: str, healed: bool) -> None:
         self._prepare_healing()
@@ -332,6 +382,10 @@ class CassandraImageNames(WritableImageNames):
         if not (rows and rows[0][0]):
             raise FailedPrecondition(f"image {name!r} is not published at index {index}")
         return await self.resolve(name)
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 def connect_from_settings(values: dict[str, str]) -> CassandraConnection:

@@ -36,6 +36,20 @@ class BlobIndex(abc.ABC):
     @abc.abstractmethod
     async def delete_tag(self, repository: str, reference: str) -> None: ...
 
+    async def touch(self, digest: str) -> None:
+        """A push found the blob recorded and relies on it: gc's grace period starts again."""
+
+    # for gc (chunk_store/gc.py): every record with when it was last used, every tag, a delete that loses
+    # to a touch in between
+    @abc.abstractmethod
+    async def all_blobs(self) -> list[tuple[str, int | None]]: ...
+
+    @abc.abstractmethod
+    async def all_tags(self) -> list[tuple[str, str, str]]: ...
+
+    @abc.abstractmethod
+    async def delete_blob_if(self, digest: str, used_at: int | None) -> bool: ...
+
 
 class MemoryBlobIndex(BlobIndex):
     def __init__(self) -> None:
@@ -56,6 +70,15 @@ class MemoryBlobIndex(BlobIndex):
 
     async def delete_tag(self, repository: str, reference: str) -> None:
         self.tags.pop((repository, reference), None)
+
+    async def all_blobs(self) -> list[tuple[str, int | None]]:
+        return [(d, 0) for d in self.blobs]
+
+    async def all_tags(self) -> list[tuple[str, str, str]]:
+        return [(r, t, d) for (r, t), d in self.tags.items()]
+
+    async def delete_blob_if(self, digest: str, used_at: int | None) -> bool:
+        return self.blobs.pop(digest, None) is not None
 
 
 class Distribution:
@@ -104,7 +127,14 @@ class Distribution:
         return digest
 
     async def find_missing(self, digests: Iterable[str]) -> list[str]:
-        return [d for d in dict.fromkeys(digests) if await self.index.get_blob(check_digest(d)) is None]
+        """The blobs not recorded; those recorded are marked used (gc keeps them for the push that asked)."""
+        missing = []
+        for d in dict.fromkeys(digests):
+            if await self.index.get_blob(check_digest(d)) is None:
+                missing.append(d)
+            else:
+                await self.index.touch(d)
+        return missing
 
     async def manifest(self, repository: str, reference: str) -> BlobRecord:
         """The manifest a tag or digest names in `repository`; NotFound otherwise."""
