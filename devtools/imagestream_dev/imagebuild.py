@@ -643,3 +643,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def layout_of_files(files: dict[str, bytes], out_dir: Path, work: Path) -> Path:
+    """A one-layer OCI image layout holding `files` (path -> bytes) as regular files (tests)."""
+    work.mkdir(parents=True, exist_ok=True)
+    layer_tar = work / f"{out_dir.name}-layer.tar"
+    with tarfile.open(layer_tar, "w") as tar:
+        for path, data in files.items():
+            info = tarfile.TarInfo(path)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    write_oci_layout_from_layers([layer_tar], out_dir)
+    return out_dir

@@ -1,4 +1,4 @@
-"""The RegionalAdmin gRPC service: scrub and quarantine, served by the regional chunk store only."""
+"""The RegionalAdmin gRPC service: scrub, quarantine and garbage collection, served by the regional chunk store only."""
 
 from __future__ import annotations
 
@@ -7,12 +7,21 @@ from imagestream.errors import InvalidArgument, Unavailable
 from imagestream.rpc.server import status_on_error
 from imagestream.v1 import admin_pb2, admin_pb2_grpc
 
+from chunk_store.gc import GarbageCollector
 from chunk_store.healing import HealingStore
 
 
 class RegionalAdminServicer(admin_pb2_grpc.RegionalAdminServicer):
-    def __init__(self, store: HealingStore) -> None:
+    def __init__(self, store: HealingStore, gc: GarbageCollector) -> None:
         self.store = store
+        self.gc = gc
+
+    async def CollectGarbage(self, request, context):  # type: ignore[no-untyped-def]
+        async with status_on_error(context):
+            if request.grace_seconds < 0:
+                raise InvalidArgument(f"grace {request.grace_seconds} s < 0")
+            # 0 means the store's default; a caller that wants no grace at all asks for 1 s
+            return await self.gc.collect(request.grace_seconds or None, request.dry_run)
 
     async def Scrub(self, request, context):  # type: ignore[no-untyped-def]
         async with status_on_error(context):

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import re
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from cassandra import ConsistencyLevel, DriverException
@@ -123,8 +124,11 @@ class CassandraChunkStore(ChunkStore):
         super().__init__()
         self.db = db
         self._get = db.prepare("SELECT data FROM {ks}.chunks WHERE hash = ? AND size = ?", write=False)
-        self._has = db.prepare("SELECT size FROM {ks}.chunks WHERE hash = ? AND size = ?", write=False)
-        self._put = db.prepare("INSERT INTO {ks}.chunks (hash, size, data) VALUES (?, ?, ?)", write=True)
+        # stored_bytes is written with the data: a row gc deleted and a late touch brought back holds neither
+        self._has = db.prepare("SELECT stored_bytes FROM {ks}.chunks WHERE hash = ? AND size = ?", write=False)
+        self._put = db.prepare("INSERT INTO {ks}.chunks (hash, size, data, used_at, stored_bytes)"
+                               " VALUES (?, ?, ?, ?, ?)", write=True)
+        self._touch = db.prepare("UPDATE {ks}.chunks SET used_at = ? WHERE hash = ? AND size = ?", write=True)
         self._delete = db.prepare("DELETE FROM {ks}.chunks WHERE hash = ? AND size = ?", write=True)
         self._limit = asyncio.Semaphore(find_concurrency)
 
@@ -139,15 +143,48 @@ class CassandraChunkStore(ChunkStore):
 
     async def put(self, digest: Digest, compressed: bytes) -> bool:
         # Content-addressed: rewriting a chunk writes the same bytes, so no read-before-write.
-        await self.db.execute(self._put, (digest.hash, digest.size, compressed))
+        await self.db.execute(self._put, (digest.hash, digest.size, compressed, now_ms(), len(compressed)))
         return True
 
     async def contains(self, digest: Digest) -> bool:
         async with self._limit:
-            return bool(await self.db.execute(self._has, (digest.hash, digest.size)))
+            rows = await self.db.execute(self._has, (digest.hash, digest.size))
+            return bool(rows) and rows[0].stored_bytes is not None
+
+    async def find_missing(self, digests: Iterable[Digest]) -> list[Digest]:
+        """The chunks not stored; those stored are marked used now, so that gc's grace period keeps them for
+        the push that asked (it will not upload them, and publishes its name later)."""
+        digests = list(dict.fromkeys(digests))
+        present = await asyncio.gather(*(self.contains(d) for d in digests))
+        now = now_ms()
+
+        async def touch(d: Digest) -> None:
+            async with self._limit:
+                await self.db.execute(self._touch, (now, d.hash, d.size))
+
+        await asyncio.gather(*(touch(d) for d, here in zip(digests, present) if here))
+        return [d for d, here in zip(digests, present) if not here]
 
     async def delete(self, digest: Digest) -> None:
         await self.db.execute(self._delete, (digest.hash, digest.size))
+
+    # -- garbage collection (chunk_store/gc.py) ------------------------------------------------
+
+    async def usage(self, digest: Digest) -> tuple[int | None, int | None] | None:
+        """(used_at ms, stored bytes) of a chunk's row, None if there is no row."""
+        if not hasattr(self, "_usage"):
+            self._usage = self.db.prepare("SELECT used_at, stored_bytes FROM {ks}.chunks WHERE hash = ? AND size = ?",
+                                          write=False)
+            # a lightweight transaction: a push that marks the chunk used in between wins, the chunk stays
+            self._delete_if = self.db.prepare("DELETE FROM {ks}.chunks WHERE hash = ? AND size = ? IF used_at = ?",
+                                              write=True)
+        rows = await self.db.execute(self._usage, (digest.hash, digest.size))
+        return (rows[0].used_at, rows[0].stored_bytes) if rows else None
+
+    async def delete_if_unused_since(self, digest: Digest, used_at: int | None) -> bool:
+        """Delete the chunk unless it was marked used after `used_at` (what `usage` read); True if deleted."""
+        rows = await self.db.execute(self._delete_if, (digest.hash, digest.size, used_at))
+        return bool(rows and rows[0][0])
 
     # -- self-healing (chunk_store/healing.py) -----------------------------------------------
 
@@ -191,7 +228,7 @@ class CassandraChunkStore(ChunkStore):
 
     async def rewrite(self, digest: Digest, compressed: bytes) -> None:
         """Write a good copy again: a new write timestamp supersedes a bad copy on every replica that takes it."""
-        await self.db.execute(self._put, (digest.hash, digest.size, compressed))
+        await self.db.execute(self._put, (digest.hash, digest.size, compressed, now_ms(), len(compressed)))
 
     async def quarantine(self, digest: Digest, reason: str, bad_sha256: str, healed: bool) -> None:
         self._prepare_healing()
@@ -230,7 +267,8 @@ class CassandraImageNames(WritableImageNames):
         self._all = db.prepare("SELECT * FROM {ks}.images", write=False)
         self._put = db.prepare(
             "INSERT INTO {ks}.images (name, index_hash, index_size, source_digest, content_bytes, chunk_count,"
-            " published_at, streaming_disabled, profile_hash, profile_size) VALUES (?, ?, ?, ?, ?, ?, ?, ?, null, null)",
+            " published_at, streaming_disabled, manifest_digest, profile_hash, profile_size)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, null, null)",
             write=True,
         )
         self._delete = db.prepare("DELETE FROM {ks}.images WHERE name = ? IF EXISTS", write=True)
@@ -245,7 +283,7 @@ class CassandraImageNames(WritableImageNames):
         image = images_pb2.Image(
             name=row.name, source_digest=row.source_digest or "", content_bytes=row.content_bytes or 0,
             chunk_count=row.chunk_count or 0, published_at=row.published_at or 0,
-            streaming_disabled=bool(row.streaming_disabled),
+            streaming_disabled=bool(row.streaming_disabled), manifest_digest=row.manifest_digest or "",
         )
         image.index.hash, image.index.size_bytes = row.index_hash, row.index_size
         if row.profile_hash:
@@ -265,7 +303,8 @@ class CassandraImageNames(WritableImageNames):
         await self.db.execute(
             self._put,
             (validate_name(image.name), image.index.hash, image.index.size_bytes, image.source_digest,
-             image.content_bytes, image.chunk_count, stored.published_at, image.streaming_disabled),
+             image.content_bytes, image.chunk_count, stored.published_at, image.streaming_disabled,
+             image.manifest_digest or None),
         )
         return stored
 
@@ -281,6 +320,10 @@ class CassandraImageNames(WritableImageNames):
         if not (rows and rows[0][0]):
             raise FailedPrecondition(f"image {name!r} is not published at index {index}")
         return await self.resolve(name)
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 def connect_from_settings(values: dict[str, str]) -> CassandraConnection:

@@ -239,13 +239,3 @@ class HealingStore(DelegatingStore):
                  report.checked, report.bytes / 1e6, report.seconds, report.corrupt, report.healed, report.unhealed,
                  report.unreadable)
         return report
-
-    async def scrub_forever(self, interval_s: float) -> None:
-        while True:
-            await asyncio.sleep(interval_s)
-            try:
-                await self.scrub()
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:  # noqa: BLE001 - a background job reports, it does not stop the store
-                log.warning("background scrub failed: %s", e)

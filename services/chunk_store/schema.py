@@ -30,20 +30,30 @@ log = logging.getLogger(__name__)
 DEFAULT_SUPERUSER = ("cassandra", "cassandra")
 
 TABLES = {
-    "chunks": "hash text, size bigint, data blob, PRIMARY KEY ((hash, size)))"
+    # used_at: when a push last wrote the chunk or found it stored (ms), what gc's grace period reads;
+    # stored_bytes: the frame's length, written with the data (a row without it holds no chunk)
+    "chunks": "hash text, size bigint, data blob, used_at bigint, stored_bytes int, PRIMARY KEY ((hash, size)))"
               " WITH compression = {'enabled': 'false'}",  # chunks are already zstd frames
     "images": "name text PRIMARY KEY, index_hash text, index_size bigint, source_digest text,"
               " content_bytes bigint, chunk_count bigint, published_at bigint,"
-              " profile_hash text, profile_size bigint, streaming_disabled boolean)",
+              " profile_hash text, profile_size bigint, streaming_disabled boolean, manifest_digest text)",
     # chunks found not to match their digest: kept (never deleted on a failed check), recorded here
     "quarantine": "hash text, size bigint, found_at bigint, reason text, bad_sha256 text, healed boolean,"
                   " PRIMARY KEY ((hash, size)))",
+    # mount leases (chunk_store/gc.py): a row per (holder, index), gone by itself when its TTL runs out
+    "leases": "holder text, index_hash text, index_size bigint, image text, expires_at bigint,"
+              " PRIMARY KEY ((holder), index_hash, index_size))",
     # the OCI Distribution side (chunk_store/distribution/cassandra_blobs.py)
-    "blobs": "digest text PRIMARY KEY, size bigint, media_type text, pieces blob)",
+    "blobs": "digest text PRIMARY KEY, size bigint, media_type text, pieces blob, used_at bigint)",
     "tags": "repository text, tag text, digest text, PRIMARY KEY ((repository), tag))",
 }
-# columns added to `images` since the table was first made: a store created by an older version gains them
-ADDED_COLUMNS = (("profile_hash", "text"), ("profile_size", "bigint"), ("streaming_disabled", "boolean"))
+# columns added since a table was first made: a store created by an older version gains them
+ADDED_COLUMNS = {
+    "images": (("profile_hash", "text"), ("profile_size", "bigint"), ("streaming_disabled", "boolean"),
+               ("manifest_digest", "text")),
+    "chunks": (("used_at", "bigint"), ("stored_bytes", "int")),
+    "blobs": (("used_at", "bigint"),),
+}
 # what the service's role may do on its keyspace: read and write rows, conditional updates included
 SERVICE_PERMISSIONS = ("SELECT", "MODIFY")
 
@@ -147,11 +157,12 @@ def setup(session: Any, keyspace: str, replication: dict[str, int], role: str, r
     session.execute(f"CREATE KEYSPACE IF NOT EXISTS {ks} WITH replication = {{{_replication(replication)}}}")
     for table, columns in TABLES.items():
         session.execute(f"CREATE TABLE IF NOT EXISTS {ks}.{table} ({columns}")
-    have = {row.column_name for row in session.execute(
-        "SELECT column_name FROM system_schema.columns WHERE keyspace_name = %s AND table_name = 'images'", (ks,))}
-    for column, kind in ADDED_COLUMNS:
-        if column not in have:
-            session.execute(f"ALTER TABLE {ks}.images ADD {column} {kind}")
+    for table, added in ADDED_COLUMNS.items():
+        have = {row.column_name for row in session.execute(
+            "SELECT column_name FROM system_schema.columns WHERE keyspace_name = %s AND table_name = %s", (ks, table))}
+        for column, kind in added:
+            if column not in have:
+                session.execute(f"ALTER TABLE {ks}.{table} ADD {column} {kind}")
     session.execute(f"CREATE ROLE IF NOT EXISTS {role} WITH LOGIN = true AND PASSWORD = %s", (role_password,))
     try:  # a new password file rotates the password (Cassandra allows a change every few seconds only)
         connect(session.cluster.contact_points, session.cluster.port, role, role_password).shutdown()
@@ -173,9 +184,9 @@ def check(cluster: Any, keyspace: str) -> None:
     if meta is None or missing:
         what = f"keyspace {keyspace!r}" if meta is None else f"tables {', '.join(missing)} of keyspace {keyspace!r}"
         raise FailedPrecondition(f"{what} not found: run the schema step first (python -m chunk_store.schema)")
-    columns = meta.tables["images"].columns
-    if any(c not in columns for c, _ in ADDED_COLUMNS):
-        raise FailedPrecondition(f"table {keyspace}.images lacks newer columns: run python -m chunk_store.schema")
+    for table, added in ADDED_COLUMNS.items():
+        if any(c not in meta.tables[table].columns for c, _ in added):
+            raise FailedPrecondition(f"table {keyspace}.{table} lacks newer columns: run python -m chunk_store.schema")
 
 
 SETTINGS = ("cassandra_hosts", "cassandra_port", "cassandra_keyspace", "cassandra_replication",

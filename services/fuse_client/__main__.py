@@ -33,6 +33,7 @@ from imagestream.v1 import fuse_pb2, fuse_pb2_grpc
 
 from fuse_client import held, mounts
 from fuse_client.filesystem import NodeFilesystem
+from fuse_client.leases import MountLeases
 from fuse_client.node import NodeImages
 
 log = logging.getLogger("fuse_client")
@@ -104,7 +105,9 @@ async def run(args: argparse.Namespace) -> None:
     names = GrpcImageNames(target, timeout_s=timeout)
     node = NodeClient(target, timeout_s=timeout)
     fs = NodeFilesystem()
-    images = NodeImages(fs, store, names, node, mountpoint, timeout_s=timeout, retries=int(args.fetch_retries))
+    leases = MountLeases(args.region)
+    images = NodeImages(fs, store, names, node, mountpoint, timeout_s=timeout, retries=int(args.fetch_retries),
+                        leases=leases)
     options = set(pyfuse3.default_options)
     options |= {"fsname=imagestream", "subtype=imagestream", "ro", "default_permissions", "nodev"}
     if os.geteuid() == 0:
@@ -135,6 +138,7 @@ async def run(args: argparse.Namespace) -> None:
         log.info("node FUSE client serving %s on unix:%s, ready in %.3f s", mountpoint, sock, time.monotonic() - started)
 
     ready = asyncio.ensure_future(after_init())
+    leases.start()
     try:
         await pyfuse3.main()
     finally:
@@ -147,6 +151,7 @@ async def run(args: argparse.Namespace) -> None:
             mounts.detach_mountpoint(m.mountpoint)
             mounts.forget(m.mountpoint)
         await images.close()
+        await leases.close()
         pyfuse3.close(unmount=True)
         await store.close()
         await names.close()

@@ -56,8 +56,9 @@ class Image:
 
 class NodeImages:
     def __init__(self, fs: NodeFilesystem, store: ChunkStore, names: ImageNames, node,  # type: ignore[no-untyped-def]
-                 mountpoint: str, timeout_s: float = 10.0, retries: int = 3) -> None:
+                 mountpoint: str, timeout_s: float = 10.0, retries: int = 3, leases=None) -> None:
         self.fs = fs
+        self.leases = leases  # MountLeases in the regional store (fuse_client/leases.py), or None
         self.store = store
         self.names = names
         self.node = node  # the node cache's Node API (background downloads), or None
@@ -111,6 +112,8 @@ class NodeImages:
             if first_lease:
                 image.record = record
                 self.fs.show(image.dirname, image.fs)
+                if self.leases is not None:  # gc keeps the image's chunks while it is attached here
+                    self._spawn(self.leases.hold(index, record.name))
             if request.download and not image.download_id:
                 self._downloads += 1  # a new id each time: the end of an earlier one may still be on its way
                 image.download_id = f"fuse:{image.dirname}:{self._downloads}"
@@ -177,6 +180,8 @@ class NodeImages:
             recorded, image.fs.recorded = image.fs.recorded, None
             download_id, image.download_id = image.download_id, ""
             download_started, image.download_started = image.download_started, None
+            if self.leases is not None:
+                self._spawn(self.leases.release(image.index))
             image.fs.reader = self._reader(image.fs.index)  # its chunks go: the node cache keeps them
         if touched or last:
             work = self._spawn(self._after_detach(image, touched, recorded, download_id, download_started))

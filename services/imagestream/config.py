@@ -75,6 +75,9 @@ SETTINGS = {s.name: s for s in [
     Setting("read_consistency", "LOCAL_QUORUM", "Cassandra consistency level for reads"),
     Setting("write_consistency", "LOCAL_QUORUM", "Cassandra consistency level for writes"),
     Setting("scrub_interval", "0", "seconds between background scrubs of every regional chunk (0: none)"),
+    Setting("gc_interval", "0", "seconds between background garbage collections of the regional store (0: none)"),
+    Setting("gc_grace", "3600",
+            "seconds gc keeps an unreferenced chunk or blob after a push wrote or found it (a push under way)"),
     # zonal cache (Redis)
     Setting("zonal_cache_listen", "127.0.0.1:50062", "address the zonal cache serves gRPC on"),
     Setting("zonal_cache_metrics", "127.0.0.1:9462", "address of the zonal cache's Prometheus /metrics"),
@@ -95,6 +98,9 @@ SETTINGS = {s.name: s for s in [
     Setting("node_background_concurrency", "2", "background download batches in flight at once"),
     Setting("node_background_quiet", "1.0",
             "seconds without a foreground fetch before the rest of an image (beyond its startup profile) downloads (0: at once)"),
+    Setting("node_gc_interval", "0",
+            "seconds between removals of every chunk on the node's disk that no mounted image pins (0: none; "
+            "the disk cache evicts least recently used chunks when it needs room either way)"),
     # clients
     Setting("region", "127.0.0.1:50061", "the regional store, where writes go: push, images, rm, startup profiles"),
     Setting("chunk_size", "1MiB", "chunk size used by push"),

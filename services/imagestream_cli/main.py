@@ -31,6 +31,24 @@ def _fail(e: Exception) -> None:
     sys.exit(1)
 
 
+def _ask(make_client, call):  # type: ignore[no-untyped-def]
+    """One call on a gRPC client made (in the event loop) by `make_client`, closed afterwards; an error is
+    one line and exit status 1."""
+    import asyncio
+
+    async def run():  # type: ignore[no-untyped-def]
+        client = make_client()
+        try:
+            return await call(client)
+        finally:
+            await client.close()
+
+    try:
+        return asyncio.run(run())
+    except ImagestreamError as e:
+        _fail(e)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @_setting("home")
 @_setting("cache_dir")
@@ -48,7 +66,7 @@ def main(ctx: click.Context) -> None:
 
 
 # the commands whose own calls are worth a trace (reads are traced by the node's FUSE client)
-TRACED = {"push", "images", "rm"}
+TRACED = {"push", "images", "rm", "gc"}
 
 
 # -- stack ------------------------------------------------------------------
@@ -104,12 +122,21 @@ def stack_status() -> None:
 @_setting("chunk_size")
 @click.option("--quiet", "-q", is_flag=True, help="no progress bars")
 @click.option("--no-streaming", is_flag=True, help="nodes must pull this image in full before running it")
-def push(source: str, name: str, quiet: bool, no_streaming: bool) -> None:
-    """Convert SOURCE (OCI layout dir, OCI archive, or docker save archive) and publish it as NAME."""
-    from imagestream_cli.push import push as do_push
+@click.option("--platform", default=None, metavar="OS/ARCH[/VARIANT]",
+              help="the manifest to take from a multi-platform image (default: this node's)")
+@click.option("--ca-file", type=click.Path(dir_okay=False), default=None,
+              help="registry source: trust this CA (PEM) for its TLS certificate")
+@click.option("--plain-http", is_flag=True, help="registry source: speak plain HTTP (a local registry)")
+def push(source: str, name: str, quiet: bool, no_streaming: bool, platform: str | None, ca_file: str | None,
+         plain_http: bool) -> None:
+    """Convert SOURCE and publish it as NAME. SOURCE is an OCI layout dir, an OCI archive, a docker save
+    archive, or an image in a registry: HOST[:PORT]/REPOSITORY[:TAG|@DIGEST] (credentials from Docker's
+    config.json: $DOCKER_CONFIG/config.json or ~/.docker/config.json)."""
+    from imagestream_cli.push import SourceOptions, push as do_push
 
     try:
-        result = do_push(source, name, progress=not quiet, streaming=not no_streaming)
+        result = do_push(source, name, progress=not quiet, streaming=not no_streaming,
+                         options=SourceOptions(platform, ca_file, plain_http))
     except ImagestreamError as e:
         _fail(e)
     click.echo(result.summary())
@@ -128,17 +155,8 @@ def scrub(limit: int, list_only: bool) -> None:
     from imagestream.digests import Digest
     from imagestream.rpc.client import GrpcRegionalAdmin
 
-    async def call():  # type: ignore[no-untyped-def]
-        admin = GrpcRegionalAdmin(config.get("region"))
-        try:
-            return await (admin.list_quarantine() if list_only else admin.scrub(limit))
-        finally:
-            await admin.close()
-
-    try:
-        reply = asyncio.run(call())
-    except ImagestreamError as e:
-        _fail(e)
+    reply = _ask(lambda: GrpcRegionalAdmin(config.get("region")),
+                 lambda admin: admin.list_quarantine() if list_only else admin.scrub(limit))
     chunks = reply.chunks if list_only else reply.found
     if not list_only:
         click.echo(f"scrubbed {reply.checked} chunks ({reply.bytes / 1e6:.1f} MB) in {reply.seconds:.1f} s: "
@@ -150,6 +168,39 @@ def scrub(limit: int, list_only: bool) -> None:
         click.echo(f"  {Digest.from_proto(q.digest)}  {state}  found {found} UTC: {q.reason}")
     if not list_only and (reply.unhealed or reply.unreadable):
         sys.exit(1)
+
+
+@main.command()
+@_setting("region")
+@_setting("node_cache_socket")
+@click.option("--node", "on_node", is_flag=True,
+              help="collect on this node instead: remove every chunk on its disk that no mounted image pins")
+@click.option("--dry-run", is_flag=True, help="only count what would be collected")
+@click.option("--grace", type=int, default=0, metavar="SECONDS",
+              help="keep what a push wrote or found stored this recently (default: the store's IMAGESTREAM_GC_GRACE)")
+def gc(on_node: bool, dry_run: bool, grace: int) -> None:
+    """Collect garbage in the regional store, mark and sweep: chunks, indexes, profiles and blobs that no
+    name, no OCI tag, no mount lease and no push under way (the grace period) references."""
+    import asyncio
+
+    from imagestream.rpc.client import GrpcRegionalAdmin, NodeClient
+
+    if grace < 0:
+        _fail(click.UsageError("--grace must be >= 0"))
+
+    if on_node:
+        r = _ask(lambda: NodeClient("unix:" + config.node_cache_socket()), lambda node: node.collect_garbage(dry_run))
+    else:
+        r = _ask(lambda: GrpcRegionalAdmin(config.get("region")), lambda admin: admin.collect_garbage(grace, dry_run))
+    verb = "would collect" if dry_run else "collected"
+    if on_node:
+        click.echo(f"node: {verb} {r.chunks_collected} unpinned chunks, {r.bytes_collected / 1e6:.1f} MB reclaimed; "
+                   f"{r.chunks_pinned} chunks pinned by mounted images kept")
+        return
+    click.echo(f"regional store: {verb} {r.chunks_collected} chunks, {r.bytes_collected / 1e6:.1f} MB reclaimed "
+               f"({r.bytes_collected} bytes), and {r.blobs_collected} blob records; {r.live_chunks} live chunks "
+               f"reached from {r.names} names, {r.tags} tags and {r.leases} mount leases; {r.chunks_kept_recent} "
+               f"unreferenced chunks kept as recent (a push under way); {r.seconds:.1f} s")
 
 
 @main.command()
@@ -182,7 +233,8 @@ def images() -> None:
 @click.argument("name")
 @_setting("region")
 def rm(name: str) -> None:
-    """Remove the name NAME from the regional store (its chunks stay; other images may share them)."""
+    """Remove the name NAME and its tag on the regional OCI endpoint (containerd can no longer pull it). Its
+    chunks and blobs stay until `imagestream gc` collects what no other image shares."""
     import asyncio
 
     from imagestream.rpc.client import GrpcImageNames

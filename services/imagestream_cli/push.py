@@ -44,6 +44,8 @@ class PushResult:
     convert_s: float
     upload_s: float
     manifest_digest: str = ""  # of the OCI manifest kept for pulls the normal way (chunk_store.distribution)
+    blobs_stored: int = 0  # config and layer blobs stored by this push
+    blobs_known: int = 0  # already stored (by digest): each original blob is kept once
 
     def summary(self) -> str:
         c = self.converted
@@ -52,33 +54,50 @@ class PushResult:
             f"pushed {self.image.name}: {c.files} files, {c.content_bytes / 1e6:.1f} MB in {len(c.chunks)} chunks; "
             f"uploaded {self.uploaded_chunks} new chunks ({self.uploaded_bytes / 1e6:.1f} MB compressed); "
             f"index sha256:{c.index_digest.hash[:12]}; {c.content_bytes / 1e6 / total:.1f} MB/s "
-            f"(convert {self.convert_s:.1f} s, upload {self.upload_s:.1f} s); manifest {self.manifest_digest}"
+            f"(convert {self.convert_s:.1f} s, upload {self.upload_s:.1f} s); {self.blobs_stored} blobs stored, "
+            f"{self.blobs_known} already stored; manifest {self.manifest_digest}"
         )
 
 
+@dataclasses.dataclass
+class SourceOptions:
+    """How to read the source: the platform to pick from an image index (default: this node's), and for a
+    registry, a private CA and whether it speaks plain HTTP."""
+
+    platform: str | None = None
+    ca_file: str | None = None
+    plain_http: bool = False
+
+
 def push(source: str | pathlib.Path, name: str, region: str | None = None, chunk_size: int | None = None,
-         progress: bool = True, streaming: bool = True) -> PushResult:
+         progress: bool = True, streaming: bool = True, options: SourceOptions | None = None) -> PushResult:
     with telemetry.tracer.start_as_current_span("push") as span:
         if span.is_recording():
             span.set_attributes({"imagestream.image": name, "imagestream.source": str(source)})
-        return _push(source, name, region, chunk_size, progress, streaming)
+        return _push(source, name, region, chunk_size, progress, streaming, options or SourceOptions())
 
 
 def _push(source: str | pathlib.Path, name: str, region: str | None, chunk_size: int | None,
-          progress: bool, streaming: bool) -> PushResult:
+          progress: bool, streaming: bool, options: SourceOptions) -> PushResult:
     validate_name(name)
     region = region or config.get("region")
     chunk_size = chunk_size or config.parse_size(config.get("chunk_size"))
-    with push_spool() as spool_dir, open_image(source) as image_source:
+    with push_spool() as spool_dir, open_image(source, options.platform, spool_dir / "blobs", options.ca_file,
+                                               options.plain_http) as image_source:
         started = time.monotonic()
-        with tqdm(total=len(image_source.layers), unit="layer", desc="convert", disable=not progress) as bar:
+        # a registry's blobs stream in while the layers are converted: one bar for the bytes, one for the layers
+        with tqdm(total=image_source.download_bytes, unit="B", unit_scale=True, desc="download",
+                  disable=not progress or not image_source.download_bytes) as download, \
+                tqdm(total=len(image_source.layers), unit="layer", desc="convert", disable=not progress) as bar:
+            image_source.on_bytes = download.update
             converted, spool = convert(image_source, spool_dir, chunk_size,
                                        on_layer=lambda done, total: bar.update(1))
         convert_s = time.monotonic() - started
         started = time.monotonic()
-        image, uploaded, uploaded_bytes, manifest = asyncio.run(
+        image, uploaded, uploaded_bytes, manifest, blobs = asyncio.run(
             _upload(converted, spool, name, region, progress, streaming, image_source))
-        return PushResult(image, converted, uploaded, uploaded_bytes, convert_s, time.monotonic() - started, manifest)
+        return PushResult(image, converted, uploaded, uploaded_bytes, convert_s, time.monotonic() - started, manifest,
+                          *blobs)
 
 
 async def _upload(converted: Converted, spool, name: str, target: str, progress: bool, streaming: bool,  # type: ignore[no-untyped-def]
@@ -103,13 +122,14 @@ async def _upload(converted: Converted, spool, name: str, target: str, progress:
             await store.put_many(chunks())
         # what was received, kept for pulls the normal way; a streamable image's layers say so
         with tqdm(unit="B", unit_scale=True, desc="blobs", disable=not progress) as bar:
-            manifest, _ = await push_blobs(source, store, dist, name, converted.index_digest if streaming else None,
-                                           on_bytes=bar.update)
+            manifest, _, blobs_stored, blobs_known = await push_blobs(
+                source, store, dist, name, converted.index_digest if streaming else None, on_bytes=bar.update)
         # last: a name is never visible before everything it leads to is stored
         image = images_pb2.Image(name=name, index=converted.index_digest.to_proto(),
-                                 source_digest=converted.source_digest, streaming_disabled=not streaming)
+                                 source_digest=converted.source_digest, streaming_disabled=not streaming,
+                                 manifest_digest=manifest)
         published = await names.publish(image)
-        return published, len(missing), total, manifest
+        return published, len(missing), total, manifest, (blobs_stored, blobs_known)
     finally:
         await store.close()
         await names.close()
@@ -126,18 +146,21 @@ def split_pieces(f: IO[bytes]) -> Iterator[tuple[bytes, Digest, bytes]]:
 
 
 async def push_blobs(source, chunks: ChunkStore, dist: GrpcDistribution, name: str,  # type: ignore[no-untyped-def]
-                     index: Digest | None, on_bytes=lambda n: None) -> tuple[str, int]:
-    """Store the source's config and layer blobs as received, then its manifest under NAME's tag.
+                     index: Digest | None, on_bytes=lambda n: None) -> tuple[str, int, int, int]:
+    """Store the source's config and layer blobs as received, then its manifest, untagged: publishing NAME
+    tags it (chunk_store.distribution.blobs.TaggedNames), so a push that fails before leaves no tag.
 
     `index` set: the image streams, and the stored manifest's layers carry the annotations a node's
     snapshotter looks for (see the module's doc). An OCI source keeps its manifest (plus those
     annotations); a docker archive, which has none, gets an OCI manifest made for it. Blobs already
-    recorded are not read again. Returns the stored manifest's digest and the bytes uploaded.
+    recorded are not read again. Returns the stored manifest's digest, the bytes uploaded, and the blobs
+    stored and found already stored.
     """
-    uploaded = 0
+    uploaded = stored = 0
 
     async def store_blob(opener, media_type: str, expected: str | None) -> dict[str, Any]:
-        nonlocal uploaded
+        nonlocal uploaded, stored
+        stored += 1
         pieces = []
         with opener() as f:
             blob = HashingStream(f)
@@ -158,9 +181,11 @@ async def push_blobs(source, chunks: ChunkStore, dist: GrpcDistribution, name: s
         return {"mediaType": media_type, "digest": actual, "size": blob.size}
 
     manifest = source.manifest
+    known = 0
     if manifest is not None:  # OCI: the blobs are named by the manifest
         descriptors = [manifest["config"], *manifest.get("layers", [])]
         missing = set(await dist.find_missing([d["digest"] for d in descriptors]))
+        known = len({d["digest"] for d in descriptors} - missing)
         if manifest["config"]["digest"] in missing:
             await store_blob(lambda: io.BytesIO(source.config_bytes), manifest["config"].get("mediaType", MEDIA_OCI_CONFIG),
                              manifest["config"]["digest"])
@@ -176,5 +201,5 @@ async def push_blobs(source, chunks: ChunkStore, dist: GrpcDistribution, name: s
         manifest = annotate_for_streaming(manifest, name, index)
     media_type = manifest.get("mediaType") or MEDIA_OCI_MANIFEST
     content = json.dumps(manifest, separators=(",", ":"), sort_keys=True).encode()
-    repository, tag = repository_and_tag(name)
-    return await dist.put_manifest(repository, tag, media_type, content), uploaded
+    repository, _ = repository_and_tag(name)
+    return await dist.put_manifest(repository, "", media_type, content), uploaded, stored, known

@@ -12,7 +12,10 @@ import gzip
 import hashlib
 import io
 import json
+import os
 import pathlib
+import platform as platform_module
+import re
 import tarfile
 from collections.abc import Callable, Iterator
 from typing import IO, Any
@@ -80,6 +83,9 @@ class ImageSource:
         self.config: dict[str, Any] = {}
         self.layers: list[Layer] = []
         self.unpacked_bytes = 0  # of the layers read so far, uncompressed
+        self.blob_sizes: dict[str, int] = {}  # descriptor sizes, for sources that download blobs
+        self.download_bytes = 0  # what a registry source downloads (config and layers); 0 for local files
+        self.on_bytes: Callable[[int], None] = lambda n: None  # called as blob bytes are downloaded
 
     # -- per format ------------------------------------------------------
     def _open(self, name: str) -> IO[bytes]:
@@ -194,6 +200,15 @@ def _opt_str(value: Any, what: str) -> str:
     return value
 
 
+def _size(value: Any, what: str) -> int | None:
+    """A descriptor's size (None if it names none: local layouts are read whole anyway)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << 50:
+        raise BadImage(f"{what}: size {value!r} is not a byte count")
+    return value
+
+
 def _check_digest_form(digest: Any, what: str) -> None:
     if not isinstance(digest, str):
         raise BadImage(f"{what}: digest {digest!r} is not a string")
@@ -204,36 +219,79 @@ def _check_digest_form(digest: Any, what: str) -> None:
 
 
 
-def _pick_manifest(image_index: dict[str, Any], what: str) -> dict[str, Any]:
+_ARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64", "armv7l": "arm",
+         "armv6l": "arm", "i686": "386", "i386": "386", "ppc64le": "ppc64le", "s390x": "s390x", "riscv64": "riscv64"}
+
+
+def node_platform() -> str:
+    """This node's platform as an image index names it: 'linux/amd64', 'linux/arm64', ..."""
+    machine = platform_module.machine().lower()
+    return f"linux/{_ARCH.get(machine, machine)}"
+
+
+def parse_platform(text: str) -> tuple[str, str, str]:
+    """'linux/arm64/v8' -> ('linux', 'arm64', 'v8'); BadImage if it is not OS/ARCH[/VARIANT]."""
+    parts = text.split("/")
+    if not 2 <= len(parts) <= 3 or not all(re.fullmatch(r"[a-z0-9_.-]{1,32}", p) for p in parts):
+        raise BadImage(f"platform {text!r}: want OS/ARCH[/VARIANT], e.g. linux/amd64 or linux/arm64/v8")
+    return parts[0], parts[1], parts[2] if len(parts) == 3 else ""
+
+
+def _pick_manifest(image_index: dict[str, Any], what: str, wanted: str) -> dict[str, Any]:
+    """The descriptor of the manifest for platform `wanted` (OS/ARCH[/VARIANT]) in an image index."""
     manifests = image_index.get("manifests")
     if not isinstance(manifests, list) or not manifests:
         raise BadImage(f"{what}: lists no manifests")
-    for i, m in enumerate(manifests):  # prefer linux/amd64 when several platforms are listed
+    want_os, want_arch, want_variant = parse_platform(wanted)
+    listed = []
+    for i, m in enumerate(manifests):
         m = _obj(m, f"{what}: manifests[{i}]")
         platform = _obj(m.get("platform") or {}, f"{what}: manifests[{i}].platform")
-        if platform.get("os", "linux") == "linux" and platform.get("architecture", "amd64") == "amd64":
+        if not platform and len(manifests) == 1:
+            return m  # a single manifest that names no platform: the image has one
+        os_, arch = _opt_str(platform.get("os"), f"{what}: os"), _opt_str(platform.get("architecture"), f"{what}: arch")
+        variant = _opt_str(platform.get("variant"), f"{what}: variant")
+        if os_ == want_os and arch == want_arch and (not want_variant or variant == want_variant):
             return m
-    raise BadImage(f"{what}: no linux/amd64 manifest among {len(manifests)}")
+        listed.append("/".join(p for p in (os_ or "?", arch or "?", variant) if p))
+    raise BadImage(f"{what}: no {wanted} manifest (the index has {', '.join(listed)}; choose one with --platform)")
 
 
 class _OciSource(ImageSource):
     """OCI image layout: oci-layout, index.json, blobs/<algo>/<hex>."""
 
+    platform = ""  # OS/ARCH[/VARIANT] picked from an image index
+
     def _load(self) -> None:
         if not self._exists("oci-layout"):
             raise BadImage(f"{self.path}: no oci-layout file, not an OCI image layout")
-        descriptor = _pick_manifest(self._json(self._read_blob("index.json", None, "index.json"), "index.json"), "index.json")
-        # an image index may point to another image index (multi-platform images)
-        for _ in range(4):
-            digest = descriptor.get("digest", "")
-            _check_digest_form(digest, "index.json")
-            doc = self._json(self._read_blob(self._blob(digest), digest, f"manifest {digest}"), f"manifest {digest}")
+        descriptor = _pick_manifest(self._json(self._read_blob("index.json", None, "index.json"), "index.json"),
+                                    "index.json", self.platform)
+        digest = descriptor.get("digest", "")
+        _check_digest_form(digest, "index.json")
+        self._follow(digest, self._json(self._read_manifest(digest), f"manifest {digest}"))
+
+    def _record_size(self, digest: str, value: Any, what: str) -> None:
+        size = _size(value, what)
+        if size is not None:
+            self.blob_sizes[digest] = size
+
+    def _read_manifest(self, digest: str) -> bytes:
+        """A manifest or image index by digest, checked against it."""
+        return self._read_blob(self._blob(digest), digest, f"manifest {digest}")
+
+    def _follow(self, digest: str, doc: dict[str, Any]) -> None:
+        """From a manifest or image index down to the image manifest of this platform, then load it."""
+        for _ in range(4):  # an image index may point to another image index (multi-platform images)
             if _opt_str(doc.get("mediaType"), f"manifest {digest}: mediaType") in IMAGE_INDEX_TYPES or "manifests" in doc:
-                descriptor = _pick_manifest(doc, f"image index {digest}")
+                descriptor = _pick_manifest(doc, f"image index {digest}", self.platform)
+                digest = descriptor.get("digest", "")
+                _check_digest_form(digest, f"image index {digest}")
+                doc = self._json(self._read_manifest(digest), f"manifest {digest}")
                 continue
             break
         else:
-            raise BadImage("index.json: image indexes nested too deeply")
+            raise BadImage(f"{self.path}: image indexes nested too deeply")
         self.manifest_digest = digest
         self.manifest = doc
         config = _obj(doc.get("config") or {}, f"manifest {digest}: config")
@@ -241,6 +299,7 @@ class _OciSource(ImageSource):
         _obj(doc.get("annotations") or {}, f"manifest {digest}: annotations")
         config_digest = config.get("digest", "")
         _check_digest_form(config_digest, f"manifest {digest} config")
+        self._record_size(config_digest, config.get("size"), f"manifest {digest} config")
         self._set_config(self._read_blob(self._blob(config_digest), config_digest, "image config"), "image config")
         layers = doc.get("layers")
         if not isinstance(layers, list):
@@ -254,6 +313,7 @@ class _OciSource(ImageSource):
             layer_digest = layer.get("digest", "")
             _check_digest_form(layer_digest, f"layer {i}")
             _check_digest_form(diff_id, f"layer {i} diff_id")
+            self._record_size(layer_digest, layer.get("size"), f"manifest {digest}: layer {i}")
             self.layers.append(Layer(i, self._blob(layer_digest), layer_digest, diff_id))
 
     @staticmethod
@@ -265,8 +325,9 @@ class _OciSource(ImageSource):
 class OciLayoutDir(_OciSource):
     format = "oci-layout"
 
-    def __init__(self, path: pathlib.Path) -> None:
+    def __init__(self, path: pathlib.Path, platform: str) -> None:
         super().__init__(path)
+        self.platform = platform
         self._load()
 
     def _exists(self, name: str) -> bool:
@@ -315,8 +376,9 @@ class _InArchive(ImageSource):
 class OciArchive(_InArchive, _OciSource):
     format = "oci-archive"
 
-    def __init__(self, path: pathlib.Path, members: _TarMembers) -> None:
+    def __init__(self, path: pathlib.Path, members: _TarMembers, platform: str) -> None:
         super().__init__(path, members)
+        self.platform = platform
         self._load()
 
 
@@ -356,17 +418,114 @@ class DockerArchive(_InArchive):
             self.layers.append(Layer(i, name, None, diff_id))
 
 
-def open_image(path: str | pathlib.Path) -> ImageSource:
-    """Open SOURCE as whichever of the three formats it is; BadImage says why not."""
-    path = pathlib.Path(path)
-    if path.is_dir():
-        return OciLayoutDir(path)
-    if not path.exists():
-        raise BadImage(f"{path}: no such file or directory")
-    members = _TarMembers(path)
+class _SpoolingBlob(io.RawIOBase):
+    """A blob read off the registry: hashed as it streams, and written to the spool as it is read, so
+    that push reads it once. The spooled file gets its final name only once every byte has been read
+    and matched the digest; a blob cut short or not matching leaves nothing behind."""
+
+    def __init__(self, body: IO[bytes], digest: str, final: pathlib.Path, on_bytes: Callable[[int], None]) -> None:
+        self.body = HashingStream(body)
+        self.digest = digest
+        self.final = final
+        self.part = final.with_name(final.name + ".part")
+        self.file = open(self.part, "wb")
+        self.on_bytes = on_bytes
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:  # type: ignore[no-untyped-def]
+        n = self.body.readinto(b)
+        if n:
+            self.file.write(memoryview(b)[:n])
+            self.on_bytes(n)
+        elif not self.file.closed:
+            self.file.close()
+            if self.body.oci_digest() != self.digest:
+                raise BadImage(f"blob {self.digest} from the registry does not match its digest "
+                               f"(content is {self.body.oci_digest()})")
+            os.replace(self.part, self.final)
+        return n
+
+    def close(self) -> None:
+        if not self.closed:
+            if not self.file.closed:
+                self.file.close()
+            self.part.unlink(missing_ok=True)
+            self.body.inner.close()
+        super().close()
+
+
+class RegistrySource(_OciSource):
+    """An image in a registry (OCI Distribution API): the manifest of this platform, its config and layers,
+    each blob streamed once, checked against its digest as it streams, and kept in the push's spool."""
+
+    format = "registry"
+
+    def __init__(self, reference: str, spool: pathlib.Path, platform: str, ca_file: str | None,
+                 plain_http: bool) -> None:
+        from imagestream_cli.registry import RegistryClient, parse_reference
+
+        self.ref = parse_reference(reference)
+        super().__init__(pathlib.Path(str(self.ref)))
+        self.platform = platform
+        self.spool = spool
+        self.spool.mkdir(parents=True, exist_ok=True)
+        self.client = RegistryClient(self.ref, ca_file=ca_file, plain_http=plain_http)
+        try:
+            top = self.client.manifest(self.ref.reference)
+            self._follow(top.digest, top.json())
+        except BaseException:
+            self.client.close()
+            raise
+        self.download_bytes = sum(self.blob_sizes.values())
+
+    def _read_manifest(self, digest: str) -> bytes:
+        return self.client.manifest(digest).content
+
+    def _local(self, name: str) -> pathlib.Path:
+        return self.spool / name.rsplit("/", 1)[-1]
+
+    def _exists(self, name: str) -> bool:
+        return name.startswith("blobs/sha256/")
+
+    def _open(self, name: str) -> IO[bytes]:
+        local = self._local(name)
+        if local.exists():
+            return open(local, "rb")
+        digest = "sha256:" + name.rsplit("/", 1)[-1]
+        if digest not in self.blob_sizes:
+            raise BadImage(f"{self.path}: the descriptor of blob {digest} gives no size")
+        body = self.client.open_blob(digest, self.blob_sizes[digest])
+        # buffered: read(n) then returns n bytes unless the blob ends, as a local file's would
+        return io.BufferedReader(_SpoolingBlob(body, digest, local, self.on_bytes), 1 << 20)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def open_image(path: str | pathlib.Path, platform: str | None = None, spool: pathlib.Path | None = None,
+               ca_file: str | None = None, plain_http: bool = False) -> ImageSource:
+    """Open SOURCE as an OCI layout, OCI archive, docker archive, or a registry reference (HOST/REPO:TAG);
+    BadImage (or RegistryError) says why not. `platform` (OS/ARCH[/VARIANT], default this node's) picks the
+    manifest of an image index; a registry source spools its blobs under `spool`."""
+    platform = platform or node_platform()
+    parse_platform(platform)
+    from imagestream_cli.registry import looks_like_reference
+
+    local = pathlib.Path(path)
+    if not local.exists() and looks_like_reference(str(path)):
+        if spool is None:
+            raise BadImage(f"{path}: a registry source needs a spool folder")
+        return RegistrySource(str(path), spool, platform, ca_file, plain_http)
+    if local.is_dir():
+        return OciLayoutDir(local, platform)
+    if not local.exists():
+        raise BadImage(f"{local}: no such file or directory (nor a registry reference HOST[:PORT]/REPOSITORY[:TAG])")
+    members = _TarMembers(local)
     if members.exists("oci-layout"):
-        return OciArchive(path, members)
+        return OciArchive(local, members, platform)
     if members.exists("manifest.json"):
-        return DockerArchive(path, members)
+        return DockerArchive(local, members)
     members.tar.close()
-    raise BadImage(f"{path}: neither an OCI archive (no oci-layout) nor a docker archive (no manifest.json)")
+    raise BadImage(f"{local}: neither an OCI archive (no oci-layout) nor a docker archive (no manifest.json)")

@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import logging
 
 import grpc
 
 from imagestream import config, telemetry, tls
+from imagestream.periodic import every
 from imagestream.digests import Digest
 from imagestream.rpc.client import FailoverImageNames, GrpcChunkStore, GrpcImageNames
 from imagestream.rpc.server import serve, service_main
@@ -21,9 +23,11 @@ from node_cache.downloads import Downloads
 from node_cache.fetcher import NodeFetcher
 from node_cache.state import StateFile
 
+log = logging.getLogger(__name__)
+
 SETTINGS = ("home", "node_cache_socket", "node_cache_metrics", "node_upstreams", "node_memory_bytes", "node_disk_bytes", "node_disk_dir",
-            "node_background_bandwidth", "node_background_concurrency", "node_background_quiet", "region",
-            "socket_group", *tls.SETTINGS)
+            "node_background_bandwidth", "node_background_concurrency", "node_background_quiet", "node_gc_interval",
+            "region", "socket_group", *tls.SETTINGS)
 
 
 @dataclasses.dataclass
@@ -34,6 +38,8 @@ class Node:
     disk: DiskStore
     fetcher: NodeFetcher
     store: ReadThroughStore
+    gc_chunks: int = 0  # removed by node gc since start
+    gc_bytes: int = 0
 
 
 def build(args: argparse.Namespace) -> Node:
@@ -75,6 +81,12 @@ def collect(node: Node, downloads: Downloads):  # type: ignore[no-untyped-def]
         nbytes.add_metric([d.image, "local"], d.bytes_local)
     yield chunks
     yield nbytes
+    gc_chunks = CounterMetricFamily("imagestream_node_gc_collected_chunks", "Unpinned chunks node gc removed from disk")
+    gc_chunks.add_metric([], node.gc_chunks)
+    gc_bytes = CounterMetricFamily("imagestream_node_gc_collected_bytes", "Bytes node gc removed from disk")
+    gc_bytes.add_metric([], node.gc_bytes)
+    yield gc_chunks
+    yield gc_bytes
 
 
 class NodeServicer(node_pb2_grpc.NodeServicer):
@@ -95,6 +107,9 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
         self.downloads.end(request.mount_id)
         return node_pb2.EndDownloadResponse()
 
+    async def CollectGarbage(self, request, context):  # type: ignore[no-untyped-def]
+        return await collect_garbage(self.node, request.dry_run)
+
     async def GetNodeStatus(self, request, context):  # type: ignore[no-untyped-def]
         n = self.node
         tiers = [
@@ -112,24 +127,38 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
         )
 
 
+async def collect_garbage(node: Node, dry_run: bool = False) -> node_pb2.NodeGarbageReport:
+    chunks, nbytes = await node.disk.collect_unpinned(dry_run)
+    if not dry_run:
+        node.gc_chunks += chunks
+        node.gc_bytes += nbytes
+    log.info("node gc%s: %d unpinned chunks (%.1f MB) removed from the disk cache, %d pinned kept",
+             " (dry run)" if dry_run else "", chunks, nbytes / 1e6, node.disk.pinned_chunks)
+    return node_pb2.NodeGarbageReport(chunks_collected=chunks, bytes_collected=nbytes,
+                                      chunks_pinned=node.disk.pinned_chunks, dry_run=dry_run)
+
+
 async def main(args: argparse.Namespace) -> None:
     node = build(args)
     downloads = Downloads(node.store, node.disk, node.fetcher, concurrency=int(args.node_background_concurrency),
                           state=StateFile(config.node_disk_dir() / "downloads.json"))
     downloads.resume()
     reaper = asyncio.ensure_future(downloads.reap_forever())
+    collector = every(float(args.node_gc_interval), lambda: collect_garbage(node), "node gc")
     names = FailoverImageNames([GrpcImageNames(t) for t in config.parse_list(args.node_upstreams)])
     await serve(
         "node_cache", ["unix:" + config.node_cache_socket()], node.store, names, region=args.region,
         add_servicers=lambda server: node_pb2_grpc.add_NodeServicer_to_server(NodeServicer(node, downloads), server),
         metrics=(args.node_cache_metrics, lambda: collect(node, downloads)),
-        on_stop=_stop(reaper, downloads),  # the state file stays: the next start resumes what is under way
+        on_stop=_stop(downloads, reaper, collector),  # the state file stays: the next start resumes what is under way
     )
 
 
-def _stop(reaper: asyncio.Task, downloads: Downloads):  # type: ignore[no-untyped-def]
+def _stop(downloads: Downloads, *tasks: asyncio.Task | None):  # type: ignore[no-untyped-def]
     async def stop() -> None:
-        reaper.cancel()
+        for task in tasks:
+            if task is not None:
+                task.cancel()
         await downloads.flush()
 
     return stop

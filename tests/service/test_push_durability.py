@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import pathlib
 import signal
 import subprocess
-import tarfile
 import time
 
 import pytest
@@ -19,15 +17,7 @@ from tests.conftest import run_cli
 def _small_layout(tmp_path: pathlib.Path, name: str = "image", size: int = 300_000) -> pathlib.Path:
     from imagestream_dev import imagebuild
 
-    layer_tar = tmp_path / f"{name}-layer.tar"
-    with tarfile.open(layer_tar, "w") as tar:
-        info = tarfile.TarInfo("data/file")
-        payload = os.urandom(size)
-        info.size = len(payload)
-        tar.addfile(info, io.BytesIO(payload))
-    layout = tmp_path / name
-    imagebuild.write_oci_layout_from_layers([layer_tar], layout)
-    return layout
+    return imagebuild.layout_of_files({"data/file": os.urandom(size)}, tmp_path / name, tmp_path)
 
 
 def _spools(tmpdir: pathlib.Path) -> list[pathlib.Path]:

@@ -12,8 +12,10 @@ from collections.abc import AsyncIterator, Iterable
 
 from imagestream.digests import Digest, compress, decompress_verified
 from imagestream.errors import FailedPrecondition, InvalidArgument, NotFound
-from imagestream.oci import MANIFEST_TYPES, REFERENCE, BlobRecord, check_digest
+from imagestream.names import WritableImageNames, validate_name
+from imagestream.oci import MANIFEST_TYPES, REFERENCE, BlobRecord, check_digest, repository_and_tag
 from imagestream.store.base import ChunkStore
+from imagestream.v1 import images_pb2
 
 
 class BlobIndex(abc.ABC):
@@ -30,6 +32,23 @@ class BlobIndex(abc.ABC):
 
     @abc.abstractmethod
     async def get_tag(self, repository: str, reference: str) -> str | None: ...
+
+    @abc.abstractmethod
+    async def delete_tag(self, repository: str, reference: str) -> None: ...
+
+    async def touch(self, digest: str) -> None:
+        """A push found the blob recorded and relies on it: gc's grace period starts again."""
+
+    # for gc (chunk_store/gc.py): every record with when it was last used, every tag, a delete that loses
+    # to a touch in between
+    @abc.abstractmethod
+    async def all_blobs(self) -> list[tuple[str, int | None]]: ...
+
+    @abc.abstractmethod
+    async def all_tags(self) -> list[tuple[str, str, str]]: ...
+
+    @abc.abstractmethod
+    async def delete_blob_if(self, digest: str, used_at: int | None) -> bool: ...
 
 
 class MemoryBlobIndex(BlobIndex):
@@ -48,6 +67,18 @@ class MemoryBlobIndex(BlobIndex):
 
     async def get_tag(self, repository: str, reference: str) -> str | None:
         return self.tags.get((repository, reference))
+
+    async def delete_tag(self, repository: str, reference: str) -> None:
+        self.tags.pop((repository, reference), None)
+
+    async def all_blobs(self) -> list[tuple[str, int | None]]:
+        return [(d, 0) for d in self.blobs]
+
+    async def all_tags(self) -> list[tuple[str, str, str]]:
+        return [(r, t, d) for (r, t), d in self.tags.items()]
+
+    async def delete_blob_if(self, digest: str, used_at: int | None) -> bool:
+        return self.blobs.pop(digest, None) is not None
 
 
 class Distribution:
@@ -73,7 +104,8 @@ class Distribution:
         await self.index.put_blob(record)
 
     async def put_manifest(self, repository: str, reference: str, media_type: str, content: bytes) -> str:
-        if not REFERENCE.match(reference):
+        """Store a manifest whose blobs are all recorded; tag it `reference` (empty: stored untagged)."""
+        if reference and not REFERENCE.match(reference):
             raise InvalidArgument(f"invalid tag {reference!r}")
         if media_type not in MANIFEST_TYPES:
             raise InvalidArgument(f"manifest media type {media_type!r} is not one of {', '.join(MANIFEST_TYPES)}")
@@ -90,11 +122,19 @@ class Distribution:
         await self.store.put(piece, compress(content))
         digest = "sha256:" + piece.hash
         await self.index.put_blob(BlobRecord(digest, len(content), media_type, [piece]))
-        await self.index.put_tag(repository, reference, digest)
+        if reference:
+            await self.index.put_tag(repository, reference, digest)
         return digest
 
     async def find_missing(self, digests: Iterable[str]) -> list[str]:
-        return [d for d in dict.fromkeys(digests) if await self.index.get_blob(check_digest(d)) is None]
+        """The blobs not recorded; those recorded are marked used (gc keeps them for the push that asked)."""
+        missing = []
+        for d in dict.fromkeys(digests):
+            if await self.index.get_blob(check_digest(d)) is None:
+                missing.append(d)
+            else:
+                await self.index.touch(d)
+        return missing
 
     async def manifest(self, repository: str, reference: str) -> BlobRecord:
         """The manifest a tag or digest names in `repository`; NotFound otherwise."""
@@ -135,3 +175,45 @@ class Distribution:
         finally:
             if ahead is not None:
                 ahead.cancel()
+
+
+class TaggedNames(WritableImageNames):
+    """The regional names, with the OCI endpoint's tags kept in step: publishing NAME tags the image's
+    manifest as NAME's repository:tag, deleting NAME removes that tag. So a tag never outlives its
+    name (containerd can no longer pull a removed image), and a push that fails before its name is
+    published leaves no tag behind (the manifest was stored untagged)."""
+
+    def __init__(self, names: WritableImageNames, distribution: Distribution) -> None:
+        self.names = names
+        self.distribution = distribution
+
+    async def resolve(self, name: str) -> images_pb2.Image:
+        return await self.names.resolve(name)
+
+    async def list(self) -> list[images_pb2.Image]:
+        return await self.names.list()
+
+    async def set_profile(self, name: str, index: Digest, profile: Digest) -> images_pb2.Image:
+        return await self.names.set_profile(name, index, profile)
+
+    async def publish(self, image: images_pb2.Image) -> images_pb2.Image:
+        repository, tag = repository_and_tag(validate_name(image.name))
+        if image.manifest_digest:
+            record = await self.distribution.index.get_blob(check_digest(image.manifest_digest))
+            if record is None or record.media_type not in MANIFEST_TYPES:
+                raise FailedPrecondition(f"image {image.name!r}: manifest {image.manifest_digest} is not stored")
+            await self.distribution.index.put_tag(repository, tag, image.manifest_digest)
+        try:
+            return await self.names.publish(image)
+        except BaseException:
+            if image.manifest_digest:  # the name did not make it: neither does its tag
+                await asyncio.shield(self.distribution.index.delete_tag(repository, tag))
+            raise
+
+    async def delete(self, name: str) -> bool:
+        deleted = await self.names.delete(name)
+        await self.distribution.index.delete_tag(*repository_and_tag(validate_name(name)))
+        return deleted
+
+    async def close(self) -> None:
+        await self.names.close()

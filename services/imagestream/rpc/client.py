@@ -222,6 +222,9 @@ class NodeClient(GrpcClient):
     async def status(self) -> node_pb2.NodeStatus:
         return await self._call(self._stub.GetNodeStatus, node_pb2.GetNodeStatusRequest())
 
+    async def collect_garbage(self, dry_run: bool = False) -> node_pb2.NodeGarbageReport:
+        return await self._call(self._stub.CollectGarbage, node_pb2.NodeGarbageRequest(dry_run=dry_run), 600)
+
 
 class GrpcDistribution(GrpcClient):
     """The regional Distribution service, as `push` writes to it."""
@@ -257,6 +260,29 @@ class GrpcRegionalAdmin(GrpcClient):
 
     async def list_quarantine(self) -> admin_pb2.QuarantineList:
         return await self._call(self._stub.ListQuarantine, admin_pb2.ListQuarantineRequest())
+
+    async def collect_garbage(self, grace_s: int = 0, dry_run: bool = False) -> admin_pb2.GarbageReport:
+        request = admin_pb2.CollectGarbageRequest(grace_seconds=grace_s, dry_run=dry_run)
+        return await self._call(self._stub.CollectGarbage, request, 24 * 3600)
+
+
+class GrpcLeases(GrpcClient):
+    """The regional store's mount leases, as a node's FUSE client takes, renews and gives them back."""
+
+    stub_class = admin_pb2_grpc.LeasesStub
+
+    def __init__(self, target: str, timeout_s: float = 10.0) -> None:
+        super().__init__(target, timeout_s)
+
+    async def renew(self, holder: str, index: Digest, image: str, ttl_s: int = 0) -> admin_pb2.Lease:
+        return await self._call(self._stub.RenewLease, admin_pb2.RenewLeaseRequest(
+            holder=holder, index=index.to_proto(), image=image, ttl_seconds=ttl_s))
+
+    async def release(self, holder: str, index: Digest) -> None:
+        await self._call(self._stub.ReleaseLease, admin_pb2.ReleaseLeaseRequest(holder=holder, index=index.to_proto()))
+
+    async def list(self) -> list[admin_pb2.Lease]:
+        return list((await self._call(self._stub.ListLeases, admin_pb2.ListLeasesRequest())).leases)
 
 
 def node_status(target: str | None = None) -> node_pb2.NodeStatus:

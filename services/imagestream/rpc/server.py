@@ -82,9 +82,15 @@ PERMISSIONS: dict[str, frozenset[str]] = {
     "/imagestream.v1.Distribution/FindMissingBlobs": PUSH,
     "/imagestream.v1.RegionalAdmin/Scrub": PUSH,
     "/imagestream.v1.RegionalAdmin/ListQuarantine": PUSH,
+    "/imagestream.v1.RegionalAdmin/CollectGarbage": PUSH,
+    # mount leases keep what a node has mounted from the regional gc: its FUSE client takes and renews them
+    "/imagestream.v1.Leases/RenewLease": PUSH | {"node"},
+    "/imagestream.v1.Leases/ReleaseLease": PUSH | {"node"},
+    "/imagestream.v1.Leases/ListLeases": PUSH | {"node"},
     "/imagestream.v1.Node/StartDownload": frozenset({"node"}),
     "/imagestream.v1.Node/EndDownload": frozenset({"node"}),
     "/imagestream.v1.Node/GetNodeStatus": READ,
+    "/imagestream.v1.Node/CollectGarbage": frozenset({"node"}),
 }
 
 

@@ -142,6 +142,14 @@ class DiskStore(ChunkStore):
             f"disk cache full: {self.size_bytes} of {self.capacity_bytes} bytes held by chunks of mounted images"
         )
 
+    async def collect_unpinned(self, dry_run: bool = False) -> tuple[int, int]:
+        """Remove every chunk no mounted image pins: (chunks, bytes) removed (or that would be)."""
+        victims = [(d, n) for d, n in self._lru.items() if d not in self._pinned]
+        if not dry_run:
+            for digest, _ in victims:
+                await self.delete(digest)
+        return len(victims), sum(n for _, n in victims)
+
     def _forget(self, digest: Digest) -> None:
         nbytes = self._lru.pop(digest, None)
         if nbytes is not None:
