@@ -396,7 +396,11 @@ def gzip_archive(source: pathlib.Path, workdir: pathlib.Path) -> pathlib.Path:
     blobs = source / "blobs" / "sha256"
     manifest = json.loads((blobs / index["manifests"][0]["digest"].split(":")[1]).read_bytes())
     if all(layer["mediaType"].endswith("tar+gzip") for layer in manifest["layers"]):
-        layout = source
+        layout = workdir / "gzip-layout"  # the same blobs, an index whose manifest names its platform
+        (layout / "blobs" / "sha256").mkdir(parents=True)
+        for blob in blobs.iterdir():
+            (layout / "blobs" / "sha256" / blob.name).symlink_to(blob)
+        (layout / "oci-layout").write_text((source / "oci-layout").read_text())
     else:  # the quick mode's tiny image has plain tar layers
         import zstandard
 
@@ -411,21 +415,35 @@ def gzip_archive(source: pathlib.Path, workdir: pathlib.Path) -> pathlib.Path:
             plain.append(path)
         layout = workdir / "gzip-layout"
         imagebuild.write_oci_layout_from_layers(plain, layout, compression="gzip")
+        index = json.loads((layout / "index.json").read_text())
+    # SOCI refuses an index whose manifest has no platform ("manifest should have proper platform")
+    for m in index["manifests"]:
+        m.setdefault("platform", {"architecture": "amd64", "os": "linux"})
+    (layout / "index.json").write_text(json.dumps(index))
     return imagebuild.write_oci_archive(layout, workdir / "image-gzip.oci.tar")
 
 
 def prepare_images(registry: Registry, source: pathlib.Path, workdir: pathlib.Path, peers: list[Peer]) -> dict:
     """Import the gzip image into a builder containerd, convert it for each peer, push every form.
 
-    Seconds per step, and the gzip image's size (orig_bytes)."""
+    Seconds per step and the gzip image's size (orig_bytes); and {peer: why} for each peer whose image could
+    not be made (that peer is skipped, the others run)."""
     archive = gzip_archive(source, workdir)
     seconds: dict[str, float] = {"orig_bytes": archive.stat().st_size}
+    failed: dict[str, str] = {}
     builder = Node(workdir / "builder", "overlayfs", registry.address)
     src = f"{registry.address}/{REPO}:orig"
 
-    def step(name: str, fn) -> None:  # type: ignore[no-untyped-def]
+    def step(name: str, fn, peer: str = "") -> None:  # type: ignore[no-untyped-def]
         started = time.monotonic()
-        fn()
+        try:
+            fn()
+        except RuntimeError as e:
+            if not peer:
+                raise
+            failed[peer] = f"{name} failed: {str(e).splitlines()[0][:300]}"
+            log(f"  peers' images: {failed[peer]}")
+            return
         seconds[name] = round(time.monotonic() - started, 1)
         log(f"  peers' images: {name} [{seconds[name]:.0f} s]")
 
@@ -435,28 +453,30 @@ def prepare_images(registry: Registry, source: pathlib.Path, workdir: pathlib.Pa
         keys = {p.key for p in peers}
         a = builder.socket
         if "estargz" in keys:
-            step("convert estargz", lambda: _run(str(BIN / "peerctl"), "convert", "-a", a, "-format", "estargz",
+            step("convert estargz", peer="estargz", fn=lambda: _run(str(BIN / "peerctl"), "convert", "-a", a, "-format", "estargz",
                                                  src, f"{registry.address}/{REPO}:esgz"))
         if "estargz_opt" in keys:
-            step("optimize estargz", lambda: _run(
+            step("optimize estargz", peer="estargz_opt", fn=lambda: _run(
                 str(BIN / "ctr-remote"), "-a", a, "image", "optimize", "--oci",
                 "--entrypoint", json.dumps(["/usr/bin/python3"]), "--args", json.dumps(["-c", PROGRAM]),
                 src, f"{registry.address}/{REPO}:esgz-opt",
                 env={**os.environ, "PATH": os.pathsep.join([str(BIN / "ctrd"), str(BIN), os.environ["PATH"]])}))
         if "nydus" in keys:
             (workdir / "nydus-work").mkdir(exist_ok=True)
-            step("convert nydus", lambda: _run(str(BIN / "peerctl"), "convert", "-a", a, "-format", "nydus",
+            step("convert nydus", peer="nydus", fn=lambda: _run(str(BIN / "peerctl"), "convert", "-a", a, "-format", "nydus",
                                                "-nydus-image", str(BIN / "nydus-image"), "-work-dir",
                                                str(workdir / "nydus-work"), src, f"{registry.address}/{REPO}:nydus"))
         if "soci" in keys:
-            step("convert soci", lambda: _run(str(BIN / "soci"), "--address", a, "--root", str(workdir / "soci-root"),
+            step("convert soci", peer="soci", fn=lambda: _run(str(BIN / "soci"), "--address", a, "--root", str(workdir / "soci-root"),
                                               "convert", src, f"{registry.address}/{REPO}:soci"))
         for p in peers:
-            step(f"push {p.tag}", lambda p=p: builder.ctr("images", "push", "--plain-http", f"{registry.address}/{REPO}:{p.tag}"))
+            if p.key not in failed:
+                step(f"push {p.tag}", peer=p.key, fn=lambda p=p: builder.ctr("images", "push", "--plain-http",
+                                                                           f"{registry.address}/{REPO}:{p.tag}"))
     finally:
         builder.close()
         archive.unlink(missing_ok=True)
-    return seconds
+    return seconds, failed
 
 
 # -- measuring -------------------------------------------------------------------------
@@ -536,8 +556,10 @@ def measure(setup: Setup, image: Image, source: pathlib.Path, runs: int, port: i
         if registry is not None:
             registry.start()
             via_link = setup.link.forward(port, registry.address)
-            out["images_prepared_s"] = prepare_images(registry, source, work, peers)
+            out["images_prepared_s"], failed = prepare_images(registry, source, work, peers)
             out["orig_bytes"] = out["images_prepared_s"].pop("orig_bytes")  # the gzip image, as containerd pulls it
+            out["skipped"].update(failed)
+            peers = [p for p in peers if p.key not in failed]
         dist_link = setup.link.forward(port + 1, setup.env["IMAGESTREAM_DISTRIBUTION_LISTEN"])
         for rep in range(runs):
             for p in peers:
