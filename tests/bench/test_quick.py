@@ -32,11 +32,21 @@ def quick(stack, tmp_path_factory):  # type: ignore[no-untyped-def]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "services"), str(ROOT)])}
     # the peers' registry listens at the port base + 40, outside the stack's own ports
     port_base = os.environ.get("IMAGESTREAM_TEST_PORT_BASE", "20100")
-    result = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--use-running-stack", "--out", str(out),
+    proc = subprocess.Popen([sys.executable, "-m", "benchmarks", "--quick", "--use-running-stack", "--out", str(out),
                              "--port-base", port_base],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=1700)
-    assert result.returncode == 0, f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
-    return out, json.loads((out / "bench.json").read_text()), result.stdout
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=1700)
+    except BaseException:
+        proc.terminate()  # SIGTERM: the benchmark removes its link, registry and nodes on its way out
+        try:
+            proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+        raise
+    assert proc.returncode == 0, f"{stdout[-4000:]}\n{stderr[-4000:]}"
+    return out, json.loads((out / "bench.json").read_text()), stdout
 
 
 def _positive(x: object, upper: float = float("inf")) -> bool:
