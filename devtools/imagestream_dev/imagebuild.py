@@ -576,6 +576,26 @@ def build_debian_python(
         if not derived.is_dir():
             add_filler(rootfs, derived, filler_mb, seed)
         rootfs = derived
+    return _write_image(rootfs, out, name, fmt)
+
+
+# A real large image: about 1 GB of installed Debian packages (a JDK and Python's scientific
+# stack), of which a start reads a real part (LARGE_COMMAND imports numpy, scipy and pandas).
+LARGE_PACKAGES = ("python3", "python3-numpy", "python3-scipy", "python3-pandas", "python3-matplotlib",
+                  "python3-sklearn", "openjdk-17-jdk-headless")
+LARGE_COMMAND = ("python3", "-c", "import numpy, scipy.linalg, pandas; "
+                 "print(int(scipy.linalg.det(numpy.eye(3))), len(pandas.DataFrame({'a': [1, 2]})))")
+
+
+def build_debian_large(cache_dir: Path, out: Path, *, fmt: str = "oci", mirror: str | None = None) -> Path:
+    """Build (or reuse) the debian-large image (LARGE_PACKAGES) in the requested format; returns its path."""
+    cache_dir, out = Path(cache_dir).resolve(), Path(out).resolve()
+    rootfs = build_rootfs(cache_dir / "rootfs", packages=LARGE_PACKAGES, mirror=mirror)
+    return _write_image(rootfs, out, "debian-large", fmt)
+
+
+def _write_image(rootfs: Path, out: Path, name: str, fmt: str) -> Path:
+    """`rootfs` as a one-layer image named `name` in OUT, in the requested format (cached by name)."""
     suffix = {"oci": "-oci", "oci-archive": "-oci.tar", "docker": "-docker.tar"}[fmt]
     final = out / (name + suffix)
     if final.exists():
@@ -601,16 +621,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m imagestream_dev.imagebuild", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="image", required=True)
     p = sub.add_parser("debian-python", help="Debian bookworm minbase + python3")
-    p.add_argument("--cache-dir", type=Path, required=True)
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--format", choices=["oci", "oci-archive", "docker"], default="oci")
+    q = sub.add_parser("debian-large", help="about 1 GB of Debian packages: a JDK, numpy, scipy, pandas, ...")
+    for parser in (p, q):
+        parser.add_argument("--cache-dir", type=Path, required=True)
+        parser.add_argument("--out", type=Path, required=True)
+        parser.add_argument("--format", choices=["oci", "oci-archive", "docker"], default="oci")
+        parser.add_argument("--mirror", default=None,
+                            help=f"Debian mirror (default: ${MIRROR_ENV} or the host's apt source)")
     p.add_argument("--filler-mb", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--mirror", default=None, help=f"Debian mirror (default: ${MIRROR_ENV} or the host's apt source)")
     args = ap.parse_args(argv)
-    path = build_debian_python(
-        args.cache_dir, args.out, fmt=args.format, filler_mb=args.filler_mb, seed=args.seed, mirror=args.mirror
-    )
+    if args.image == "debian-large":
+        path = build_debian_large(args.cache_dir, args.out, fmt=args.format, mirror=args.mirror)
+    else:
+        path = build_debian_python(
+            args.cache_dir, args.out, fmt=args.format, filler_mb=args.filler_mb, seed=args.seed, mirror=args.mirror
+        )
     print(path)
     return 0
 

@@ -31,7 +31,7 @@ from imagestream.rpc.client import GrpcChunkStore, GrpcImageNames, NodeClient
 from imagestream.rpc.server import setup_logging, status_on_error
 from imagestream.v1 import fuse_pb2, fuse_pb2_grpc
 
-from fuse_client import mounts
+from fuse_client import held, mounts
 from fuse_client.filesystem import NodeFilesystem
 from fuse_client.node import NodeImages
 
@@ -118,6 +118,7 @@ async def run(args: argparse.Namespace) -> None:
         os.unlink(sock)
     server.add_insecure_port("unix:" + sock)
     await server.start()
+    held_server = await held.serve(images, held.socket_path(sock))
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, pyfuse3.terminate)
     loop.add_signal_handler(signal.SIGINT, pyfuse3.terminate)
@@ -142,6 +143,7 @@ async def run(args: argparse.Namespace) -> None:
         ready.cancel()
         log.info("stopping: %d images attached", len(images.attachments()))
         await health_servicer.enter_graceful_shutdown()
+        held_server.close()
         await server.stop(grace=2)
         for m in mounts.list_mounts():  # bind mounts of this mount would be dead once it goes
             mounts.detach_mountpoint(m.mountpoint)
@@ -151,8 +153,9 @@ async def run(args: argparse.Namespace) -> None:
         await store.close()
         await names.close()
         await node.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(sock)
+        for path in (sock, held.socket_path(sock)):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
         telemetry.shutdown()  # flush the last spans
 
 

@@ -1,47 +1,23 @@
 """The node FUSE client's API, from synchronous code (CLI, snapshotter threads, tests).
 
-Imports gRPC and the generated stubs only: a command that attaches an image starts in a few
-tens of milliseconds.
+Leases taken here last until someone detaches them (a mount, the snapshotter's images). A caller
+that holds an image only while it lives, `imagestream run`, uses held.py instead: no gRPC import,
+and the lease ends with the process.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
-
 import grpc
+from google.protobuf import json_format
 
 from imagestream import config
-from imagestream.errors import FailedPrecondition, ImagestreamError, InvalidArgument, NotFound, Unavailable
+from imagestream.errors import FailedPrecondition, ImagestreamError, InvalidArgument, NotFound
 from imagestream.v1 import digest_pb2, fuse_pb2, fuse_pb2_grpc
+
+from fuse_client.attachment import Attached, NotServing
 
 _ERRORS = {grpc.StatusCode.NOT_FOUND: NotFound, grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
            grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition}
-
-
-class NotServing(Unavailable):
-    """No FUSE client answers on this node."""
-
-
-@dataclasses.dataclass
-class Attached:
-    image: str
-    lease: str
-    path: str  # the image's directory in the node's mount
-    index: str
-    attach_seconds: float
-    inodes: int
-    has_profile: bool
-    recording_profile: bool
-    download_id: str
-    leases: list[str]
-    config: dict
-    pid: int  # of the node's FUSE client
-
-    @classmethod
-    def from_proto(cls, a: fuse_pb2.Attachment, lease: str = "") -> Attached:
-        return cls(a.image, lease, a.path, a.index.hash, a.attach_seconds, a.inodes, a.has_profile,
-                   a.recording_profile, a.download_id, list(a.leases), json.loads(a.config_json or "{}"), a.pid)
 
 
 _channels: dict[str, grpc.Channel] = {}
@@ -77,7 +53,7 @@ def attach(image: str, lease: str, download: bool = True, index: tuple[str, int]
                                      record_reads=config.get("record_reads"))
     if index is not None:
         request.index.CopyFrom(digest_pb2.Digest(hash=index[0], size_bytes=index[1]))
-    return Attached.from_proto(_call("Attach", request, timeout_s), lease)
+    return _attached(_call("Attach", request, timeout_s), lease)
 
 
 def detach(lease: str, wait: bool = False, timeout_s: float = 60.0) -> bool:
@@ -88,4 +64,8 @@ def detach(lease: str, wait: bool = False, timeout_s: float = 60.0) -> bool:
 def attachments(timeout_s: float = 10.0) -> tuple[list[Attached], str, int]:
     """Every attached image, the node's mount point, and the pid of the process serving it."""
     reply = _call("ListAttachments", fuse_pb2.ListAttachmentsRequest(), timeout_s)
-    return [Attached.from_proto(a) for a in reply.attachments], reply.mountpoint, reply.pid
+    return [_attached(a) for a in reply.attachments], reply.mountpoint, reply.pid
+
+
+def _attached(message: fuse_pb2.Attachment, lease: str = "") -> Attached:
+    return Attached.from_json(json_format.MessageToDict(message, preserving_proto_field_name=True), lease)

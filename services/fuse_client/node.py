@@ -44,6 +44,7 @@ class Image:
     dirname: str
     leases: set[str] = dataclasses.field(default_factory=set)
     download_id: str = ""
+    download_started: asyncio.Task | None = None  # StartDownload on its way: EndDownload must come after it
     record_reads: str = ""
     recording_lease: str = ""  # the startup profile recorded under this lease is saved when it goes
     attach_seconds: float = 0.0
@@ -113,7 +114,7 @@ class NodeImages:
             if request.download and not image.download_id:
                 self._downloads += 1  # a new id each time: the end of an earlier one may still be on its way
                 image.download_id = f"fuse:{image.dirname}:{self._downloads}"
-                self._spawn(self._start_download(image))
+                image.download_started = self._spawn(self._start_download(image))
             self._evict()
         image.attach_seconds = time.monotonic() - started
         log.info("ImageStreaming: %s attached at %s under %s in %.3f s (%d leases)", request.image, self.path(image),
@@ -169,22 +170,26 @@ class NodeImages:
             log.info("%s detached (its last lease %s went); %d reads, %d chunks fetched", image.record.name, lease,
                      image.fs.reads, image.fs.reader.fetches)
         touched = recorded = None
-        download_id = ""
+        download_id, download_started = "", None
         if lease == image.recording_lease or last:
             touched, image.fs.reader.touched, image.recording_lease = image.fs.reader.touched, None, ""
         if last:
             recorded, image.fs.recorded = image.fs.recorded, None
             download_id, image.download_id = image.download_id, ""
+            download_started, image.download_started = image.download_started, None
             image.fs.reader = self._reader(image.fs.index)  # its chunks go: the node cache keeps them
         if touched or last:
-            work = self._spawn(self._after_detach(image, touched, recorded, download_id))
+            work = self._spawn(self._after_detach(image, touched, recorded, download_id, download_started))
             if wait:
                 await asyncio.shield(work)
         return last
 
     async def _after_detach(self, image: Image, touched: list[Digest] | None,
-                            recorded: list[tuple[int, int, int]] | None, download_id: str) -> None:
+                            recorded: list[tuple[int, int, int]] | None, download_id: str,
+                            download_started: asyncio.Task | None = None) -> None:
         try:
+            if download_started is not None:  # else its start could reach the node cache after its end: a leak
+                await asyncio.wait([download_started])
             if download_id and self.node is not None:
                 await self.node.end_download(download_id)
             if touched:

@@ -407,12 +407,16 @@ def profile(name: str, command: tuple[str, ...]) -> None:
 @click.argument("out", type=click.Path(path_type=pathlib.Path))
 @click.option("--format", "fmt", type=click.Choice(["oci", "oci-archive", "docker"]), default="oci", show_default=True)
 @click.option("--filler-mb", type=int, default=0, help="add this much data the command never reads (/opt/filler)")
-def build_debian(out: pathlib.Path, fmt: str, filler_mb: int) -> None:
+@click.option("--large", is_flag=True, help="about 1 GB of packages instead: a JDK, numpy, scipy, pandas, ...")
+def build_debian(out: pathlib.Path, fmt: str, filler_mb: int, large: bool) -> None:
     """Build a real Debian bookworm image with python3 (debootstrap, cached) and write it to OUT."""
     from imagestream_dev import imagebuild
 
-    path = imagebuild.build_debian_python(pathlib.Path(config.get("cache_dir")).absolute(), out, fmt=fmt,
-                                          filler_mb=filler_mb)
+    cache = pathlib.Path(config.get("cache_dir")).absolute()
+    if large and filler_mb:
+        raise click.UsageError("--large and --filler-mb do not go together")
+    path = (imagebuild.build_debian_large(cache, out, fmt=fmt) if large
+            else imagebuild.build_debian_python(cache, out, fmt=fmt, filler_mb=filler_mb))
     click.echo(str(path))
 
 

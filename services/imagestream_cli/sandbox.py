@@ -18,7 +18,6 @@ WorkingDir and User.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import pathlib
@@ -57,6 +56,8 @@ class SandboxError(ImagestreamError):
 
 def describe(name: str):  # type: ignore[no-untyped-def]
     """The image record and its runtime config (Env, WorkingDir, ...), read through the node cache."""
+    import asyncio  # here: a streamed start never needs it
+
     from imagestream.digests import Digest
     from imagestream.index import load_config
     from imagestream.rpc.client import GrpcChunkStore, GrpcImageNames
@@ -232,15 +233,16 @@ def run(name: str, command: list[str], extra_env: list[str] = (), keep: bool = F
     upper, work, merged, bundle, state = (run_dir / d for d in ("upper", "work", "merged", "bundle", "runc"))
     for d in (upper, work, merged, bundle):
         d.mkdir(parents=True)
-    lease = f"run:{run_id}"
+    lease = None
     reason = streaming_unavailable_reason(False)
     try:
         if reason is None:
-            from fuse_client import attach
+            from fuse_client import held
 
             try:
-                attached = attach.attach(name, lease)
-                lower, cfg = pathlib.Path(attached.path), attached.config
+                # held for as long as this process lives: a killed run leaves nothing attached
+                lease = held.hold(name, f"run:{run_id}")
+                lower, cfg = pathlib.Path(lease.attached.path), lease.attached.config
             except FailedPrecondition as e:  # e.g. pushed with streaming disabled
                 reason = str(e)
             else:
@@ -273,9 +275,9 @@ def run(name: str, command: list[str], extra_env: list[str] = (), keep: bool = F
                  options, str(merged), runc, str(state), str(bundle), f"imagestream-{run_id}"])
             code = _wait(child, runc, state, f"imagestream-{run_id}")
         finally:
-            if reason is None:
+            if lease is not None:
                 # `imagestream profile` reports the profile saved; a plain run leaves that to the node
-                attach.detach(lease, wait=config.get("profile") == "always")
+                lease.detach(wait=config.get("profile") == "always")
     finally:
         if not keep:
             shutil.rmtree(run_dir, ignore_errors=True)

@@ -122,13 +122,14 @@ async def main(args: argparse.Namespace) -> None:
         "node_cache", ["unix:" + config.node_cache_socket()], node.store, names, region=args.region,
         add_servicers=lambda server: node_pb2_grpc.add_NodeServicer_to_server(NodeServicer(node, downloads), server),
         metrics=(args.node_cache_metrics, lambda: collect(node, downloads)),
-        on_stop=_cancel(reaper),  # the state file stays: the next start resumes what is under way
+        on_stop=_stop(reaper, downloads),  # the state file stays: the next start resumes what is under way
     )
 
 
-def _cancel(task: asyncio.Task):  # type: ignore[no-untyped-def]
+def _stop(reaper: asyncio.Task, downloads: Downloads):  # type: ignore[no-untyped-def]
     async def stop() -> None:
-        task.cancel()
+        reaper.cancel()
+        await downloads.flush()
 
     return stop
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+from collections import OrderedDict
 
 from imagestream import telemetry
 from imagestream.digests import Digest
@@ -32,6 +33,8 @@ from node_cache.fetcher import NodeFetcher
 from node_cache.state import Entry, StateFile, owner_gone, owner_of
 
 log = logging.getLogger(__name__)
+
+KEEP_CHUNK_LISTS = 8
 
 
 @dataclasses.dataclass
@@ -69,6 +72,9 @@ class Downloads:
         self.downloads: dict[str, Download] = {}
         self.state = state
         self.entries: dict[str, Entry] = {}  # what the state file holds
+        self._unsaved = False
+        self._saver: asyncio.Task | None = None
+        self._chunk_lists: OrderedDict[Digest, list[Digest]] = OrderedDict()  # of the last few indexes
 
     def start(self, mount_id: str, image: str, index: Digest, first: list[Digest],
               owner: tuple[int, str] | None = None) -> Download:
@@ -92,8 +98,29 @@ class Downloads:
         self.disk.unpin(mount_id)
 
     def _save(self) -> None:
-        if self.state is not None:
+        """Write the state file behind the caller: its two fsyncs can take 100 ms on a busy disk, and this
+        event loop serves the node's reads. Saves in a row collapse into one of the latest entries."""
+        if self.state is None:
+            return
+        self._unsaved = True
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # no loop (start-up, tests): write at once
+            self._unsaved = False
             self.state.save(list(self.entries.values()))
+            return
+        if self._saver is None or self._saver.done():
+            self._saver = asyncio.ensure_future(self._save_latest())
+
+    async def _save_latest(self) -> None:
+        while self._unsaved:
+            self._unsaved = False
+            await asyncio.to_thread(self.state.save, list(self.entries.values()))  # type: ignore[union-attr]
+
+    async def flush(self) -> None:
+        """Until the state file holds what is under way now."""
+        while self._saver is not None and not self._saver.done():
+            await asyncio.shield(self._saver)
 
     def resume(self) -> int:
         """Start again the downloads the state file records whose mounts still live; returns how many."""
@@ -129,8 +156,7 @@ class Downloads:
 
     async def _run(self, download: Download, index_digest: Digest, first: list[Digest]) -> None:
         try:
-            index = await load_index(self.store, index_digest)
-            everything = index.chunks()
+            everything = await self._chunks_of(index_digest)
             in_image = set(everything)
             profile = [d for d in dict.fromkeys(first) if d in in_image]
             download.profile = set(profile)
@@ -159,6 +185,17 @@ class Downloads:
         except Exception as e:  # noqa: BLE001 - a background job reports, it does not crash the node
             download.stalled = f"{type(e).__name__}: {e}"
             log.warning("download of %s stopped: %s", download.image, download.stalled)
+
+    async def _chunks_of(self, index_digest: Digest) -> list[Digest]:
+        """The image's chunks; an image mounted again and again (a warm start) loads its index once."""
+        chunks = self._chunk_lists.get(index_digest)
+        if chunks is None:
+            chunks = (await load_index(self.store, index_digest)).chunks()
+            self._chunk_lists[index_digest] = chunks
+            while len(self._chunk_lists) > KEEP_CHUNK_LISTS:
+                self._chunk_lists.popitem(last=False)
+        self._chunk_lists.move_to_end(index_digest)
+        return chunks
 
     def _batches(self, digests: list[Digest], max_bytes: int | None) -> list[list[Digest]]:
         """Consecutive runs of at most `batch_chunks` chunks and `max_bytes` bytes (but one chunk at least)."""

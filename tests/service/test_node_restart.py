@@ -64,7 +64,9 @@ def test_a_killed_node_cache_resumes_the_download_and_the_pins_of_a_live_mount(s
     finally:
         mounts.unmount(mnt)
     wait_until(lambda: node_status().pinned_chunks == 0, timeout=10, what="the pins to go with the mount")
-    assert json.loads(_state_file().read_text())["downloads"] == []
+    # the node writes its state file behind the RPC that changed it
+    wait_until(lambda: json.loads(_state_file().read_text())["downloads"] == [], timeout=10,
+               what="the state file to forget the download")
 
 
 @pytest.mark.parametrize("content", [
