@@ -18,6 +18,10 @@ runs every part:
   fanout       N cold nodes behind one zonal cache (regional reads per unique
                chunk, start time)
   warm reads   4 KiB sequential and random reads, mount vs local disk
+  baselines    what users would run instead, through the same link: containerd
+               pull + run, stargz (eStargz, optimized), Nydus, SOCI, each on a
+               fresh node; imagestream through containerd and `imagestream run`;
+               and N cold nodes of each at once (benchmarks.baselines)
 
 Writes OUT/bench.json, OUT/bench.md and PNG charts. See docs/benchmarks/README.md.
 """
@@ -36,12 +40,12 @@ import tempfile
 import time
 import traceback
 
-from benchmarks import charts, coldstart, fanout, tiers, warmreads
+from benchmarks import baselines, charts, coldstart, fanout, tiers, warmreads
 from benchmarks.harness import CACHE, ROOT, machine, private_stack
 from benchmarks.link import DEFAULT, FAST, SLOW, TBF_BURST, TBF_LATENCY, Link, LinkProfile
-from benchmarks.setup import PROGRAM, Setup, log
+from benchmarks.setup import PROGRAM, Setup, debian_image, log, tiny_image
 
-PARTS = ("coldstart", "slow", "bytes", "fanout", "tiers", "warm", "bgcap")
+PARTS = ("coldstart", "slow", "bytes", "fanout", "tiers", "warm", "baselines", "bgcap")
 DEFAULT_PARTS = PARTS[:-1]  # bgcap is an experiment, run on request
 
 
@@ -58,7 +62,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help=f"comma-separated subset of {','.join(PARTS)} (default: all but bgcap, an experiment)")
     p.add_argument("--out", type=pathlib.Path, default=None,
                    help="folder for bench.json, bench.md and the PNGs (default docs/benchmarks; required with --quick)")
-    p.add_argument("--port-base", type=int, default=21000, help="ports of the private stack (see private_env)")
+    p.add_argument("--port-base", type=int, default=21000,
+                   help="ports of the private stack (see private_env); the peers' registry listens on PORT_BASE + 40")
+    p.add_argument("--peers", default=None,
+                   help=f"comma-separated baselines of {','.join(pk.key for pk in baselines.PEERS)} "
+                        "(default: all; quick: containerd,estargz)")
     p.add_argument("--report-only", type=pathlib.Path, default=None, metavar="BENCH_JSON",
                    help="measure nothing: write the Markdown and charts again from an earlier bench.json")
     p.add_argument("--use-running-stack", action="store_true",
@@ -72,6 +80,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a.filler_mb = a.filler_mb if a.filler_mb is not None else (8 if a.quick else 800)
     a.fanout = [int(n) for n in (a.fanout or ("2" if a.quick else "1,2,4,8")).split(",")]
     a.parts = [x for x in a.parts.split(",") if x]
+    a.peers = [x for x in (a.peers or ("containerd,estargz" if a.quick else ",".join(pk.key for pk in baselines.PEERS))).split(",") if x]
+    if set(a.peers) - {pk.key for pk in baselines.PEERS}:
+        p.error(f"unknown peers {sorted(set(a.peers) - {pk.key for pk in baselines.PEERS})}")
     unknown = set(a.parts) - set(PARTS)
     if unknown:
         p.error(f"unknown parts {sorted(unknown)}; choose from {','.join(PARTS)}")
@@ -119,8 +130,9 @@ def run(args: argparse.Namespace) -> dict:
             images = []
             try:
                 log("images: build (cached), push, startup profile")
-                images = [setup.prepare_image("base", 0, tiny=args.quick),
-                          setup.prepare_image("large", args.filler_mb, tiny=args.quick)]
+                images = [setup.prepare_image("base", 0, tiny=args.quick)]
+                if set(args.parts) & {"coldstart", "slow", "bytes", "warm", "bgcap"}:  # the parts that use it
+                    images.append(setup.prepare_image("large", args.filler_mb, tiny=args.quick))
                 r["images"] = {im.label: im.describe() for im in images}
                 setup.route_zone_through_link()
                 r["settings"]["link_address"] = link.address
@@ -138,7 +150,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def parts(args: argparse.Namespace, setup: Setup, images: list, default: LinkProfile, r: dict) -> None:
     """Each part in turn; one that fails is recorded in r["errors"] and the others still run."""
-    base, large = images
+    base, large = images[0], images[-1]
 
     def cold_start() -> None:
         setup.shape(default)
@@ -189,8 +201,16 @@ def parts(args: argparse.Namespace, setup: Setup, images: list, default: LinkPro
                                   bg_cap=cap)
         r["bgcap"] = {"link": link_dict(default), "cap_bytes_per_s": cap, "runs": args.runs, "by_image": cells}
 
+    def baseline() -> None:
+        setup.shape(default)
+        log(f"baselines, link {default.describe()}: peers {','.join(args.peers)}")
+        source = tiny_image(0) if args.quick else debian_image(0)
+        r["baselines"] = baselines.measure(setup, base, source, args.runs, args.port_base + 40, args.peers,
+                                           fanout_n=max(args.fanout))
+        r["baselines"]["link"] = link_dict(default)
+
     for name, fn in (("bgcap", bgcap), ("coldstart", cold_start), ("bytes", bytes_), ("slow", slow), ("fanout", fan_out),
-                     ("tiers", tier_latency), ("warm", warm)):
+                     ("tiers", tier_latency), ("warm", warm), ("baselines", baseline)):
         if name not in args.parts:
             continue
         started = time.monotonic()
@@ -211,6 +231,17 @@ def parts(args: argparse.Namespace, setup: Setup, images: list, default: LinkPro
 # -- targets --------------------------------------------------------------------------
 
 NOTES = {
+    "vs_containerd": (
+        "A cold start on imagestream is a chain of dependent chunk fetches (see the blocking fetches), each a "
+        "round trip over the link, while containerd's pull is a few large GETs at the link's full rate followed by "
+        "a local unpack. On a small image the unpack is short and the chain of round trips is what is left."),
+    "vs_peer": (
+        "The lazy peers fetch a few large ranges per file from the registry (tens of GETs, often in parallel) and "
+        "serve reads in compiled code; imagestream fetches 1 MiB chunks one dependent round trip at a time through "
+        "node cache, zonal cache and regional store, and serves reads through a Python FUSE client."),
+    "vs_peer_fanout": (
+        "The nodes share the zonal cache, which coalesces their fetches, but each node still makes its own chain "
+        "of dependent fetches; the peers' nodes each pull from the registry over the shared link."),
     "cold_vs_pull": (
         "Without a startup profile a cold start is a chain of blocking fetches: each chunk the program reads "
         "first is a round trip node -> zonal cache -> region, one after another as the imports go. The "
@@ -255,7 +286,7 @@ def targets(r: dict) -> list[dict]:
         if value is None:
             return
         met = value >= limit if higher_is_better else value <= limit
-        out.append({"key": key, "target": what, "measured": value, "limit": limit, "met": met,
+        out.append({"key": key, "name": key, "target": what, "measured": value, "limit": limit, "met": met,
                     "shown": fmt.format(value), "limit_shown": (">= " if higher_is_better else "<= ") + fmt.format(limit),
                     "note": "" if met else NOTES.get(key.split(":")[0], "")})
 
@@ -286,6 +317,27 @@ def targets(r: dict) -> list[dict]:
             r["warm_reads"]["ratio_seq_dropped"], 0.5, "{:.2f}", higher_is_better=True)
         add("warm_seq:hot", "warm 4 KiB sequential reads, mount / local disk, page cache hot",
             r["warm_reads"]["ratio_seq_hot"], 0.5, "{:.2f}", higher_is_better=True)
+    if "baselines" in r:
+        b = r["baselines"]
+        cells = b["by_image"][b["image"]]
+        pull = cells.get("containerd", {}).get("median")
+        for key in ("imagestream_containerd", "imagestream_run", "imagestream_profile"):
+            if pull and key in cells:
+                add(f"vs_containerd:{key}", f"{baselines.LABELS[key]} / containerd pull + run, {b['image']} image",
+                    cells[key]["median"] / pull, 0.35, "{:.2f}")
+        best = baselines.best_peer(cells)
+        if best:
+            for key, limit in (("imagestream_containerd", 1.0), ("imagestream_run", 1.0), ("imagestream_profile", 0.8)):
+                if key in cells:
+                    add(f"vs_peer:{key}", f"{baselines.LABELS[key]} / best peer ({best[0]}), {b['image']} image",
+                        cells[key]["median"] / best[1], limit, "{:.2f}")
+        fo = b.get("fanout")
+        if fo:
+            lazy = [(k, c["start_median_s"]) for k, c in fo["by_path"].items() if k in baselines.LAZY]
+            if lazy and "imagestream_run" in fo["by_path"]:
+                k, v = min(lazy, key=lambda kv: kv[1])
+                add("vs_peer_fanout", f"{fo['n']} cold nodes at once, `imagestream run` / best peer ({k}), median start",
+                    fo["by_path"]["imagestream_run"]["start_median_s"] / v, 0.5, "{:.2f}")
     return out
 
 
@@ -377,6 +429,8 @@ def markdown(r: dict, pngs: list[str]) -> str:
         L += _table(rows) + [""]
     for p in pngs:
         L += [f"![{p}]({p})", ""]
+    if "baselines" in r:
+        L += baselines_markdown(r["baselines"])
     if "bytes" in r:
         L += ["## Bytes before the first output (python program, cold, default link)", ""]
         rows = [["image", "FUSE reads", "files", "bytes read", "chunks touched", "chunk bytes touched",
@@ -437,6 +491,44 @@ def markdown(r: dict, pngs: list[str]) -> str:
     return "\n".join(L) + "\n"
 
 
+def baselines_markdown(b: dict) -> list[str]:
+    link = b["link"]
+    L = [f"## Baselines: the same cold start on what users would run instead ({b['image']} image, link "
+         f"{link['rate_mbit']:g} Mbit/s, {link['rtt_ms']:g} ms RTT)", "",
+         f"Median seconds of {b['runs']} runs from the start of the pull to the program's first output, each path "
+         "on a fresh node; round trips: registry GETs (manifests and blobs) for containerd and the peers, blocking "
+         "chunk fetches for imagestream.", ""]
+    cells = b["by_image"][b["image"]]
+    pull = cells.get("containerd", {}).get("median")
+    best = baselines.best_peer(cells)
+    rows = [["path", "get ready", "run to first output", "total", "round trips", "MB over the link",
+             "/ containerd", "/ best peer"]]
+    for key, c in cells.items():
+        trips = (f"{c['registry_gets_median']:g} GETs" if "registry_gets_median" in c
+                 else f"{c['blocking_fetches_median']:g} fetches" if "blocking_fetches_median" in c else "–")
+        rows.append([b["labels"][key], f"{c['pull_s_median']:.2f} s" if "pull_s_median" in c else "–",
+                     f"{c['run_s_median']:.2f} s" if "run_s_median" in c else "–", f"**{c['median']:.2f} s**", trips,
+                     f"{c['link_bytes_median'] / 1e6:.1f}", f"{c['median'] / pull:.2f}" if pull else "–",
+                     f"{c['median'] / best[1]:.2f}" if best else "–"])
+    L += _table(rows) + [""]
+    if best:
+        L += [f"Best peer: {b['labels'][best[0]]}.", ""]
+    for key, why in b.get("skipped", {}).items():
+        L += [f"* {b['labels'][key]}: skipped ({why})"]
+    if b.get("skipped"):
+        L += [""]
+    if "fanout" in b:
+        fo = b["fanout"]
+        L += [f"{fo['n']} cold nodes start the image at once over the one link:", ""]
+        L += _table([["path", "start median", "start slowest"]] + [
+            [b["labels"][k], f"{c['start_median_s']:.2f} s", f"{c['start_max_s']:.2f} s"] for k, c in fo["by_path"].items()])
+        L += [""]
+    if b.get("images_prepared_s"):
+        L += ["Preparing the peers' images (once per run, not timed above): " + ", ".join(
+            f"{k} {v:g} s" for k, v in b["images_prepared_s"].items()) + ".", ""]
+    return L
+
+
 def write(r: dict, out: pathlib.Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     pngs = []
@@ -447,6 +539,8 @@ def write(r: dict, out: pathlib.Path) -> None:
         pngs.append(charts.fanout(r, out).name)
     if "tiers" in r:
         pngs.append(charts.tiers(r, out).name)
+    if "baselines" in r:
+        pngs.append(charts.baselines(r, out).name)
     r["charts"] = pngs
     (out / "bench.json").write_text(json.dumps(r, indent=2) + "\n")
     (out / "bench.md").write_text(markdown(r, pngs))

@@ -18,7 +18,7 @@ import subprocess
 import tempfile
 import time
 
-from benchmarks.harness import CACHE, ROOT, cli, median_of, private_stack, write_report
+from benchmarks.harness import CACHE, ROOT, cli, fresh_snapshotter, median_of, private_stack, write_report
 
 PROGRAM = "import sqlite3, json; print(json.dumps({'sqlite': sqlite3.sqlite_version}), flush=True)"
 
@@ -54,17 +54,6 @@ def main() -> None:
         registry = env["IMAGESTREAM_DISTRIBUTION_LISTEN"]
         ref = f"{registry}/debian-python:bench"
         samples: dict[str, list[float]] = {"stream_pull": [], "stream_run": [], "import": [], "normal_run": []}
-
-        def fresh_snapshotter() -> None:
-            """A new node agent with no snapshots and no mounts (its containerd is new each run, too)."""
-            from fuse_client import mounts
-
-            local.down(lambda _: None, only="snapshotter")
-            for m in mounts.list_mounts():
-                if m.mountpoint.startswith(str(config.snapshotter_root())):
-                    mounts.unmount(m.mountpoint)
-            shutil.rmtree(config.snapshotter_root(), ignore_errors=True)
-            local.up(lambda _: None, only="snapshotter")
 
         def streamed() -> float:
             fresh_snapshotter()

@@ -29,6 +29,7 @@ import tempfile
 import time
 
 from benchmarks.coldstart import unmount_runs
+from benchmarks.harness import stop_group
 from benchmarks.setup import PROGRAM, Image, Setup, log
 
 
@@ -107,14 +108,8 @@ def start_all(setup: Setup, image: Image, sockets: list[str], timeout_s: float =
                 raise RuntimeError(f"node {i}: exit {code}: {errs[i].read()[-2000:].decode()}")
     finally:
         for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGINT)
-                try:
-                    p.wait(30)
-                except subprocess.TimeoutExpired:
-                    os.killpg(p.pid, signal.SIGKILL)
-                    p.wait()
-                    unmount_runs()
+            if stop_group(p, signal.SIGINT):
+                unmount_runs()
         for e in errs:
             e.close()
     return [firsts[i] for i in range(len(procs))]

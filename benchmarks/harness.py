@@ -8,6 +8,7 @@ import os
 import pathlib
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import tempfile
@@ -41,6 +42,36 @@ def private_stack(port_base: int = 20300) -> Iterator[dict[str, str]]:
             shutil.copytree(home / "logs", kept, dirs_exist_ok=True)
             print(f"benchmark failed: the services' logs are kept in {kept}", flush=True)
         shutil.rmtree(home, ignore_errors=True)
+
+
+def stop_group(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout_s: float = 30) -> bool:
+    """Signal a process started in a session of its own, and its group; SIGKILL after timeout_s. True if killed."""
+    if proc.poll() is not None:
+        return False
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, sig)
+    try:
+        proc.wait(timeout_s)
+        return False
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return True
+
+
+def fresh_snapshotter() -> None:
+    """The stack's snapshotter restarted with no snapshots and no mounts (a cold node's, for containerd)."""
+    from fuse_client import mounts
+    from imagestream import config
+    from imagestream_dev.stack import local
+
+    local.down(lambda _: None, only="snapshotter")
+    for m in mounts.list_mounts():
+        if m.mountpoint.startswith(str(config.snapshotter_root())):
+            mounts.unmount(m.mountpoint)
+    shutil.rmtree(config.snapshotter_root(), ignore_errors=True)
+    local.up(lambda _: None, only="snapshotter")
 
 
 def drop_page_cache() -> bool:

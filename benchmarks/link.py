@@ -68,6 +68,16 @@ def _free_subnet(tag: int) -> int:
     raise RuntimeError("no free 10.231.X.0/24 subnet for the emulated link")
 
 
+def _end(proxy: subprocess.Popen) -> None:
+    if proxy.poll() is None:
+        proxy.terminate()
+        try:
+            proxy.wait(10)
+        except subprocess.TimeoutExpired:
+            proxy.kill()
+            proxy.wait()
+
+
 class Link:
     """The namespace, veth pair, tbf qdiscs and delaying proxy of one benchmark run; `close()` removes them all."""
 
@@ -81,6 +91,7 @@ class Link:
         self.control = str(workdir / "link.sock")
         self.log = workdir / "linkproxy.log"
         self.proxy: subprocess.Popen | None = None
+        self.forwards: dict[str, tuple[subprocess.Popen, str]] = {}  # address -> (proxy, control socket)
         self.profile = OPEN
 
     def open(self) -> Link:
@@ -93,27 +104,42 @@ class Link:
             _ip("ip", "addr", "add", f"{self.ns_ip}/24", "dev", self.ns_if, netns=self.netns)
             _ip("ip", "link", "set", self.ns_if, "up", netns=self.netns)
             _ip("ip", "link", "set", "lo", "up", netns=self.netns)
-            with open(self.log, "ab") as log:
-                self.proxy = subprocess.Popen(
-                    [sys.executable, "-m", "benchmarks.linkproxy", "--listen", self.address, "--netns", self.netns,
-                     "--upstream", self.upstream, "--rtt-ms", "0", "--control", self.control],
-                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-                    env={**os.environ, "PYTHONPATH": os.pathsep.join([str(pathlib.Path(__file__).resolve().parents[1]),
-                                                                       os.environ.get("PYTHONPATH", "")])},
-                )
-            deadline = time.monotonic() + 20
-            while True:
-                try:
-                    self.stats()
-                    break
-                except OSError:
-                    if self.proxy.poll() is not None or time.monotonic() > deadline:
-                        raise RuntimeError(f"link proxy did not start; see {self.log}") from None
-                    time.sleep(0.1)
+            self.proxy = self._proxy(self.address, self.upstream, self.control)
         except BaseException:
             self.close()
             raise
         return self
+
+    def _proxy(self, listen: str, upstream: str, control: str) -> subprocess.Popen:
+        """A delaying proxy listening on `listen` inside the namespace, forwarding to `upstream`; waits for it."""
+        with open(self.log, "ab") as log:
+            proxy = subprocess.Popen(
+                [sys.executable, "-m", "benchmarks.linkproxy", "--listen", listen, "--netns", self.netns,
+                 "--upstream", upstream, "--rtt-ms", f"{self.profile.rtt_ms:g}", "--control", control],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                env={**os.environ, "PYTHONPATH": os.pathsep.join([str(pathlib.Path(__file__).resolve().parents[1]),
+                                                                   os.environ.get("PYTHONPATH", "")])},
+            )
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                linkproxy.ask(control, "stats")
+                return proxy
+            except OSError:
+                if proxy.poll() is not None or time.monotonic() > deadline:
+                    _end(proxy)
+                    raise RuntimeError(f"link proxy for {upstream} did not start; see {self.log}") from None
+                time.sleep(0.1)
+
+    def forward(self, port: int, upstream: str) -> str:
+        """Another service behind the same link (same veth, same tbf, same RTT): the address to dial for it."""
+        address = f"{self.ns_ip}:{port}"
+        control = f"{self.control}.{port}"
+        self.forwards[address] = (self._proxy(address, upstream, control), control)
+        return address
+
+    def forward_stats(self, address: str) -> dict:
+        return linkproxy.ask(self.forwards[address][1], "stats")
 
     def shape(self, profile: LinkProfile) -> None:
         """Apply a profile: tbf on both ends of the veth pair, delay in the proxy."""
@@ -123,7 +149,8 @@ class Link:
                     "burst", TBF_BURST, "latency", TBF_LATENCY, netns=netns)
             else:
                 _ip("tc", "qdisc", "del", "dev", dev, "root", netns=netns, check=False)
-        linkproxy.ask(self.control, f"rtt {profile.rtt_ms:g}")
+        for control in (self.control, *(c for _, c in self.forwards.values())):
+            linkproxy.ask(control, f"rtt {profile.rtt_ms:g}")
         self.profile = profile
 
     def qdiscs(self) -> str:
@@ -139,13 +166,12 @@ class Link:
         return linkproxy.ask(self.control, "reset")
 
     def close(self) -> None:
-        if self.proxy is not None and self.proxy.poll() is None:
-            self.proxy.terminate()
-            try:
-                self.proxy.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proxy.kill()
-                self.proxy.wait()
+        for proxy, control in self.forwards.values():
+            _end(proxy)
+            pathlib.Path(control).unlink(missing_ok=True)
+        self.forwards.clear()
+        if self.proxy is not None:
+            _end(self.proxy)
         _ip("ip", "link", "del", self.host_if, check=False)  # removes its peer too
         _ip("ip", "netns", "del", self.netns, check=False)
         pathlib.Path(self.control).unlink(missing_ok=True)

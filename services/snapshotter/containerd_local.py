@@ -57,6 +57,51 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
     config_path = "{dir}/certs.d"
 """
 
+# The same for containerd 2.x (its own configuration version: the CRI plugin is split in images and runtime).
+CONFIG_V3 = """\
+version = 3
+root = "{root}"
+state = "{state}"
+disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs",
+                    "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.blockfile",
+                    "io.containerd.tracing.processor.v1.otlp", "io.containerd.internal.v1.tracing"]
+
+[grpc]
+  address = "{socket}"
+
+[ttrpc]
+  address = "{socket}.ttrpc"
+
+[debug]
+  level = "info"
+
+[metrics]
+  address = ""
+
+[proxy_plugins]
+  [proxy_plugins.imagestream]
+    type = "snapshot"
+    address = "{snapshotter_socket}"
+
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{dir}/opt"
+
+[plugins."io.containerd.grpc.v1.cri"]
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+
+[plugins."io.containerd.cri.v1.images"]
+  snapshotter = "imagestream"
+  disable_snapshot_annotations = false
+  [plugins."io.containerd.cri.v1.images".registry]
+    config_path = "{dir}/certs.d"
+
+[plugins."io.containerd.cri.v1.runtime"]
+  [plugins."io.containerd.cri.v1.runtime".cni]
+    bin_dirs = ["{dir}/cni/bin"]
+    conf_dir = "{dir}/cni/conf"
+"""
+
 HOSTS_TOML = """\
 server = "http://{host}"
 
@@ -84,8 +129,12 @@ def hosts_toml(host: str) -> str:
 
 
 class PrivateContainerd:
-    def __init__(self, directory: pathlib.Path, snapshotter_socket: str, registries: tuple[str, ...] = ()) -> None:
+    def __init__(self, directory: pathlib.Path, snapshotter_socket: str, registries: tuple[str, ...] = (),
+                 bin_dir: pathlib.Path | None = None) -> None:
+        """`bin_dir`: a folder holding containerd 2.x, its shim and ctr (runc in it or in its parent), used
+        instead of Debian's containerd 1.6 on PATH."""
         self.dir = directory
+        self.bin_dir = bin_dir
         self.socket = str(directory / "containerd.sock")
         self.snapshotter_socket = snapshotter_socket
         self.registries = registries  # host:port of plain-HTTP registries (the regional tier's)
@@ -100,15 +149,29 @@ class PrivateContainerd:
             hosts.mkdir(parents=True, exist_ok=True)
             (hosts / "hosts.toml").write_text(hosts_toml(host))
         config = self.dir / "config.toml"
-        config.write_text(CONFIG.format(root=self.dir / "root", state=self.dir / "state", socket=self.socket,
-                                        snapshotter_socket=self.snapshotter_socket, dir=self.dir))
+        config.write_text(self.config_text())
         return config
+
+    def config_text(self) -> str:
+        # a bin_dir holds containerd 2.x (scripts/peers/build); the one on PATH is Debian's 1.6
+        return (CONFIG_V3 if self.bin_dir is not None else CONFIG).format(root=self.dir / "root", state=self.dir / "state", socket=self.socket,
+                             snapshotter_socket=self.snapshotter_socket, dir=self.dir)
+
+    def _binary(self, name: str) -> str:
+        return str(self.bin_dir / name) if self.bin_dir is not None else name
+
+    def _env(self) -> dict[str, str]:
+        """containerd finds its shim, and the shim runc, on PATH."""
+        if self.bin_dir is None:
+            return dict(os.environ)
+        return {**os.environ, "PATH": os.pathsep.join([str(self.bin_dir), str(self.bin_dir.parent), os.environ.get("PATH", "")])}
 
     def start(self, timeout_s: float = 30.0) -> None:
         config = self.write_config()
         with open(self.log, "ab") as log:
-            self.process = subprocess.Popen(["containerd", "--config", str(config)], stdout=log,
-                                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+            self.process = subprocess.Popen([self._binary("containerd"), "--config", str(config)], stdout=log,
+                                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                                            env=self._env())
         deadline = time.monotonic() + timeout_s
         while self.ctr("version", check=False).returncode != 0:
             if self.process.poll() is not None or time.monotonic() > deadline:
@@ -117,7 +180,7 @@ class PrivateContainerd:
 
     def ctr(self, *args: str, namespace: str = "default", check: bool = True, timeout: float = 300,
             input: str | None = None) -> subprocess.CompletedProcess:
-        result = subprocess.run(["ctr", "--address", self.socket, "--namespace", namespace, *args],
+        result = subprocess.run([self._binary("ctr"), "--address", self.socket, "--namespace", namespace, *args],
                                 capture_output=True, text=True, timeout=timeout, input=input)
         if check and result.returncode != 0:
             raise RuntimeError(f"ctr {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")

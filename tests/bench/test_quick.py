@@ -15,7 +15,9 @@ import pytest
 
 from tests.conftest import ROOT, needs_fuse, run_cli
 
-pytestmark = [pytest.mark.services, needs_fuse,
+# the quick run (every part, the baselines included: a registry, containerd, the stargz peer, eStargz conversion) runs
+# in the first test's fixture: more than the suite's default 600 s on a busy machine
+pytestmark = [pytest.mark.services, needs_fuse, pytest.mark.timeout(1800),
               pytest.mark.skipif(shutil.which("tc") is None or shutil.which("ip") is None,
                                  reason="needs iproute2 (ip netns, tc) for the emulated link")]
 
@@ -28,10 +30,23 @@ TIERS = ("regional_direct", "regional_via_default_link", "zonal_hit", "node_memo
 def quick(stack, tmp_path_factory):  # type: ignore[no-untyped-def]
     out = tmp_path_factory.mktemp("bench")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "services"), str(ROOT)])}
-    result = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--use-running-stack", "--out", str(out)],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
-    return out, json.loads((out / "bench.json").read_text()), result.stdout
+    # the peers' registry listens at the port base + 40, outside the stack's own ports
+    port_base = os.environ.get("IMAGESTREAM_TEST_PORT_BASE", "20100")
+    proc = subprocess.Popen([sys.executable, "-m", "benchmarks", "--quick", "--use-running-stack", "--out", str(out),
+                             "--port-base", port_base],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=1700)
+    except BaseException:
+        proc.terminate()  # SIGTERM: the benchmark removes its link, registry and nodes on its way out
+        try:
+            proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+        raise
+    assert proc.returncode == 0, f"{stdout[-4000:]}\n{stderr[-4000:]}"
+    return out, json.loads((out / "bench.json").read_text()), stdout
 
 
 def _positive(x: object, upper: float = float("inf")) -> bool:
@@ -156,6 +171,40 @@ def test_targets_and_report(quick) -> None:  # type: ignore[no-untyped-def]
     for name in r["charts"]:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"]({name})" in md
+
+
+def test_baselines(quick) -> None:  # type: ignore[no-untyped-def]
+    """containerd's pull + run and the stargz peer ran through the same link as imagestream, each to the program's output."""
+    out, r, _ = quick
+    b = r["baselines"]
+    assert b["runs"] == 1 and b["link"]["rtt_ms"] == r["settings"]["default_link"]["rtt_ms"]
+    assert not b["skipped"], f"baselines not built (scripts/peers/build quick): {b['skipped']}"
+    cells = b["by_image"]["base"]
+    assert set(cells) == {"containerd", "estargz", "imagestream_containerd", "imagestream_run", "imagestream_profile",
+                          "imagestream_fallback"}
+    for key, c in cells.items():
+        assert len(c["samples"]) == 1 and _positive(c["median"], 600), key
+        if "pull_s" in c:  # the pull and the run add up to the start
+            assert c["pull_s"][0] + c["run_s"][0] == pytest.approx(c["samples"][0]), key
+        assert c["link_bytes_median"] > 0, key  # every path fetched over the emulated link
+    # containerd pulls the whole gzip layer through the link before it runs; the lazy peer fetches by ranges
+    assert cells["containerd"]["link_bytes_median"] >= 0.95 * b["orig_bytes"]
+    assert cells["containerd"]["registry_blob_gets_median"] >= 2  # config and layer
+    assert cells["estargz"]["registry_gets_median"] >= cells["estargz"]["registry_blob_gets_median"] >= 1
+    assert cells["imagestream_run"]["blocking_fetches_median"] > 0
+    for key in ("containerd", "estargz", "imagestream_run"):
+        c = b["fanout"]["by_path"][key]
+        assert len(c["start_seconds"]) == b["fanout"]["n"] == max(r["settings"]["fanout_n"])
+        assert c["start_max_s"] >= c["start_median_s"] > 0
+    targets = {t["name"]: t for t in r["targets"]}
+    for name in ("vs_containerd:imagestream_run", "vs_containerd:imagestream_containerd", "vs_peer:imagestream_run",
+                 "vs_peer:imagestream_profile", "vs_peer_fanout"):
+        t = targets[name]
+        assert isinstance(t["met"], bool) and t["measured"] > 0 and t["met"] == (t["measured"] <= t["limit"])
+    assert targets["vs_peer:imagestream_run"]["measured"] == pytest.approx(
+        cells["imagestream_run"]["median"] / cells["estargz"]["median"])
+    md = (out / "bench.md").read_text()
+    assert "## Baselines" in md and "](baselines.png)" in md
 
 
 def test_stack_is_left_as_it_was(quick) -> None:  # type: ignore[no-untyped-def]
