@@ -126,13 +126,12 @@ async def serve(images, path: str):  # type: ignore[no-untyped-def]
     async def connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await _serve_connection(images, reader, writer)
 
-    old = os.umask(0o177)  # owner only (root): no window in which the socket is open to others
-    try:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
+    from imagestream import tls
+
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    with tls.unix_socket_permissions(path):  # 0600 (0660 with IMAGESTREAM_SOCKET_GROUP), as the gRPC socket
         return await asyncio.start_unix_server(connection, path=path, limit=MAX_LINE)
-    finally:
-        os.umask(old)
 
 
 async def _serve_connection(images, reader, writer) -> None:  # type: ignore[no-untyped-def]
