@@ -73,7 +73,7 @@ def warm_read_mb_s(name: str) -> float:
     mnt = pathlib.Path(tempfile.mkdtemp())
     m = mounts.mount(name, mnt)
     deadline = time.monotonic() + 300
-    while not any(d.done for d in node_status().downloads if d.mount_id == f"{m.pid}:{m.mountpoint}"):
+    while not any(d.done for d in node_status().downloads if d.mount_id == m.download_id):
         if time.monotonic() > deadline:
             raise RuntimeError("background download did not finish")
         time.sleep(0.2)
