@@ -561,6 +561,7 @@ def measure(setup: Setup, image: Image, source: pathlib.Path, runs: int, port: i
             out["skipped"].update(failed)
             peers = [p for p in peers if p.key not in failed]
         dist_link = setup.link.forward(port + 1, setup.env["IMAGESTREAM_DISTRIBUTION_LISTEN"])
+        _name_in_certificates(dist_link)
         for rep in range(runs):
             for p in peers:
                 cell = cells.setdefault(p.key, {"samples": [], "pull_s": [], "run_s": [], "registry_gets": [],
@@ -621,6 +622,20 @@ def _imagestream_run(setup: Setup, name: str, mode: str) -> dict:
     from benchmarks import coldstart
 
     return coldstart.start_python(setup, name, mode)
+
+
+def _name_in_certificates(address: str) -> None:
+    """containerd dials the regional OCI endpoint at the link's address: with TLS on, the endpoint's
+    certificate must name it. Certificates are issued again with it, and the chunk store (which serves the
+    endpoint and loads its certificate at start) restarted."""
+    from imagestream import tls
+    from imagestream_dev.stack import certs, local
+
+    if not tls.enabled():
+        return
+    certs.ensure(extra_hosts=(address.rpartition(":")[0],))
+    local.down(lambda _: None, only="chunk_store")
+    local.up(lambda _: None, only="chunk_store")
 
 
 def _imagestream_containerd(setup: Setup, image: Image, dist_link: str, work: pathlib.Path) -> dict:

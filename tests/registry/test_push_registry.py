@@ -11,7 +11,6 @@ import pathlib
 import socket
 import threading
 import urllib.error
-import urllib.request
 
 import pytest
 
@@ -63,9 +62,11 @@ def regional_manifest(name: str) -> dict | None:
     from imagestream.oci import repository_and_tag
 
     repository, tag = repository_and_tag(name)
-    url = f"http://{os.environ['IMAGESTREAM_DISTRIBUTION_LISTEN']}/v2/{repository}/manifests/{tag}"
+    from imagestream import tls
+
+    where = f"{os.environ['IMAGESTREAM_DISTRIBUTION_LISTEN']}/v2/{repository}/manifests/{tag}"
     try:
-        with urllib.request.urlopen(url) as r:
+        with tls.urlopen(where) as r:  # https with this test's certificate (http with IMAGESTREAM_TLS=off)
             return json.loads(r.read())
     except urllib.error.HTTPError as e:
         assert e.code == 404
@@ -121,8 +122,10 @@ def test_an_image_index_is_pushed_by_reference_with_the_right_platform(stack, se
     served = regional_manifest("registry/app:arm")
     assert served is not None
     assert [x["digest"] for x in served["layers"]] == [x["digest"] for x in arm_manifest["layers"]]
-    url = f"http://{os.environ['IMAGESTREAM_DISTRIBUTION_LISTEN']}/v2/registry/app/blobs/{arm_manifest['layers'][1]['digest']}"
-    with urllib.request.urlopen(url) as r:
+    from imagestream import tls
+
+    where = f"{os.environ['IMAGESTREAM_DISTRIBUTION_LISTEN']}/v2/registry/app/blobs/{arm_manifest['layers'][1]['digest']}"
+    with tls.urlopen(where) as r:
         assert r.read() == zstd_layer
 
 

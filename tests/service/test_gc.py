@@ -16,7 +16,7 @@ import urllib.request
 
 import pytest
 
-from imagestream import config
+from imagestream import config, tls
 from imagestream.digests import Digest
 from imagestream.errors import NotFound
 
@@ -82,7 +82,7 @@ def gc(*args: str) -> tuple[int, int, str]:
 
 def regional_url(path: str) -> int:
     try:
-        with urllib.request.urlopen(f"http://{os.environ['IMAGESTREAM_DISTRIBUTION_LISTEN']}{path}") as r:
+        with tls.urlopen(f"{os.environ['IMAGESTREAM_DISTRIBUTION_LISTEN']}{path}") as r:
             return r.status
     except urllib.error.HTTPError as e:
         return e.code
@@ -92,7 +92,7 @@ def layer_digest(name: str) -> str:
     import json
 
     repository, tag = name.rsplit(":", 1)
-    with urllib.request.urlopen(f"http://{os.environ['IMAGESTREAM_DISTRIBUTION_LISTEN']}/v2/{repository}/manifests/{tag}") as r:
+    with tls.urlopen(f"{os.environ['IMAGESTREAM_DISTRIBUTION_LISTEN']}/v2/{repository}/manifests/{tag}") as r:
         return json.loads(r.read())["layers"][0]["digest"]
 
 

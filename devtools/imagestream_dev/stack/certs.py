@@ -135,16 +135,18 @@ def _is_ip(host: str) -> bool:
     return True
 
 
-def ensure(directory: pathlib.Path | None = None, log=lambda _: None) -> pathlib.Path:  # type: ignore[no-untyped-def]
+def ensure(directory: pathlib.Path | None = None, log=lambda _: None,  # type: ignore[no-untyped-def]
+           extra_hosts: tuple[str, ...] = ()) -> pathlib.Path:
     """The local stack's CA and one certificate per identity, made where missing (or not naming every
-    address the stack listens on). Idempotent; the CA is kept once made."""
+    address the stack listens on, and `extra_hosts`: e.g. a benchmark's emulated link, which its clients
+    dial). Idempotent; the CA is kept once made."""
     directory = directory or tls.tls_dir()
     if (directory / "ca.crt").exists() and (directory / "ca.key").exists():
         ca, fresh = load_ca(directory), False
     else:
         ca, fresh = make_ca(directory), True
         log(f"  made a CA in {directory}")
-    hosts = stack_hosts()
+    hosts = list(dict.fromkeys([*stack_hosts(), *extra_hosts]))
     for name, roles in IDENTITIES.items():
         if fresh or not ((directory / f"{name}.key").exists() and _has_sans(directory / f"{name}.crt", hosts)):
             issue(ca, directory, name, roles, hosts=hosts)
