@@ -47,9 +47,9 @@ def socket_path(fuse_socket: str | None = None) -> str:
 class HeldLease:
     """An attached image whose lease is this open connection; `close()` (or exiting the process) ends it."""
 
-    def __init__(self, sock: socket.socket, attached: Attached) -> None:
+    def __init__(self, sock: socket.socket, file, attached: Attached) -> None:  # type: ignore[no-untyped-def]
         self._sock = sock
-        self._file = sock.makefile("rb")
+        self._file = file  # the connection's replies, read line by line
         self.attached = attached
 
     def detach(self, wait: bool = False) -> bool:
@@ -86,9 +86,8 @@ def hold(image: str, lease: str, download: bool = True, timeout_s: float = 60.0)
                "record_reads": config.get("record_reads")}
     try:
         _send(sock, {"attach": request})
-        held = HeldLease(sock, Attached.from_json({}, lease))
-        held.attached = Attached.from_json(_reply(held._file, "attachment"), lease)
-        return held
+        replies = sock.makefile("rb")
+        return HeldLease(sock, replies, Attached.from_json(_reply(replies, "attachment"), lease))
     except BaseException:
         sock.close()
         raise
