@@ -38,6 +38,20 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def cold_check(refs: dict[str, str]) -> None:
+    """Neither way of the image is on the node: no layer blob, no snapshot of the layer in either snapshotter
+    (a pull that finds its layer's snapshot fetches nothing)."""
+    from imagestream_dev import cluster
+
+    held = cluster.content_digests()
+    if refs["normal_layer"] in held:
+        raise SystemExit(f"the node still holds the layer blob {refs['normal_layer']}: not a cold node")
+    for snapshotter in ("overlayfs", "imagestream"):
+        layers = cluster.ctr("snapshots", "--snapshotter", snapshotter, "ls").stdout.split("\n")[1:]
+        if any(line.split()[0] == refs["chain_id"] for line in layers if line.strip()):
+            raise SystemExit(f"the node's {snapshotter} snapshotter still has the layer {refs['chain_id']}: not a cold node")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.k8s_pod_start", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -57,10 +71,10 @@ def main(argv: list[str] | None = None) -> None:
     results_trace: dict = {}
     blocking = 'imagestream_node_upstream_fetches_total{kind="blocking"}'
     for run in range(1, args.runs + 1):
-        for pod in ("bench-streamed", "bench-normal"):
-            cluster.kubectl("delete", "pod", pod, "--ignore-not-found", "--wait=true")
+        cluster.delete_pods("bench-streamed", "bench-normal")
         cluster.forget_image(refs["streamed"], refs["normal"])
         cluster.cold_node(log)
+        cold_check(refs)
         since_ms = int(time.time() * 1000)
         seconds, line = cluster.run_pod("bench-streamed", refs["streamed"], True, command)
         if "sqlite" not in line:
@@ -73,15 +87,20 @@ def main(argv: list[str] | None = None) -> None:
             cluster.screenshot_trace(trace["id"], args.screenshot)
             log(f"trace {trace['id']} ({trace['spans']} spans: {', '.join(trace['services'])}) -> {args.screenshot}")
             results_trace = trace
-        cluster.kubectl("delete", "pod", "bench-streamed", "--wait=true")
+        if refs["normal_layer"] in cluster.content_digests():
+            raise SystemExit("the streamed pod's start fetched the image's layer blob")
+        cluster.delete_pods("bench-streamed")
         cluster.forget_image(refs["streamed"], refs["normal"])
+        cold_check(refs)
         seconds, line = cluster.run_pod("bench-normal", refs["normal"], False, command)
         if "sqlite" not in line:
             raise SystemExit(f"the normal pod printed {line!r}")
+        if refs["normal_layer"] not in cluster.content_digests():  # else it started from a layer left unpacked
+            raise SystemExit("the normal pod started without its layer blob being fetched")
         samples["normal"].append(round(seconds, 3))
         log(f"run {run}/{args.runs}: streamed {samples['streamed'][-1]:.2f} s "
             f"({fetched[-1]:.0f} chunks fetched on demand), normal {samples['normal'][-1]:.2f} s")
-    cluster.kubectl("delete", "pod", "bench-normal", "--wait=true")
+    cluster.delete_pods("bench-normal")
     med = {k: statistics.median(v) for k, v in samples.items()}
     ratio = med["streamed"] / med["normal"]
     results = {"runs": args.runs, "samples": samples, "medians": med, "ratio": round(ratio, 3),

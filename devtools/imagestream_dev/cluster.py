@@ -5,6 +5,8 @@ first line of output."""
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import glob
 import json
 import os
@@ -14,7 +16,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 SCRIPTS = ROOT / "scripts" / "cluster"
@@ -34,6 +36,7 @@ def cluster_env() -> dict[str, str]:
 
 ENV = cluster_env()
 RUN = pathlib.Path(ENV["IMAGESTREAM_CLUSTER_RUN"])
+TLS = RUN / "tls"  # the cluster's CA and the certificates in its TLS Secrets (`secrets`)
 
 
 def in_ns(*argv: str, check: bool = True, timeout: float = 300, input: str | None = None) -> subprocess.CompletedProcess:
@@ -59,15 +62,58 @@ def timed(phase: str, timings: dict[str, float], argv: list[str], timeout: float
         raise RuntimeError(f"{' '.join(argv)}: rc {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
 
 
+def image_digest(registry: str, target: str) -> str:
+    """The digest of the manifest the registry holds as imagestream/TARGET:dev (what scripts/cluster/images pushed)."""
+    head = in_ns("curl", "-sfI", "-H", "Accept: application/vnd.oci.image.manifest.v1+json, "
+                 "application/vnd.docker.distribution.manifest.v2+json",
+                 f"http://{registry}/v2/imagestream/{target}/manifests/dev").stdout
+    m = re.search(r"^docker-content-digest:\s*(sha256:[0-9a-f]{64})", head, flags=re.M | re.I)
+    if not m:
+        raise RuntimeError(f"the registry {registry} has no imagestream/{target}:dev: {head!r}")
+    return m.group(1)
+
+
 def dev_overlay(registry: str) -> pathlib.Path:
-    """The dev overlay with the images built here, as `kustomize edit set image` would name them."""
+    """The dev overlay with the images built here, as `kustomize edit set image` would name them: by digest, so
+    that a node holding an older build under the same tag runs the new one, and a new build rolls out."""
     folder = RUN / "deploy"
     folder.mkdir(parents=True, exist_ok=True)
     overlay = os.path.relpath(ROOT / "k8s" / "overlays" / "dev", folder)
-    images = "".join(f"  - {{name: {t}, newName: {registry}/imagestream/{t}, newTag: dev}}\n" for t in IMAGES)
+    images = "".join(f"  - {{name: {t}, newName: {registry}/imagestream/{t}, digest: {image_digest(registry, t)}}}\n"
+                     for t in IMAGES)
     (folder / "kustomization.yaml").write_text(
         f"apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n  - {overlay}\nimages:\n{images}")
     return folder
+
+
+def secrets(log: Callable[[str], None] = lambda _: None) -> None:
+    """The Secrets the manifests mount, made once: the backends' passwords (scripts/k8s-secrets, as a user runs
+    it) and the TLS Secrets of k8s/cert-manager's Certificates. cert-manager's images are out of reach here, so
+    these are issued from a CA of the cluster's own (kept in TLS) with each Certificate's names, addresses
+    and roles, into the Secret it names: what cert-manager would write (tls.crt, tls.key, ca.crt). The node's
+    containerd presents `node.crt` to the chunk store's Distribution endpoint (scripts/cluster/up)."""
+    import yaml
+
+    from imagestream import tls
+    from imagestream_dev.stack import certs
+
+    in_ns("sh", str(ROOT / "scripts" / "k8s-secrets"), "imagestream")
+    kubectl("apply", "-f", str(ROOT / "k8s" / "base" / "namespaces.yaml"))
+    ca = certs.load_ca(TLS) if (TLS / "ca.key").exists() else certs.make_ca(TLS, "imagestream cluster CA")
+    if not (TLS / "node.key").exists():
+        certs.issue(ca, TLS, "node", ("node",), hosts=())
+    wanted = [d for d in yaml.safe_load_all((ROOT / "k8s" / "cert-manager" / "certificates.yaml").read_text())
+              if d and d.get("kind") == "Certificate"]
+    for cert in wanted:
+        spec, namespace = cert["spec"], cert["metadata"]["namespace"]
+        name = spec["secretName"]
+        if kubectl("get", "secret", "-n", namespace, name, check=False).returncode == 0:
+            continue
+        roles = [u.removeprefix(tls.ROLE_URI) for u in spec.get("uris", []) if u.startswith(tls.ROLE_URI)]
+        certs.issue(ca, TLS, name, roles, hosts=[*spec.get("dnsNames", []), *spec.get("ipAddresses", [])])
+        kubectl("create", "secret", "generic", name, "-n", namespace, f"--from-file=tls.crt={TLS / (name + '.crt')}",
+                f"--from-file=tls.key={TLS / (name + '.key')}", f"--from-file=ca.crt={TLS / 'ca.crt'}")
+        log(f"secret {namespace}/{name}: issued (roles {', '.join(roles) or 'none'})")
 
 
 def rolled_out(timeout_s: int = 900) -> None:
@@ -88,6 +134,9 @@ def deploy(timings: dict[str, float]) -> None:
     timed("build-images", timings, [str(SCRIPTS / "images"), *push], 3600)
     timed("build-third-party-images", timings, [str(SCRIPTS / "images"), "--third-party", *push], 3600)
     started = time.monotonic()
+    secrets()
+    # a Job's pod is immutable: the schema step of an earlier build is replaced (it is idempotent)
+    kubectl("delete", "job", "-n", "imagestream", "chunk-store-schema", "--ignore-not-found", "--wait=true")
     kubectl("apply", "-k", str(dev_overlay(registry)))
     rolled_out()
     timings["deploy-ready"] = round(time.monotonic() - started, 1)
@@ -103,13 +152,58 @@ def buildah(*args: str) -> list[str]:
     return ["buildah", "--root", f"{store}/storage", "--runroot", f"{store}/run", "--storage-driver", "overlay", *args]
 
 
+FORWARD_PORT = 26051  # the chunk store's gRPC port forwarded on the node's loopback (the cluster's port range)
+
+
+@contextlib.contextmanager
+def chunk_store_forwarded() -> Iterator[str]:
+    """The chunk store's gRPC API on 127.0.0.1 through `kubectl port-forward`, as an operator reaches it (its
+    certificate names 127.0.0.1 for this; the Tilt loop's smoke test does the same)."""
+    forward = subprocess.Popen(["nsenter", f"--net=/run/netns/{ENV['NS']}", "kubectl", "port-forward", "-n", "imagestream",
+                                "service/chunk-store", f"{FORWARD_PORT}:50061"], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, env=ENV)
+    try:
+        assert forward.stdout is not None
+        first = forward.stdout.readline()
+        if "Forwarding from" not in first:
+            raise RuntimeError(f"kubectl port-forward of the chunk store: {first.strip()} (rc {forward.poll()})")
+        yield f"127.0.0.1:{FORWARD_PORT}"
+    finally:
+        forward.terminate()
+        forward.wait(10)
+
+
+def pusher_tls() -> list[str]:
+    """IMAGESTREAM_TLS_* assignments for the operators' certificate, read from the Secret pusher-tls."""
+    folder = TLS / "pusher"
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    data = json.loads(kubectl("get", "secret", "-n", "imagestream", "pusher-tls", "-o", "jsonpath={.data}").stdout)
+    for key in ("tls.crt", "tls.key", "ca.crt"):
+        (folder / key).write_bytes(base64.b64decode(data[key]))
+    (folder / "tls.key").chmod(0o600)
+    return [f"IMAGESTREAM_TLS_CERT={folder / 'tls.crt'}", f"IMAGESTREAM_TLS_KEY={folder / 'tls.key'}",
+            f"IMAGESTREAM_TLS_CA={folder / 'ca.crt'}"]
+
+
+def layer_and_chain_id(image_dir: pathlib.Path) -> tuple[str, str]:
+    """The digest of an OCI layout's one layer blob, and its snapshot's name (a first layer's chain ID is its diff ID)."""
+    def blob(digest: str) -> dict:
+        return json.loads((image_dir / "blobs" / "sha256" / digest.split(":")[1]).read_text())
+
+    manifest = blob(json.loads((image_dir / "index.json").read_text())["manifests"][0]["digest"])
+    return manifest["layers"][0]["digest"], blob(manifest["config"]["digest"])["rootfs"]["diff_ids"][0]
+
+
 def push_both_ways(image: pathlib.Path, name: str) -> dict[str, str]:
     """An OCI layout pushed to the cluster's regional store (streamed) and to its registry (pulled normally).
 
-    Returns the references a pod names: {"streamed": ..., "normal": ...}."""
+    Returns the references a pod names, {"streamed": ..., "normal": ...}, the layer blob's digest in each
+    ("layer": the layout's, which the streamed image names; "normal_layer": the registry's copy, as buildah
+    pushed it) and the layer's snapshot name ("chain_id", the same both ways)."""
     cli = str(ROOT / ".venv" / "bin" / "imagestream")
-    result = in_ns("env", f"IMAGESTREAM_REGION={service_ip('chunk-store')}:50061", cli, "push", "--quiet", str(image), name,
-                   timeout=900, check=False)
+    with chunk_store_forwarded() as region:
+        result = in_ns("env", *pusher_tls(), f"IMAGESTREAM_REGION={region}", cli, "push", "--quiet", str(image), name,
+                       timeout=900, check=False)
     if "manifest sha256:" not in result.stdout:
         raise RuntimeError(f"imagestream push: rc {result.returncode}\n{result.stdout}\n{result.stderr}")
     image_id = subprocess.run(buildah("pull", "--quiet", f"oci:{image.name}"), cwd=image.parent,
@@ -117,7 +211,12 @@ def push_both_ways(image: pathlib.Path, name: str) -> dict[str, str]:
     repository, _, tag = name.partition(":")
     normal = f"{ENV['REGISTRY']}/{repository}:{tag or 'latest'}-normal"
     in_ns(*buildah("push", "--quiet", "--tls-verify=false", image_id, f"docker://{normal}"))
-    return {"streamed": f"{ENV['STREAM_REGISTRY']}/{name}", "normal": normal}
+    manifest = json.loads(in_ns("curl", "-sf", "-H", "Accept: application/vnd.oci.image.manifest.v1+json, "
+                                "application/vnd.docker.distribution.manifest.v2+json",
+                                f"http://{ENV['REGISTRY']}/v2/{repository}/manifests/{tag or 'latest'}-normal").stdout)
+    layer, chain_id = layer_and_chain_id(image)
+    return {"streamed": f"{ENV['STREAM_REGISTRY']}/{name}", "normal": normal, "layer": layer,
+            "normal_layer": manifest["layers"][0]["digest"], "chain_id": chain_id}
 
 
 def pod_yaml(name: str, image: str, command: list[str], streamed: bool) -> str:
@@ -145,7 +244,7 @@ def first_output(name: str, uid: str, started: float, timeout: float = 600) -> t
 
 def run_pod(name: str, image: str, streamed: bool, command: list[str]) -> tuple[float, str]:
     """(seconds from `kubectl apply` to the first line of output, that line) of a new pod."""
-    kubectl("delete", "pod", name, "--ignore-not-found", "--wait=true")
+    delete_pods(name)
     started = time.monotonic()
     uid = kubectl("apply", "-f", "-", "-o", "jsonpath={.metadata.uid}", input=pod_yaml(name, image, command, streamed)).stdout
     return first_output(name, uid, started)
@@ -159,6 +258,18 @@ def ctr(*args: str) -> subprocess.CompletedProcess:
 def content_digests() -> set[str]:
     """The blobs in the node's containerd content store."""
     return set(ctr("content", "ls", "-q").stdout.split())
+
+
+def delete_pods(*names: str) -> None:
+    """The pods deleted, and their containers with them. The kubelet removes a deleted pod's containers only at
+    its next container collection (once a minute), and until then each keeps its root's snapshot and so the
+    image's layer snapshot under it: a pull then finds the layer unpacked (or committed) and fetches nothing."""
+    for name in names:
+        kubectl("delete", "pod", name, "--ignore-not-found", "--wait=true")
+        ids = ctr("containers", "ls", "-q", f'labels."io.kubernetes.pod.name"=={name}',
+                  'labels."io.cri-containerd.kind"==container').stdout.split()
+        if ids:
+            ctr("containers", "rm", *ids)
 
 
 def forget_image(*references: str) -> None:

@@ -40,8 +40,25 @@ def consistency(name: str) -> int:
         raise InvalidArgument(f"unknown Cassandra consistency level {name!r}") from None
 
 
+class Statement:
+    """A statement prepared on the connection's current session, and prepared again on a new one (`reconnect`)."""
+
+    def __init__(self, cql: str, write: bool, prepared: Any) -> None:
+        self.cql, self.write, self.prepared = cql, write, prepared
+
+    @property
+    def query_string(self) -> str:
+        return self.prepared.query_string
+
+
 class CassandraConnection:
-    """A driver session, logged in as the service's role, on a keyspace the schema step made; an asyncio bridge."""
+    """A driver session, logged in as the service's role, on a keyspace the schema step made; an asyncio bridge.
+
+    The driver resolves its contact points once, and afterwards knows nodes by address only: a node that
+    comes back at another address (a Cassandra pod made again) is never found. So when no known node
+    answers, the connection is made again from the contact points, resolved anew (`reconnect`)."""
+
+    RECONNECT_EVERY_S = 5.0  # at most one new connection in this interval while Cassandra stays unreachable
 
     def __init__(
         self,
@@ -61,23 +78,63 @@ class CassandraConnection:
         self.keyspace = keyspace
         self.read_cl = consistency(read_consistency)
         self.write_cl = consistency(write_consistency)
-        self.cluster = schema.connect(hosts, port, username, password, local_dc=local_dc)
+        self._connect = lambda: schema.connect(hosts, port, username, password, local_dc=local_dc)
+        self.cluster = self._connect()
         self.session: Session = self.cluster.session
         try:
             schema.check(self.cluster, keyspace)
         except FailedPrecondition:
             self.cluster.shutdown()
             raise
+        self._statements: list[Statement] = []
+        self._reconnecting: asyncio.Lock | None = None  # made on the event loop that first needs it
+        self._last_reconnect = 0.0
 
-    def prepare(self, cql: str, write: bool) -> Any:
-        statement = self.session.prepare(cql.format(ks=self.keyspace))
+    def _prepare_on(self, session: Session, cql: str, write: bool) -> Any:
+        statement = session.prepare(cql.format(ks=self.keyspace))
         statement.consistency_level = self.write_cl if write else self.read_cl
         # Every statement but a lightweight transaction gives the same result when run twice (chunks are
         # content-addressed): the driver may then retry it on another node when its coordinator dies.
         statement.is_idempotent = " IF " not in cql.upper()
         return statement
 
-    async def execute(self, statement: Any, params: tuple = (), host: Any = None) -> list[Any]:
+    def prepare(self, cql: str, write: bool) -> Statement:
+        statement = Statement(cql, write, self._prepare_on(self.session, cql, write))
+        self._statements.append(statement)
+        return statement
+
+    async def reconnect(self) -> bool:
+        """A new driver session from the contact points, resolved again, with every statement prepared on it;
+        the old one closed. False if it was made less than RECONNECT_EVERY_S ago (or is being made): the
+        caller's query is then not tried again."""
+        if self._reconnecting is None:
+            self._reconnecting = asyncio.Lock()
+        if self._reconnecting.locked():
+            async with self._reconnecting:  # another query is making it: use that one
+                return True
+        async with self._reconnecting:
+            if time.monotonic() - self._last_reconnect < self.RECONNECT_EVERY_S:
+                return False
+            self._last_reconnect = time.monotonic()
+            log.warning("cassandra: no known node answers; connecting again from the contact points")
+
+            def fresh() -> tuple[Any, list[Any]]:
+                cluster = self._connect()
+                try:
+                    return cluster, [self._prepare_on(cluster.session, s.cql, s.write) for s in self._statements]
+                except BaseException:
+                    cluster.shutdown()
+                    raise
+
+            cluster, prepared = await asyncio.to_thread(fresh)
+            old, self.cluster, self.session = self.cluster, cluster, cluster.session
+            for statement, p in zip(self._statements, prepared):
+                statement.prepared = p
+            log.info("cassandra: connected again (%s)", ", ".join(str(h.endpoint) for h in cluster.metadata.all_hosts()))
+            await asyncio.to_thread(old.shutdown)
+            return True
+
+    async def execute(self, statement: Statement, params: tuple = (), host: Any = None) -> list[Any]:
         """Run a prepared statement without blocking the event loop; one span for the whole query.
 
         `host` makes that node the coordinator (one replica's own answer at consistency ONE)."""
@@ -85,14 +142,29 @@ class CassandraConnection:
             if span.is_recording():
                 span.set_attributes({"db.system": "cassandra", "db.name": self.keyspace,
                                      "db.statement": statement.query_string})
-            return await self._execute(statement, params, host)
+            try:
+                return await self._execute(statement, params, host)
+            except NoHostAvailable:
+                pass
+            try:
+                again = await self.reconnect()
+            except Unavailable as e:
+                raise Unavailable(f"cassandra: no node answers, and connecting again failed: {e}") from None
+            if not again:
+                raise Unavailable("cassandra: no node answers (NoHostAvailable); connecting again shortly")
+            try:
+                return await self._execute(statement, params, None)  # a node of the old session means nothing now
+            except NoHostAvailable as e:
+                raise Unavailable(f"cassandra: NoHostAvailable: {e}") from e
 
-    def replicas(self, statement: Any, params: tuple) -> list[Any]:
+    def replicas(self, statement: Statement, params: tuple) -> list[Any]:
         """The live nodes holding the partition a prepared statement with `params` reads."""
-        key = statement.bind(params).routing_key
+        key = statement.prepared.bind(params).routing_key
         return [h for h in self.cluster.metadata.get_replicas(self.keyspace, key) if h.is_up is not False]
 
-    async def _execute(self, statement: Any, params: tuple, host: Any = None) -> list[Any]:
+    async def _execute(self, statement: Statement, params: tuple, host: Any = None) -> list[Any]:
+        """The query's rows; NoHostAvailable as it is (no node of the session answered), other failures as
+        Unavailable."""
         loop = asyncio.get_running_loop()
         done: asyncio.Future[list[Any]] = loop.create_future()
 
@@ -103,9 +175,11 @@ class CassandraConnection:
             loop.call_soon_threadsafe(lambda: done.done() or done.set_exception(exc))
 
         try:
-            self.session.execute_async(statement, params, host=host).add_callbacks(ok, failed)
+            self.session.execute_async(statement.prepared, params, host=host).add_callbacks(ok, failed)
             return await done
-        except (NoHostAvailable, DriverException, OSError) as e:
+        except NoHostAvailable:
+            raise
+        except (DriverException, OSError) as e:
             raise Unavailable(f"cassandra: {type(e).__name__}: {e}") from e
         except Exception as e:  # server-side errors (Unavailable, timeouts) all mean "try later"
             if type(e).__module__.startswith("cassandra"):
@@ -246,7 +320,7 @@ class CassandraChunkStore(ChunkStore):
         while True:
             for attempt in range(6):  # a page that times out (a busy or restarting node) is asked for again
                 try:
-                    result = self.db.session.execute(self._all_keys, paging_state=paging_state, timeout=60)
+                    result = self.db.session.execute(self._all_keys.prepared, paging_state=paging_state, timeout=60)
                     break
                 except Exception as e:  # noqa: BLE001 - the driver's timeouts and unavailability
                     if attempt == 5:

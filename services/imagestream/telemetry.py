@@ -85,10 +85,13 @@ def setup_tracing(service_name: str) -> bool:
 
 
 def _instrument_libraries() -> None:
-    from opentelemetry.instrumentation.grpc import GrpcAioInstrumentorClient, GrpcAioInstrumentorServer
+    from opentelemetry.instrumentation.grpc import (GrpcAioInstrumentorClient, GrpcAioInstrumentorServer,
+                                                    GrpcInstrumentorClient)
 
     GrpcAioInstrumentorServer().instrument()
     GrpcAioInstrumentorClient().instrument()
+    # synchronous calls too (the snapshotter's attach from a worker thread): their trace goes on to the callee
+    GrpcInstrumentorClient().instrument()
     if "redis" in sys.modules:  # only where Redis is used (the zonal cache): the import costs 0.15 s a process
         from opentelemetry.instrumentation.redis import RedisInstrumentor
 

@@ -40,6 +40,11 @@ async def serve(args: argparse.Namespace) -> None:
     from snapshotter.service import SnapshotsServicer
     from snapshotter.snapshotter import Snapshotter
 
+    from imagestream import telemetry
+
+    # containerd's calls (Prepare, Commit, Mounts, ...) are spans, and an image's attach follows its trace
+    # through the FUSE client down the tiers (OTEL_* settings, as every service)
+    telemetry.setup_tracing("snapshotter")
     snapshotter = Snapshotter(config.snapshotter_root())
     await snapshotter.start()  # images in use attached again, unused ones detached
     if args.kube_events:
@@ -47,8 +52,6 @@ async def serve(args: argparse.Namespace) -> None:
 
         snapshotter.on_streamed_container = KubeEvents.in_cluster(args.containerd_socket).container_started
     if args.snapshotter_metrics:
-        from imagestream import telemetry
-
         telemetry.serve_metrics(args.snapshotter_metrics, snapshotter.metric_families)
     server = grpc.aio.server()
     snapshots_pb2_grpc.add_SnapshotsServicer_to_server(SnapshotsServicer(snapshotter), server)
@@ -69,6 +72,7 @@ async def serve(args: argparse.Namespace) -> None:
     await server.stop(grace=5)
     await snapshotter.cleanup(remount=False)  # unused images are detached; nothing is attached on the way out
     snapshotter.close()
+    telemetry.shutdown()  # the spans still batched are sent
 
 
 def main() -> None:

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 
 from fuse_client import attach, mounts
+from imagestream import telemetry
 from imagestream.errors import FailedPrecondition, ImagestreamError
 from imagestream.snapshot_labels import StreamedLayer
 
@@ -54,13 +55,16 @@ class ImageMounts:
                 log.warning("image %s of %s is no longer served at %s: attaching it again", h[:12], layer.image, path)
                 await self._detach(h)
             started = time.monotonic()
-            try:
-                attached = await asyncio.to_thread(attach.attach, layer.image, self.lease(h),
-                                                   index=(h, layer.index.size))
-            except FailedPrecondition as e:
-                raise FailedPrecondition(f"cannot stream image {layer.image!r}: {e}; pull the image again") from None
-            except ImagestreamError as e:
-                raise FailedPrecondition(f"cannot attach streamed image {layer.image!r}: {e}") from None
+            # a span of its own, whose trace goes on through the FUSE client's Attach down the tiers
+            with telemetry.tracer.start_as_current_span("attach image"), telemetry.image_context(layer.image):
+                telemetry.annotate(image=layer.image, index=h)
+                try:
+                    attached = await asyncio.to_thread(attach.attach, layer.image, self.lease(h),
+                                                       index=(h, layer.index.size))
+                except FailedPrecondition as e:
+                    raise FailedPrecondition(f"cannot stream image {layer.image!r}: {e}; pull the image again") from None
+                except ImagestreamError as e:
+                    raise FailedPrecondition(f"cannot attach streamed image {layer.image!r}: {e}") from None
             path = self._paths[h] = pathlib.Path(attached.path)
             self.on_mount(layer, time.monotonic() - started)
             return path

@@ -28,7 +28,7 @@ import pathlib
 import shutil
 from collections.abc import Callable
 
-from imagestream import config
+from imagestream import config, telemetry
 from imagestream.snapshot_labels import LABEL_PREFIX, StreamedLayer
 from imagestream.errors import FailedPrecondition, ImagestreamError, InvalidArgument, NotFound
 
@@ -175,6 +175,7 @@ class Snapshotter:
     async def prepare(self, key: str, parent: str, labels: dict[str, str], kind: int = ACTIVE) -> list[Mount]:
         if not key:
             raise InvalidArgument("a snapshot needs a key")
+        telemetry.annotate(snapshot_key=key, snapshot_parent=parent)  # on the span of containerd's call
         async with self._lock:
             if self.meta.get(key) is not None:
                 raise AlreadyExists(f"snapshot {key!r} already exists")
@@ -197,6 +198,7 @@ class Snapshotter:
                 shutil.rmtree(self._dir(s), ignore_errors=True)
                 raise
             if streamed is not None:
+                telemetry.annotate(image=streamed.image, streamed=True)
                 self.counters.streamed_snapshots += 1
                 log.info("ImageStreaming: %s snapshot %s runs on the streamed image %s (overlay on its mount)",
                          "active" if kind == ACTIVE else "view", key, streamed.image)
@@ -215,8 +217,17 @@ class Snapshotter:
             return
         if self.meta.get(target) is not None:
             raise AlreadyExists(f"target snapshot {target!r} already exists")
+        # its answer when streamed is ALREADY_EXISTS, which is no failure
+        with telemetry.tracer.start_as_current_span("stream layer", record_exception=False,
+                                                    set_status_on_exception=False) as span:
+            telemetry.annotate(image=layer.image, layer=f"{layer.position}/{layer.count}", target=target)
+            await self._stream_layer(target, parent, labels, layer)
+            span.set_attribute("imagestream.streamed", False)  # declined: containerd unpacks it
+
+    async def _stream_layer(self, target: str, parent: str, labels: dict[str, str], layer: StreamedLayer) -> None:
         reason = await self.streaming_check(layer)
         if reason is not None:
+            telemetry.annotate(declined=reason)
             self.counters.streaming_declined += 1
             log.warning("not streaming layer %d/%d of %s: %s; containerd unpacks it instead",
                         layer.position, layer.count, layer.image, reason)
@@ -231,6 +242,7 @@ class Snapshotter:
                 await self.images.ensure(layer)
             except FailedPrecondition as e:
                 log.warning("%s; attached when a container needs it", e)
+        telemetry.annotate(streamed=True)
         raise AlreadyExists(f"target snapshot {target!r} is streamed from {layer.image}")
 
     async def _materialize_lower_layers(self, parent: str) -> None:
@@ -292,6 +304,7 @@ class Snapshotter:
                 raise FailedPrecondition(f"snapshot {key!r} is not active: only an active snapshot can be committed")
             if self.meta.get(name) is not None:
                 raise AlreadyExists(f"snapshot {name!r} already exists")
+            telemetry.annotate(snapshot_key=key, name=name)
             size, inodes = await asyncio.to_thread(_du, self._dir(s) / "fs")
             committed = self.meta.commit(key, name, labels or s.labels, size, inodes)
             shutil.rmtree(self._dir(s) / "work", ignore_errors=True)

@@ -640,4 +640,11 @@ def test_every_tier_presents_a_certificate_with_its_role_from_a_mounted_secret(o
                 service = objects.service_for_host(host, workload.namespace)
                 for backend in objects.selected(service):
                     assert host in servers[backend.app]["spec"]["dnsNames"], (workload.name, variable, host)
+    # a TCP tier's probes run the health check in its own pod, which dials its listen address on loopback
+    for workload, container in objects.iter_containers():
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            command = container.get(probe, {}).get("exec", {}).get("command", [])
+            tier = command[-1] if command[2:3] == ["imagestream.rpc.healthcheck"] else None
+            if tier in ("chunk_store", "zonal_cache"):
+                assert "127.0.0.1" in servers[workload.app]["spec"].get("ipAddresses", []), (workload.name, probe)
 
