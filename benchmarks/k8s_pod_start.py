@@ -6,13 +6,15 @@ vs the same image pulled normally from the cluster's registry.
 Needs root and what the cluster tier needs (docs/kubernetes.md): starts the repository's one-node cluster
 (scripts/cluster, built once and cached), builds and pushes imagestream's images, applies the dev overlay,
 and pushes the Debian + python3 image twice: to the regional store (streamed) and to the registry (normal).
-Each run starts from a cold node both ways:
+The image's first streamed run, which records its startup profile, is not timed. Then each run starts
+from a cold node both ways (every earlier pod's containers removed and every name of the image forgotten,
+so that no snapshot of its layer is left on the node; checked before each pod):
 
   streamed  the node agent's pod replaced with its disk cache removed, Redis flushed and the zonal cache
-            replaced (only the regional store keeps the image), the image forgotten by containerd; then
-            a pod with runtimeClassName imagestream
-  normal    the image forgotten by containerd (its layer collected); then the same pod with the default
-            runtime: containerd pulls the layer from the registry and unpacks it (overlayfs)
+            replaced (only the regional store keeps the image and its profile); then a pod with
+            runtimeClassName imagestream; its layer blob must not reach the node
+  normal    a pod with the default runtime: containerd pulls the layer from the registry and unpacks it
+            (overlayfs); the layer blob must have been fetched
 
 The two alternate, so both see the same load. The pod runs python3 importing json, sqlite3 and hashlib
 and printing one line; the time is read from the pod's log file on the node. Writes
@@ -22,7 +24,9 @@ OUT/k8s_pod_start.{json,md}. Leaves the cluster running (scripts/cluster/down st
 from __future__ import annotations
 
 import argparse
+import os
 import pathlib
+import re
 import statistics
 import sys
 import time
@@ -36,6 +40,15 @@ IMAGE = "bench/debian-python:k8s"
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+def profile_chunks() -> int:
+    """How many chunks the node cache fetched ahead from the image's startup profile in its newest download."""
+    from imagestream_dev import cluster
+
+    text = cluster.kubectl("logs", "-n", "imagestream-node", cluster.node_agent_pod(), "-c", "node-cache").stdout
+    found = re.findall(r"download of .*: \d+ chunks, \d+ local, (\d+) first from the profile", text)
+    return int(found[-1]) if found else 0
 
 
 def cold_check(refs: dict[str, str]) -> None:
@@ -66,13 +79,18 @@ def main(argv: list[str] | None = None) -> None:
     cluster.deploy(timings)
     refs = cluster.push_both_ways(imagebuild.build_debian_python(CACHE, CACHE / "images", fmt="oci"), IMAGE)
     command = ["python3", "-c", PROGRAM]
+    # The image's first run records its startup profile (IMAGESTREAM_PROFILE=first), which every later cold
+    # start on any node fetches ahead: one run, not timed, as the image's first run anywhere would be.
+    cluster.delete_pods("bench-streamed", "bench-normal")
+    cluster.run_pod("bench-streamed", refs["streamed"], True, command)
     samples: dict[str, list[float]] = {"streamed": [], "normal": []}
     fetched: list[float] = []
+    profiled: list[int] = []
     results_trace: dict = {}
     blocking = 'imagestream_node_upstream_fetches_total{kind="blocking"}'
     for run in range(1, args.runs + 1):
         cluster.delete_pods("bench-streamed", "bench-normal")
-        cluster.forget_image(refs["streamed"], refs["normal"])
+        cluster.forget_image(refs["streamed"], refs["normal"], config=refs["config"])
         cluster.cold_node(log)
         cold_check(refs)
         since_ms = int(time.time() * 1000)
@@ -81,6 +99,7 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"the streamed pod printed {line!r}")
         samples["streamed"].append(round(seconds, 3))
         fetched.append(cluster.metrics(9463).get(blocking, 0.0))
+        profiled.append(profile_chunks())
         if run == 1 and args.screenshot:
             time.sleep(10)  # the services export their spans in batches
             trace = cluster.cold_start_trace(since_ms)
@@ -90,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
         if refs["normal_layer"] in cluster.content_digests():
             raise SystemExit("the streamed pod's start fetched the image's layer blob")
         cluster.delete_pods("bench-streamed")
-        cluster.forget_image(refs["streamed"], refs["normal"])
+        cluster.forget_image(refs["streamed"], refs["normal"], config=refs["config"])
         cold_check(refs)
         seconds, line = cluster.run_pod("bench-normal", refs["normal"], False, command)
         if "sqlite" not in line:
@@ -98,13 +117,15 @@ def main(argv: list[str] | None = None) -> None:
         if refs["normal_layer"] not in cluster.content_digests():  # else it started from a layer left unpacked
             raise SystemExit("the normal pod started without its layer blob being fetched")
         samples["normal"].append(round(seconds, 3))
-        log(f"run {run}/{args.runs}: streamed {samples['streamed'][-1]:.2f} s "
-            f"({fetched[-1]:.0f} chunks fetched on demand), normal {samples['normal'][-1]:.2f} s")
+        log(f"run {run}/{args.runs}: streamed {samples['streamed'][-1]:.2f} s ({fetched[-1]:.0f} chunks fetched on "
+            f"demand, {profiled[-1]} ahead from the profile), normal {samples['normal'][-1]:.2f} s "
+            f"(load average {os.getloadavg()[0]:.1f})")
     cluster.delete_pods("bench-normal")
     med = {k: statistics.median(v) for k, v in samples.items()}
     ratio = med["streamed"] / med["normal"]
     results = {"runs": args.runs, "samples": samples, "medians": med, "ratio": round(ratio, 3),
-               "streamed_chunks_fetched_on_demand": fetched, "setup_phases_s": timings,
+               "streamed_chunks_fetched_on_demand": fetched, "streamed_chunks_ahead_from_profile": profiled,
+               "load_average_1m_at_end": round(os.getloadavg()[0], 1), "setup_phases_s": timings,
                "image": refs, "trace": results_trace}
     table = [
         ("image", "`kubectl apply` to first output, median (s)", "runs (s)", "vs normal pull"),

@@ -185,13 +185,15 @@ def pusher_tls() -> list[str]:
             f"IMAGESTREAM_TLS_CA={folder / 'ca.crt'}"]
 
 
-def layer_and_chain_id(image_dir: pathlib.Path) -> tuple[str, str]:
-    """The digest of an OCI layout's one layer blob, and its snapshot's name (a first layer's chain ID is its diff ID)."""
+def layer_and_chain_id(image_dir: pathlib.Path) -> tuple[str, str, str]:
+    """The digest of an OCI layout's one layer blob, its snapshot's name (a first layer's chain ID is its diff ID),
+    and the digest of its config (the image's id)."""
     def blob(digest: str) -> dict:
         return json.loads((image_dir / "blobs" / "sha256" / digest.split(":")[1]).read_text())
 
     manifest = blob(json.loads((image_dir / "index.json").read_text())["manifests"][0]["digest"])
-    return manifest["layers"][0]["digest"], blob(manifest["config"]["digest"])["rootfs"]["diff_ids"][0]
+    config = manifest["config"]["digest"]
+    return manifest["layers"][0]["digest"], blob(config)["rootfs"]["diff_ids"][0], config
 
 
 def push_both_ways(image: pathlib.Path, name: str) -> dict[str, str]:
@@ -199,7 +201,7 @@ def push_both_ways(image: pathlib.Path, name: str) -> dict[str, str]:
 
     Returns the references a pod names, {"streamed": ..., "normal": ...}, the layer blob's digest in each
     ("layer": the layout's, which the streamed image names; "normal_layer": the registry's copy, as buildah
-    pushed it) and the layer's snapshot name ("chain_id", the same both ways)."""
+    pushed it), the layer's snapshot name ("chain_id", the same both ways) and the image's config ("config")."""
     cli = str(ROOT / ".venv" / "bin" / "imagestream")
     with chunk_store_forwarded() as region:
         result = in_ns("env", *pusher_tls(), f"IMAGESTREAM_REGION={region}", cli, "push", "--quiet", str(image), name,
@@ -214,9 +216,9 @@ def push_both_ways(image: pathlib.Path, name: str) -> dict[str, str]:
     manifest = json.loads(in_ns("curl", "-sf", "-H", "Accept: application/vnd.oci.image.manifest.v1+json, "
                                 "application/vnd.docker.distribution.manifest.v2+json",
                                 f"http://{ENV['REGISTRY']}/v2/{repository}/manifests/{tag or 'latest'}-normal").stdout)
-    layer, chain_id = layer_and_chain_id(image)
+    layer, chain_id, config = layer_and_chain_id(image)
     return {"streamed": f"{ENV['STREAM_REGISTRY']}/{name}", "normal": normal, "layer": layer,
-            "normal_layer": manifest["layers"][0]["digest"], "chain_id": chain_id}
+            "normal_layer": manifest["layers"][0]["digest"], "chain_id": chain_id, "config": config}
 
 
 def pod_yaml(name: str, image: str, command: list[str], streamed: bool) -> str:
@@ -266,17 +268,28 @@ def delete_pods(*names: str) -> None:
     image's layer snapshot under it: a pull then finds the layer unpacked (or committed) and fetches nothing."""
     for name in names:
         kubectl("delete", "pod", name, "--ignore-not-found", "--wait=true")
-        ids = ctr("containers", "ls", "-q", f'labels."io.kubernetes.pod.name"=={name}',
+        # one filter, its conditions joined by commas (AND); filters given apart are ORed
+        ids = ctr("containers", "ls", "-q", f'labels."io.kubernetes.pod.name"=={name},'
                   'labels."io.cri-containerd.kind"==container').stdout.split()
         if ids:
             ctr("containers", "rm", *ids)
 
 
-def forget_image(*references: str) -> None:
+def forget_image(*references: str, config: str = "") -> None:
     """The node no longer has these images: every name of them (the CRI adds `repo@digest` and the image id)
-    removed, and their content and snapshots collected at once."""
+    removed, and their content and snapshots collected at once. With `config` (an image's config digest), also
+    every other image of that config (the same image pushed under other names: its layers are the same
+    snapshots, which a pull would find)."""
     rows = [line.split() for line in ctr("images", "ls").stdout.splitlines()[1:]]
     digests = {row[2] for row in rows if row[0] in references}
+    if config:
+        for row in rows:
+            try:
+                manifest = json.loads(ctr("content", "get", row[2]).stdout)
+            except (subprocess.CalledProcessError, json.JSONDecodeError):
+                continue
+            if manifest.get("config", {}).get("digest") == config:
+                digests.add(row[2])
     names = [row[0] for row in rows if row[2] in digests]
     if names:
         ctr("images", "rm", "--sync", *names)

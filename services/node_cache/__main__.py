@@ -30,6 +30,24 @@ SETTINGS = ("home", "node_cache_socket", "node_cache_metrics", "node_upstreams",
             "region", "socket_group", *tls.SETTINGS)
 
 
+class ApplicationReads(ReadThroughStore):
+    """The node's chain as its FUSE client reads it: every read, one served from memory or disk too, counts as an
+    application reading (ForegroundGate.touch), so that the rest of an image's background download waits until
+    the start has gone quiet instead of taking the CPU from a start whose profile is already local."""
+
+    def __init__(self, cache: ChunkStore, upstream: ChunkStore, fetcher: NodeFetcher, name: str) -> None:
+        super().__init__(cache, upstream, name=name)
+        self.gate = fetcher.gate
+
+    async def get(self, digest: Digest) -> bytes:
+        self.gate.touch()
+        return await super().get(digest)
+
+    async def local_path(self, digest: Digest) -> str | None:
+        self.gate.touch()
+        return await super().local_path(digest)
+
+
 @dataclasses.dataclass
 class Node:
     """The node's tiers: memory over disk over the way upstream."""
@@ -57,7 +75,7 @@ def build(args: argparse.Namespace) -> Node:
     # A chunk is checked once on the node: on its way in (by the upstream chain), or when read back from disk.
     disk_tier = ReadThroughStore(VerifiedStore(disk), fetcher, name="node disk")
     disk_tier.fetch_seconds = telemetry.fetch_histogram().labels("node")
-    store = ReadThroughStore(memory, disk_tier, name="node memory")
+    store = ApplicationReads(memory, disk_tier, fetcher, name="node memory")
     return Node(memory, disk, fetcher, store)
 
 

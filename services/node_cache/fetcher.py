@@ -8,7 +8,9 @@ Foreground gets (a FUSE read that missed the node) always go first:
   altogether: batches beyond the startup profile wait until the foreground has
   been quiet for a moment (`wait_quiet`), because an import storm is a chain of
   short misses with gaps between them, and a batch started in a gap would sit
-  on the regional link in front of the next miss;
+  on the regional link in front of the next miss; reads the node serves itself
+  count as foreground too (the node cache's `ApplicationReads`): a start whose
+  profile is already local would otherwise share the CPU with the download;
 * a foreground get never joins a background batch, even one that holds the
   same chunk: the batch may be queued behind the bandwidth cap; the chunk is
   fetched again, at once (a duplicate transfer is the price of priority) --

@@ -29,7 +29,7 @@ EXPECTED = {"sqlite": "3.40.1", "h": "2d711642"}
 def pushed(cluster, debian_image):  # type: ignore[no-untyped-def]
     """The Debian + python3 image in the cluster's regional store (streamable), and in the registry (normal)."""
     refs = push_both_ways(debian_image, STREAMED)
-    forget_image(refs["streamed"], refs["normal"])  # a cold node for this module: no image, empty caches
+    forget_image(refs["streamed"], refs["normal"], config=refs["config"])  # a cold node for this module: no image, empty caches
     cold_node()
     return refs
 

@@ -84,7 +84,7 @@ class DiskStore(ChunkStore):
         return str(self._path(digest))
 
     def _write(self, path: pathlib.Path, data: bytes) -> None:
-        path.parent.mkdir(exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)  # its folder may have been removed under it
         fd, tmp = tempfile.mkstemp(prefix=".tmp", dir=path.parent)
         try:
             with os.fdopen(fd, "wb") as f:
