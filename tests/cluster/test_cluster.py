@@ -1,19 +1,20 @@
 """imagestream on a real one-node Kubernetes cluster (conftest.py): the dev overlay Ready, a pod started
 from a streamed image (its layer never fetched, its reads on demand, the ImageStreaming event on it),
 pod start streamed vs the same image pulled normally, the snapshotter's restart under a running pod,
-and the multi-zone overlay against the real API server."""
+the multi-zone overlay against the real API server, and the chunk store following Cassandra to a new pod."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import subprocess
 import time
 
 import pytest
 
-from imagestream_dev.cluster import (ENV, NAMESPACES, RUN, cold_node, content_digests, ctr, forget_image, image_digest,
-                                     kubectl, metrics, push_both_ways, run_pod)
+from imagestream_dev.cluster import (ENV, NAMESPACES, RUN, chunk_store_forwarded, cold_node, content_digests, ctr,
+                                     forget_image, image_digest, in_ns, kubectl, metrics, push_both_ways, pusher_tls, run_pod)
 from tests.conftest import ROOT
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(3600)]  # the first one waits for the cluster to be built
@@ -133,3 +134,31 @@ def test_multi_zone_overlay_is_valid_for_the_api_server(cluster) -> None:  # typ
     kinds = [line.split()[1] for line in rendered.splitlines() if line.startswith("kind: ")]
     assert len(created) == len(kinds) - kinds.count("Namespace"), result.stdout  # every object but the namespaces
     assert {"daemonset.apps/check-node-agent", "statefulset.apps/check-cassandra"} <= set(created)
+
+
+def test_the_chunk_store_follows_cassandra_to_a_new_pod(cluster, pushed) -> None:  # type: ignore[no-untyped-def]
+    """Cassandra's pod deleted and made again (a new address behind the Service's name): the chunk store
+    answers again from Cassandra without being restarted."""
+    def cassandra() -> dict:
+        return json.loads(kubectl("get", "pod", "-n", "imagestream", "cassandra-0", "-o", "json").stdout)
+
+    def chunk_store_restarts() -> int:
+        pods = json.loads(kubectl("get", "pods", "-n", "imagestream", "-l", "app=chunk-store", "-o", "json").stdout)["items"]
+        return sum(c["restartCount"] for p in pods for c in p["status"]["containerStatuses"])
+
+    def images() -> subprocess.CompletedProcess:
+        with chunk_store_forwarded() as region:
+            return in_ns("env", *pusher_tls(), f"IMAGESTREAM_REGION={region}", str(ROOT / ".venv" / "bin" / "imagestream"),
+                         "images", check=False, timeout=120)
+
+    assert STREAMED in images().stdout
+    old_ip, restarts = cassandra()["status"]["podIP"], chunk_store_restarts()
+    kubectl("delete", "pod", "-n", "imagestream", "cassandra-0", "--wait=true", timeout=300)
+    kubectl("wait", "-n", "imagestream", "pod/cassandra-0", "--for=condition=Ready", "--timeout=600s", timeout=660)
+    new_ip = cassandra()["status"]["podIP"]
+    assert new_ip != old_ip, f"Cassandra came back at the same address {new_ip}: nothing to follow"
+    deadline = time.monotonic() + 120
+    while STREAMED not in (listed := images()).stdout:
+        assert time.monotonic() < deadline, f"the chunk store does not read Cassandra at {new_ip}: {listed.stderr}"
+        time.sleep(3)
+    assert chunk_store_restarts() == restarts  # recovered in place, not by a restart
