@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from imagestream_dev.cluster import ENV, NAMESPACES, SCRIPTS, kubectl
+from imagestream_dev.cluster import ENV, NAMESPACES, SCRIPTS, kubectl, secrets
 from tests.deploy.tilt_ci import tilt_ci
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(3600)]  # the first one waits for the cluster to be built
@@ -22,6 +22,7 @@ pytestmark = [pytest.mark.cluster, pytest.mark.timeout(3600)]  # the first one w
 def test_tilt_ci_builds_deploys_and_smoke_tests_on_the_cluster(cluster, debian_image, tmp_path) -> None:  # type: ignore[no-untyped-def]
     kubectl("delete", "namespace", *NAMESPACES, "--wait=true", timeout=600)
     subprocess.run([str(SCRIPTS / "up")], check=True, capture_output=True, env=ENV, timeout=600)  # frees the volumes
+    secrets()  # the TLS Secrets that cert-manager would keep, which a developer installs before `tilt up`
     env = {**ENV, "PYTHON": sys.executable, "SMOKE_IMAGE": str(debian_image)}
     started = time.monotonic()
     result = tilt_ci(env, tmp_path / "tilt-home", 26390, ["--mode=k8s", "--builder=buildah"], timeout_s=1800,
