@@ -39,9 +39,14 @@ def test_every_tier_is_ready(cluster) -> None:  # type: ignore[no-untyped-def]
     pods = {}
     for namespace in NAMESPACES:
         for pod in json.loads(kubectl("get", "pods", "-n", namespace, "-o", "json").stdout)["items"]:
+            if pod["metadata"]["labels"]["app"] == "chunk-store-schema":  # the schema Job's: it has run, and ended
+                assert pod["status"]["phase"] == "Succeeded", pod["status"]
+                continue
             ready = [c["ready"] for c in pod["status"].get("containerStatuses", [])]
             pods[pod["metadata"]["labels"]["app"]] = bool(ready) and all(ready)
     assert pods == dict.fromkeys(["cassandra", "chunk-store", "redis", "zonal-cache", "zipkin", "node-agent"], True)
+    job = json.loads(kubectl("get", "job", "-n", "imagestream", "chunk-store-schema", "-o", "json").stdout)
+    assert job["status"].get("succeeded") == 1
     snapshotter = json.loads(kubectl("get", "pods", "-n", "imagestream-node", "-o", "json").stdout)["items"][0]
     containers = {c["name"]: c["image"] for c in snapshotter["spec"]["containers"]}
     # the image built here (scripts/cluster/images), by the digest the registry holds
