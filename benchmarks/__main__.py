@@ -45,7 +45,7 @@ import traceback
 from benchmarks import baselines, charts, coldstart, fanout, tiers, warmreads
 from benchmarks.harness import CACHE, ROOT, machine, private_stack
 from benchmarks.link import DEFAULT, FAST, SLOW, TBF_BURST, TBF_LATENCY, Link, LinkProfile
-from benchmarks.setup import PROGRAM, Setup, debian_image, debian_large_image, large_command, log, tiny_image
+from benchmarks.setup import PROGRAM, Image, Setup, debian_image, debian_large_image, large_command, log, tiny_image
 
 PARTS = ("coldstart", "slow", "bytes", "fanout", "tiers", "warm", "baselines", "bgcap")
 DEFAULT_PARTS = PARTS[:-1]  # bgcap is an experiment, run on request
@@ -238,14 +238,19 @@ def parts(args: argparse.Namespace, setup: Setup, images: list, default: LinkPro
     def baseline() -> None:
         setup.shape(default)
         log(f"baselines, link {default.describe()}: peers {','.join(args.peers)}")
-        cells = [baselines.Cell(base, tiny_image(0) if args.quick else debian_image(0), args.runs)]
+        cells = [baselines.Cell("base", tiny_image(0) if args.quick else debian_image(0), args.runs, image=base)]
         if "large" in args.images:
-            # the real large image, pushed here (the cold start parts use the filler image under "large")
+            # the real large image, pushed when its turn comes, after the base image and the fan-out (the cold start
+            # parts use the filler image under "large")
             command, expect = large_command()
             source = debian_large_image()
-            image = setup.prepare_image("debian-large", 0, source=source, command=command, expect=expect)
-            r.setdefault("images", {})[image.label] = image.describe()
-            cells.append(baselines.Cell(image, source, args.large_runs, fallback=False))
+
+            def make() -> Image:
+                image = setup.prepare_image("debian-large", 0, source=source, command=command, expect=expect)
+                r.setdefault("images", {})[image.label] = image.describe()
+                return image
+
+            cells.append(baselines.Cell("debian-large", source, args.large_runs, make=make, fallback=False))
         def progress(b: dict) -> None:  # what is measured so far survives an interruption (--report-only)
             r["baselines"] = {**b, "link": link_dict(default)}
             args.out.mkdir(parents=True, exist_ok=True)
@@ -580,6 +585,8 @@ def baselines_markdown(b: dict) -> list[str]:
         if info.get("images_prepared_s"):
             L += ["Preparing the peers' images (once per run, not timed above): " + ", ".join(
                 f"{k} {v:g} s" for k, v in info["images_prepared_s"].items()) + ".", ""]
+    for label, error in b.get("errors", {}).items():
+        L += [f"**The {label} image was not measured:** `{error}`", ""]
     if "fanout" in b:
         fo = b["fanout"]
         L += [f"### {fo['n']} cold nodes start the {fo.get('image', 'base')} image at once over the one link", "",
