@@ -76,6 +76,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="repetitions of each baselines cell of the large image (default: --runs)")
     p.add_argument("--report-only", type=pathlib.Path, default=None, metavar="BENCH_JSON",
                    help="measure nothing: write the Markdown and charts again from an earlier bench.json")
+    p.add_argument("--add-baselines", type=pathlib.Path, default=None, metavar="BENCH_JSON",
+                   help="with --report-only: add the baselines images of another run's bench.json (e.g. the large "
+                        "image measured in a run of its own), each marked with when and how loaded that run was")
     p.add_argument("--use-running-stack", action="store_true",
                    help="use the stack the IMAGESTREAM_* variables point at instead of starting one (tests)")
     a = p.parse_args(argv)
@@ -85,14 +88,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a.runs = a.runs or (1 if a.quick else 3)
     a.slow_runs = a.slow_runs or (1 if a.quick else 2)
     a.filler_mb = a.filler_mb if a.filler_mb is not None else (8 if a.quick else 800)
-    a.fanout = [int(n) for n in (a.fanout or ("2" if a.quick else "1,2,4,8")).split(",")]
+    a.fanout = [int(n) for n in (a.fanout or ("2" if a.quick else "1,2,4,8")).split(",")]  # 0: no baselines fan-out
     a.parts = [x for x in a.parts.split(",") if x]
     a.peers = [x for x in (a.peers or ("containerd,estargz" if a.quick else ",".join(pk.key for pk in baselines.PEERS))).split(",") if x]
     if set(a.peers) - {pk.key for pk in baselines.PEERS}:
         p.error(f"unknown peers {sorted(set(a.peers) - {pk.key for pk in baselines.PEERS})}")
     a.images = [x for x in (a.images or ("base" if a.quick else "base,large")).split(",") if x]
-    if set(a.images) - {"base", "large"} or "base" not in a.images:
-        p.error(f"--images: base, and optionally large (got {','.join(a.images)})")
+    if set(a.images) - {"base", "large"} or not a.images:
+        p.error(f"--images: base and/or large (got {','.join(a.images)})")
     a.large_runs = a.large_runs or a.runs
     unknown = set(a.parts) - set(PARTS)
     if unknown:
@@ -238,7 +241,9 @@ def parts(args: argparse.Namespace, setup: Setup, images: list, default: LinkPro
     def baseline() -> None:
         setup.shape(default)
         log(f"baselines, link {default.describe()}: peers {','.join(args.peers)}")
-        cells = [baselines.Cell("base", tiny_image(0) if args.quick else debian_image(0), args.runs, image=base)]
+        cells = []
+        if "base" in args.images:
+            cells.append(baselines.Cell("base", tiny_image(0) if args.quick else debian_image(0), args.runs, image=base))
         if "large" in args.images:
             # the real large image, pushed when its turn comes, after the base image and the fan-out (the cold start
             # parts use the filler image under "large")
@@ -402,19 +407,25 @@ def _table(rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(x) + " |" for x in body)]
 
 
+def stopped(r: dict) -> str:
+    """A run stopped before its end (its results as written when each step completed): how far it went."""
+    last = r.get("load_samples", [[0]])[-1][0]
+    return f"(stopped; results as written as each step completed, up to about {last // 60} min after the start)"
+
+
 def markdown(r: dict, pngs: list[str]) -> str:
     mb = lambda n: f"{n / 1e6:,.1f} MB"  # noqa: E731
     m = r["machine"]
     after = r.get("load_after", r["load_before"])
     loads = [r["load_before"][0], *(v[0] for v in r.get("load_after_part", {}).values()), after[0]]
     sampled = [x[1] for x in r.get("load_samples", [])]
-    load = (f"1-minute load average {r['load_before'][0]:.1f} before, {after[0]:.1f} after"
+    load = (f"1-minute load average {r['load_before'][0]:.1f} before" + (f", {after[0]:.1f} after" if "load_after" in r else "")
             + (f", {min(loads):.1f}–{max(loads):.1f} between parts" if r.get("load_after_part") else "")
             + (f", {min(sampled):.1f}–{max(sampled):.1f} (median {statistics.median(sampled):.1f}) sampled every "
                f"{LOAD_EVERY_S} s during the run" if sampled else "")
             + (f"; {r['load_note']}" if r.get("load_note") else ""))
     L = [f"# imagestream benchmark{' (quick mode)' if r['quick'] else ''}", "",
-         f"Measured {r['started']} – {r.get('finished', '(interrupted)')} on {m['cores']} cores ({m['cpu']}), {m['memory_gib']} GiB, "
+         f"Measured {r['started']} – {r.get('finished') or stopped(r)} on {m['cores']} cores ({m['cpu']}), {m['memory_gib']} GiB, "
          f"Linux {m['kernel']}, Python {m['python']}; {load}. "
          "Medians of the runs in `bench.json`.", ""]
     s = r["settings"]
@@ -563,6 +574,7 @@ def baselines_markdown(b: dict) -> list[str]:
         L += [f"### {label} image: `{' '.join(info['command'][:3])} \"{info['command'][3]}\"`" if len(info["command"]) == 4
               else f"### {label} image: `{' '.join(info['command'])}`", "",
               f"Median of {info['runs']} run{'s' if info['runs'] > 1 else ''}"
+              + (f"; {info['measured']}" if info.get("measured") else "")
               + (f"; the original image is one gzip layer of {info['orig_bytes'] / 1e6:,.1f} MB" if "orig_bytes" in info else "")
               + ".", ""]
         rows = [["path", "get ready", "run to first output", "total", "round trips", "MB over the link",
@@ -600,6 +612,23 @@ def baselines_markdown(b: dict) -> list[str]:
     return L
 
 
+def add_baselines(r: dict, other: dict) -> None:
+    """Put the baselines images of `other` (a run of its own) beside those of `r`, saying when and how loaded."""
+    b, o = r["baselines"], other["baselines"]
+    sampled = [x[1] for x in other.get("load_samples", [])]
+    when = (f"measured in a run of its own, {other['started']} – {other.get('finished', '(interrupted)')}, "
+            f"peers {', '.join(k for k in next(iter(o['by_image'].values()), {}) if k in {p.key for p in baselines.PEERS})}"
+            + (f", 1-minute load average {min(sampled):.1f}–{max(sampled):.1f}" if sampled else ""))
+    for label, cells in o["by_image"].items():
+        b["by_image"][label] = cells
+        b["images"][label] = {**o["images"][label], "measured": when}
+        if label in other.get("images", {}):
+            r.setdefault("images", {})[label] = other["images"][label]
+    b.setdefault("errors", {}).update(o.get("errors", {}))
+    for label in o["by_image"]:
+        b.get("errors", {}).pop(label, None)
+
+
 def write(r: dict, out: pathlib.Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     pngs = []
@@ -622,6 +651,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.report_only:
         results = json.loads(args.report_only.read_text())
+        if args.add_baselines:
+            add_baselines(results, json.loads(args.add_baselines.read_text()))
         results["targets"] = targets(results)
         write(results, args.out)
         return 0
