@@ -35,15 +35,17 @@ import os
 import pathlib
 import shutil
 import signal
+import statistics
 import sys
 import tempfile
+import threading
 import time
 import traceback
 
 from benchmarks import baselines, charts, coldstart, fanout, tiers, warmreads
 from benchmarks.harness import CACHE, ROOT, machine, private_stack
 from benchmarks.link import DEFAULT, FAST, SLOW, TBF_BURST, TBF_LATENCY, Link, LinkProfile
-from benchmarks.setup import PROGRAM, Setup, debian_image, log, tiny_image
+from benchmarks.setup import PROGRAM, Image, Setup, debian_image, debian_large_image, large_command, log, tiny_image
 
 PARTS = ("coldstart", "slow", "bytes", "fanout", "tiers", "warm", "baselines", "bgcap")
 DEFAULT_PARTS = PARTS[:-1]  # bgcap is an experiment, run on request
@@ -67,8 +69,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--peers", default=None,
                    help=f"comma-separated baselines of {','.join(pk.key for pk in baselines.PEERS)} "
                         "(default: all; quick: containerd,estargz)")
+    p.add_argument("--images", default=None,
+                   help="images of the baselines part: base (Debian + python3) and large (a JDK and Python's "
+                        "scientific stack, imagebuild.LARGE_PACKAGES, run with LARGE_COMMAND) (default base,large; quick: base)")
+    p.add_argument("--large-runs", type=int, default=None,
+                   help="repetitions of each baselines cell of the large image (default: --runs)")
     p.add_argument("--report-only", type=pathlib.Path, default=None, metavar="BENCH_JSON",
                    help="measure nothing: write the Markdown and charts again from an earlier bench.json")
+    p.add_argument("--add-baselines", type=pathlib.Path, default=None, metavar="BENCH_JSON",
+                   help="with --report-only: add the baselines images of another run's bench.json (e.g. the large "
+                        "image measured in a run of its own), each marked with when and how loaded that run was")
     p.add_argument("--use-running-stack", action="store_true",
                    help="use the stack the IMAGESTREAM_* variables point at instead of starting one (tests)")
     a = p.parse_args(argv)
@@ -78,11 +88,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a.runs = a.runs or (1 if a.quick else 3)
     a.slow_runs = a.slow_runs or (1 if a.quick else 2)
     a.filler_mb = a.filler_mb if a.filler_mb is not None else (8 if a.quick else 800)
-    a.fanout = [int(n) for n in (a.fanout or ("2" if a.quick else "1,2,4,8")).split(",")]
+    a.fanout = [int(n) for n in (a.fanout or ("2" if a.quick else "1,2,4,8")).split(",")]  # 0: no baselines fan-out
     a.parts = [x for x in a.parts.split(",") if x]
     a.peers = [x for x in (a.peers or ("containerd,estargz" if a.quick else ",".join(pk.key for pk in baselines.PEERS))).split(",") if x]
     if set(a.peers) - {pk.key for pk in baselines.PEERS}:
         p.error(f"unknown peers {sorted(set(a.peers) - {pk.key for pk in baselines.PEERS})}")
+    a.images = [x for x in (a.images or ("base" if a.quick else "base,large")).split(",") if x]
+    if set(a.images) - {"base", "large"} or not a.images:
+        p.error(f"--images: base and/or large (got {','.join(a.images)})")
+    a.large_runs = a.large_runs or a.runs
     unknown = set(a.parts) - set(PARTS)
     if unknown:
         p.error(f"unknown parts {sorted(unknown)}; choose from {','.join(PARTS)}")
@@ -93,6 +107,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def loadavg() -> list[float]:
     return [float(x) for x in pathlib.Path("/proc/loadavg").read_text().split()[:3]]
+
+
+LOAD_EVERY_S = 30
+
+
+@contextlib.contextmanager
+def load_sampler(r: dict):  # type: ignore[no-untyped-def]
+    """[seconds since start, 1-minute load average] every LOAD_EVERY_S into r["load_samples"] while the run goes."""
+    samples = r.setdefault("load_samples", [])
+    stop = threading.Event()
+    started = time.monotonic()
+
+    def sample() -> None:
+        while not stop.wait(0 if not samples else LOAD_EVERY_S):
+            samples.append([round(time.monotonic() - started), loadavg()[0]])
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def link_dict(profile: LinkProfile) -> dict:
@@ -117,9 +154,9 @@ def run(args: argparse.Namespace) -> dict:
     r: dict = {"benchmark": "imagestream cold start vs full pull", "quick": args.quick, "machine": machine(),
                "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "load_before": loadavg(),
                "program": PROGRAM, "parts": args.parts,
-               "settings": {"runs": args.runs, "slow_runs": args.slow_runs, "filler_mb": args.filler_mb,
+               "settings": {"runs": args.runs, "large_runs": args.large_runs, "images": args.images, "slow_runs": args.slow_runs, "filler_mb": args.filler_mb,
                             "fanout_n": args.fanout, "default_link": link_dict(default), "slow_link": link_dict(SLOW)}}
-    with stack(args) as env, tempfile.TemporaryDirectory(prefix="imagestream-bench-work-") as td:
+    with load_sampler(r), stack(args) as env, tempfile.TemporaryDirectory(prefix="imagestream-bench-work-") as td:
         workdir = pathlib.Path(td)
         r["settings"].update({k: config.get(k) for k in ("node_memory_bytes", "node_disk_bytes", "redis_maxmemory",
                                                          "chunk_size", "fetch_timeout")})
@@ -204,10 +241,28 @@ def parts(args: argparse.Namespace, setup: Setup, images: list, default: LinkPro
     def baseline() -> None:
         setup.shape(default)
         log(f"baselines, link {default.describe()}: peers {','.join(args.peers)}")
-        source = tiny_image(0) if args.quick else debian_image(0)
-        r["baselines"] = baselines.measure(setup, base, source, args.runs, args.port_base + 40, args.peers,
-                                           fanout_n=max(args.fanout))
-        r["baselines"]["link"] = link_dict(default)
+        cells = []
+        if "base" in args.images:
+            cells.append(baselines.Cell("base", tiny_image(0) if args.quick else debian_image(0), args.runs, image=base))
+        if "large" in args.images:
+            # the real large image, pushed when its turn comes, after the base image and the fan-out (the cold start
+            # parts use the filler image under "large")
+            command, expect = large_command()
+            source = debian_large_image()
+
+            def make() -> Image:
+                image = setup.prepare_image("debian-large", 0, source=source, command=command, expect=expect)
+                r.setdefault("images", {})[image.label] = image.describe()
+                return image
+
+            cells.append(baselines.Cell("debian-large", source, args.large_runs, make=make, fallback=False))
+        def progress(b: dict) -> None:  # what is measured so far survives an interruption (--report-only)
+            r["baselines"] = {**b, "link": link_dict(default)}
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "bench.partial.json").write_text(json.dumps(r, indent=2) + "\n")
+
+        progress(baselines.measure(setup, cells, args.port_base + 40, args.peers, fanout_n=max(args.fanout),
+                                   progress=progress))
 
     for name, fn in (("bgcap", bgcap), ("coldstart", cold_start), ("bytes", bytes_), ("slow", slow), ("fanout", fan_out),
                      ("tiers", tier_latency), ("warm", warm), ("baselines", baseline)):
@@ -319,25 +374,29 @@ def targets(r: dict) -> list[dict]:
             r["warm_reads"]["ratio_seq_hot"], 0.5, "{:.2f}", higher_is_better=True)
     if "baselines" in r:
         b = r["baselines"]
-        cells = b["by_image"][b["image"]]
-        pull = cells.get("containerd", {}).get("median")
-        for key in ("imagestream_containerd", "imagestream_run", "imagestream_profile"):
-            if pull and key in cells:
-                add(f"vs_containerd:{key}", f"{baselines.LABELS[key]} / containerd pull + run, {b['image']} image",
-                    cells[key]["median"] / pull, 0.35, "{:.2f}")
-        best = baselines.best_peer(cells)
-        if best:
-            for key, limit in (("imagestream_containerd", 1.0), ("imagestream_run", 1.0), ("imagestream_profile", 0.8)):
-                if key in cells:
-                    add(f"vs_peer:{key}", f"{baselines.LABELS[key]} / best peer ({best[0]}), {b['image']} image",
-                        cells[key]["median"] / best[1], limit, "{:.2f}")
+        # the same start to first output, side by side: at most these times containerd's pull + run, and the best peer's
+        vs_pull = {"base": 0.35, "debian-large": 0.1}
+        for label, cells in b["by_image"].items():
+            pull = cells.get("containerd", {}).get("median")
+            for key in ("imagestream_containerd", "imagestream_run", "imagestream_profile"):
+                if pull and key in cells and label in vs_pull:
+                    add(f"vs_containerd:{key}:{label}", f"{baselines.LABELS[key]} / containerd pull + run, {label} image",
+                        cells[key]["median"] / pull, vs_pull[label], "{:.2f}")
+            best = baselines.best_peer(cells)
+            if best:
+                for key, limit in (("imagestream_containerd", 1.0), ("imagestream_run", 1.0), ("imagestream_profile", 0.8)):
+                    if key in cells:
+                        add(f"vs_peer:{key}:{label}", f"{baselines.LABELS[key]} / best peer ({best[0]}), {label} image",
+                            cells[key]["median"] / best[1], limit, "{:.2f}")
         fo = b.get("fanout")
         if fo:
             lazy = [(k, c["start_median_s"]) for k, c in fo["by_path"].items() if k in baselines.LAZY]
-            if lazy and "imagestream_run" in fo["by_path"]:
+            if lazy:
                 k, v = min(lazy, key=lambda kv: kv[1])
-                add("vs_peer_fanout", f"{fo['n']} cold nodes at once, `imagestream run` / best peer ({k}), median start",
-                    fo["by_path"]["imagestream_run"]["start_median_s"] / v, 0.5, "{:.2f}")
+                for key in ("imagestream_containerd", "imagestream_run"):
+                    if key in fo["by_path"]:
+                        add(f"vs_peer_fanout:{key}", f"{fo['n']} cold nodes at once, {baselines.LABELS[key]} / best peer "
+                            f"({k}), median start", fo["by_path"][key]["start_median_s"] / v, 0.5, "{:.2f}")
     return out
 
 
@@ -348,15 +407,25 @@ def _table(rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(x) + " |" for x in body)]
 
 
+def stopped(r: dict) -> str:
+    """A run stopped before its end (its results as written when each step completed): how far it went."""
+    last = r.get("load_samples", [[0]])[-1][0]
+    return f"(stopped; results as written as each step completed, up to about {last // 60} min after the start)"
+
+
 def markdown(r: dict, pngs: list[str]) -> str:
     mb = lambda n: f"{n / 1e6:,.1f} MB"  # noqa: E731
     m = r["machine"]
-    loads = [r["load_before"][0], *(v[0] for v in r.get("load_after_part", {}).values()), r["load_after"][0]]
-    load = (f"1-minute load average {r['load_before'][0]:.1f} before, {r['load_after'][0]:.1f} after"
+    after = r.get("load_after", r["load_before"])
+    loads = [r["load_before"][0], *(v[0] for v in r.get("load_after_part", {}).values()), after[0]]
+    sampled = [x[1] for x in r.get("load_samples", [])]
+    load = (f"1-minute load average {r['load_before'][0]:.1f} before" + (f", {after[0]:.1f} after" if "load_after" in r else "")
             + (f", {min(loads):.1f}–{max(loads):.1f} between parts" if r.get("load_after_part") else "")
+            + (f", {min(sampled):.1f}–{max(sampled):.1f} (median {statistics.median(sampled):.1f}) sampled every "
+               f"{LOAD_EVERY_S} s during the run" if sampled else "")
             + (f"; {r['load_note']}" if r.get("load_note") else ""))
     L = [f"# imagestream benchmark{' (quick mode)' if r['quick'] else ''}", "",
-         f"Measured {r['started']} – {r['finished']} on {m['cores']} cores ({m['cpu']}), {m['memory_gib']} GiB, "
+         f"Measured {r['started']} – {r.get('finished') or stopped(r)} on {m['cores']} cores ({m['cpu']}), {m['memory_gib']} GiB, "
          f"Linux {m['kernel']}, Python {m['python']}; {load}. "
          "Medians of the runs in `bench.json`.", ""]
     s = r["settings"]
@@ -493,40 +562,71 @@ def markdown(r: dict, pngs: list[str]) -> str:
 
 def baselines_markdown(b: dict) -> list[str]:
     link = b["link"]
-    L = [f"## Baselines: the same cold start on what users would run instead ({b['image']} image, link "
-         f"{link['rate_mbit']:g} Mbit/s, {link['rtt_ms']:g} ms RTT)", "",
-         f"Median seconds of {b['runs']} runs from the start of the pull to the program's first output, each path "
-         "on a fresh node; round trips: registry GETs (manifests and blobs) for containerd and the peers, blocking "
-         "chunk fetches for imagestream.", ""]
-    cells = b["by_image"][b["image"]]
-    pull = cells.get("containerd", {}).get("median")
-    best = baselines.best_peer(cells)
-    rows = [["path", "get ready", "run to first output", "total", "round trips", "MB over the link",
-             "/ containerd", "/ best peer"]]
-    for key, c in cells.items():
-        trips = (f"{c['registry_gets_median']:g} GETs" if "registry_gets_median" in c
-                 else f"{c['blocking_fetches_median']:g} fetches" if "blocking_fetches_median" in c else "–")
-        rows.append([b["labels"][key], f"{c['pull_s_median']:.2f} s" if "pull_s_median" in c else "–",
-                     f"{c['run_s_median']:.2f} s" if "run_s_median" in c else "–", f"**{c['median']:.2f} s**", trips,
-                     f"{c['link_bytes_median'] / 1e6:.1f}", f"{c['median'] / pull:.2f}" if pull else "–",
-                     f"{c['median'] / best[1]:.2f}" if best else "–"])
-    L += _table(rows) + [""]
-    if best:
-        L += [f"Best peer: {b['labels'][best[0]]}.", ""]
-    for key, why in b.get("skipped", {}).items():
-        L += [f"* {b['labels'][key]}: skipped ({why})"]
-    if b.get("skipped"):
-        L += [""]
+    L = [f"## Baselines: the same cold start on what users would run instead (link {link['rate_mbit']:g} Mbit/s, "
+         f"{link['rtt_ms']:g} ms RTT)", "",
+         "Median seconds from the start of the pull to the command's first output, each path on a fresh node; round "
+         "trips: registry GETs (manifests and blobs) for containerd and the peers, blocking chunk fetches for "
+         "imagestream.", ""]
+    for label, cells in b["by_image"].items():
+        info = b["images"][label]
+        pull = cells.get("containerd", {}).get("median")
+        best = baselines.best_peer(cells)
+        L += [f"### {label} image: `{' '.join(info['command'][:3])} \"{info['command'][3]}\"`" if len(info["command"]) == 4
+              else f"### {label} image: `{' '.join(info['command'])}`", "",
+              f"Median of {info['runs']} run{'s' if info['runs'] > 1 else ''}"
+              + (f"; {info['measured']}" if info.get("measured") else "")
+              + (f"; the original image is one gzip layer of {info['orig_bytes'] / 1e6:,.1f} MB" if "orig_bytes" in info else "")
+              + ".", ""]
+        rows = [["path", "get ready", "run to first output", "total", "round trips", "MB over the link",
+                 "/ containerd", "/ best peer"]]
+        for key, c in cells.items():
+            trips = (f"{c['registry_gets_median']:g} GETs" if "registry_gets_median" in c
+                     else f"{c['blocking_fetches_median']:g} fetches" if "blocking_fetches_median" in c else "–")
+            rows.append([b["labels"][key], f"{c['pull_s_median']:.2f} s" if "pull_s_median" in c else "–",
+                         f"{c['run_s_median']:.2f} s" if "run_s_median" in c else "–", f"**{c['median']:.2f} s**", trips,
+                         f"{c['link_bytes_median'] / 1e6:.1f}", f"{c['median'] / pull:.2f}" if pull else "–",
+                         f"{c['median'] / best[1]:.2f}" if best else "–"])
+        L += _table(rows) + [""]
+        if best:
+            L += [f"Best peer: {b['labels'][best[0]]}.", ""]
+        skipped = {**b.get("skipped", {}), **info.get("skipped", {})}
+        for key, why in skipped.items():
+            L += [f"* {b['labels'][key]}: skipped ({why})"]
+        if skipped:
+            L += [""]
+        if info.get("images_prepared_s"):
+            L += ["Preparing the peers' images (once per run, not timed above): " + ", ".join(
+                f"{k} {v:g} s" for k, v in info["images_prepared_s"].items()) + ".", ""]
+    for label, error in b.get("errors", {}).items():
+        L += [f"**The {label} image was not measured:** `{error}`", ""]
     if "fanout" in b:
         fo = b["fanout"]
-        L += [f"{fo['n']} cold nodes start the image at once over the one link:", ""]
-        L += _table([["path", "start median", "start slowest"]] + [
-            [b["labels"][k], f"{c['start_median_s']:.2f} s", f"{c['start_max_s']:.2f} s"] for k, c in fo["by_path"].items()])
+        L += [f"### {fo['n']} cold nodes start the {fo.get('image', 'base')} image at once over the one link", "",
+              "Each node is fresh: its own containerd and snapshotter for the peers; its own node cache, FUSE client "
+              "(and, through containerd, snapshotter and containerd) for imagestream, behind the one zonal cache.", ""]
+        L += _table([["path", "start median", "start slowest", "registry GETs (all nodes)", "MB over the link"]] + [
+            [b["labels"][k], f"{c['start_median_s']:.2f} s", f"{c['start_max_s']:.2f} s",
+             str(c["registry_gets"]) if "registry_gets" in c else "–",
+             f"{c['link_bytes'] / 1e6:.1f}" if "link_bytes" in c else "–"] for k, c in fo["by_path"].items()])
         L += [""]
-    if b.get("images_prepared_s"):
-        L += ["Preparing the peers' images (once per run, not timed above): " + ", ".join(
-            f"{k} {v:g} s" for k, v in b["images_prepared_s"].items()) + ".", ""]
     return L
+
+
+def add_baselines(r: dict, other: dict) -> None:
+    """Put the baselines images of `other` (a run of its own) beside those of `r`, saying when and how loaded."""
+    b, o = r["baselines"], other["baselines"]
+    sampled = [x[1] for x in other.get("load_samples", [])]
+    when = (f"measured in a run of its own, {other['started']} – {other.get('finished', '(interrupted)')}, "
+            f"peers {', '.join(k for k in next(iter(o['by_image'].values()), {}) if k in {p.key for p in baselines.PEERS})}"
+            + (f", 1-minute load average {min(sampled):.1f}–{max(sampled):.1f}" if sampled else ""))
+    for label, cells in o["by_image"].items():
+        b["by_image"][label] = cells
+        b["images"][label] = {**o["images"][label], "measured": when}
+        if label in other.get("images", {}):
+            r.setdefault("images", {})[label] = other["images"][label]
+    b.setdefault("errors", {}).update(o.get("errors", {}))
+    for label in o["by_image"]:
+        b.get("errors", {}).pop(label, None)
 
 
 def write(r: dict, out: pathlib.Path) -> None:
@@ -551,6 +651,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.report_only:
         results = json.loads(args.report_only.read_text())
+        if args.add_baselines:
+            add_baselines(results, json.loads(args.add_baselines.read_text()))
         results["targets"] = targets(results)
         write(results, args.out)
         return 0

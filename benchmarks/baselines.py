@@ -47,9 +47,10 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 
-from benchmarks.harness import CACHE, fresh_snapshotter, stop_group
-from benchmarks.setup import PROGRAM, Image, Setup, log
+from benchmarks.harness import CACHE, end_under, fresh_snapshotter, stop_group
+from benchmarks.setup import Image, Setup, log
 
 BIN = CACHE / "peers" / "bin"
 REPO = "bench/peers"  # repository of the peers' images in the registry
@@ -104,25 +105,6 @@ def _wait(what: str, ready, proc: subprocess.Popen | None, log_file: pathlib.Pat
             tail = log_file.read_text(errors="replace")[-1500:] if log_file.exists() else ""
             raise RuntimeError(f"{what} did not start; {log_file}:\n{tail}")
         time.sleep(0.1)
-
-
-def _kill_under(folder: pathlib.Path) -> None:
-    """End every process whose command line names `folder` (snapshotters, nydusd, shims), then unmount under it."""
-    needle = str(folder).encode()
-    for proc in pathlib.Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if needle in cmdline:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(proc.name), signal.SIGKILL)
-    with open("/proc/self/mountinfo") as f:
-        ours = [line.split()[4] for line in f if line.split()[4].startswith(str(folder))]
-    for mountpoint in sorted(ours, key=len, reverse=True):
-        subprocess.run(["umount", "-l", mountpoint], capture_output=True)
 
 
 # -- the registry -------------------------------------------------------------------
@@ -360,10 +342,10 @@ class Node:
         else:  # the labels a remote snapshotter needs to mount the layers lazily (what `ctr-remote image rpull` does)
             _run(str(BIN / "peerctl"), "rpull", "-a", self.socket, "-plain-http", "-snapshotter", self.snapshotter, ref)
 
-    def run_first_output(self, ref: str, name: str, timeout_s: float = 600) -> float:
-        """`ctr run` the program; perf_counter() when its first line came (the caller holds the start time)."""
+    def run_first_output(self, ref: str, name: str, image: Image, timeout_s: float = 600) -> float:
+        """`ctr run` the image's command; perf_counter() when its first line came (the caller holds the start time)."""
         proc = subprocess.Popen([str(BIN / "ctrd" / "ctr"), "--address", self.socket, "run", "--rm",
-                                 "--snapshotter", self.snapshotter, ref, name, "python3", "-u", "-c", PROGRAM],
+                                 "--snapshotter", self.snapshotter, ref, name, *image.command],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
             ready, _, _ = select.select([proc.stdout], [], [], timeout_s)
@@ -374,7 +356,7 @@ class Node:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-        if line.strip() != b"ok" or code != 0:
+        if line.decode(errors="replace").strip() != image.expect or code != 0:
             raise RuntimeError(f"ctr run ({self.snapshotter}) exit {code}, output {line!r}: "
                                f"{proc.stderr.read().decode(errors='replace')[-1500:]}")
         return at
@@ -382,7 +364,7 @@ class Node:
     def close(self) -> None:
         for p in reversed(self.procs):  # containerd first, then its snapshotter
             stop_group(p, timeout_s=15)
-        _kill_under(self.dir)
+        end_under(self.dir)
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
@@ -423,16 +405,17 @@ def gzip_archive(source: pathlib.Path, workdir: pathlib.Path) -> pathlib.Path:
     return imagebuild.write_oci_archive(layout, workdir / "image-gzip.oci.tar")
 
 
-def prepare_images(registry: Registry, source: pathlib.Path, workdir: pathlib.Path, peers: list[Peer]) -> dict:
-    """Import the gzip image into a builder containerd, convert it for each peer, push every form.
+def prepare_images(registry: Registry, source: pathlib.Path, workdir: pathlib.Path, peers: list[Peer], repo: str,
+                   command: tuple[str, ...]) -> tuple[dict, dict]:
+    """Import the gzip image into a builder containerd, convert it for each peer, push every form to `repo`.
 
     Seconds per step and the gzip image's size (orig_bytes); and {peer: why} for each peer whose image could
-    not be made (that peer is skipped, the others run)."""
+    not be made (that peer is skipped, the others run). `command` is the optimized eStargz's workload."""
     archive = gzip_archive(source, workdir)
     seconds: dict[str, float] = {"orig_bytes": archive.stat().st_size}
     failed: dict[str, str] = {}
     builder = Node(workdir / "builder", "overlayfs", registry.address)
-    src = f"{registry.address}/{REPO}:orig"
+    src = f"{registry.address}/{repo}:orig"
 
     def step(name: str, fn, peer: str = "") -> None:  # type: ignore[no-untyped-def]
         started = time.monotonic()
@@ -445,8 +428,9 @@ def prepare_images(registry: Registry, source: pathlib.Path, workdir: pathlib.Pa
             log(f"  peers' images: {failed[peer]}")
             return
         seconds[name] = round(time.monotonic() - started, 1)
-        log(f"  peers' images: {name} [{seconds[name]:.0f} s]")
+        log(f"  peers' images ({repo}): {name} [{seconds[name]:.0f} s]")
 
+    entrypoint = command[0] if command[0].startswith("/") else f"/usr/bin/{command[0]}"
     try:
         builder.start()
         step("import", lambda: builder.ctr("images", "import", "--index-name", src, str(archive)))
@@ -454,25 +438,26 @@ def prepare_images(registry: Registry, source: pathlib.Path, workdir: pathlib.Pa
         a = builder.socket
         if "estargz" in keys:
             step("convert estargz", peer="estargz", fn=lambda: _run(str(BIN / "peerctl"), "convert", "-a", a, "-format", "estargz",
-                                                 src, f"{registry.address}/{REPO}:esgz"))
+                                                 src, f"{registry.address}/{repo}:esgz", timeout=3600))
         if "estargz_opt" in keys:
             step("optimize estargz", peer="estargz_opt", fn=lambda: _run(
                 str(BIN / "ctr-remote"), "-a", a, "image", "optimize", "--oci",
-                "--entrypoint", json.dumps(["/usr/bin/python3"]), "--args", json.dumps(["-c", PROGRAM]),
-                src, f"{registry.address}/{REPO}:esgz-opt",
+                "--entrypoint", json.dumps([entrypoint]), "--args", json.dumps(list(command[1:])),
+                src, f"{registry.address}/{repo}:esgz-opt", timeout=3600,
                 env={**os.environ, "PATH": os.pathsep.join([str(BIN / "ctrd"), str(BIN), os.environ["PATH"]])}))
         if "nydus" in keys:
             (workdir / "nydus-work").mkdir(exist_ok=True)
             step("convert nydus", peer="nydus", fn=lambda: _run(str(BIN / "peerctl"), "convert", "-a", a, "-format", "nydus",
                                                "-nydus-image", str(BIN / "nydus-image"), "-work-dir",
-                                               str(workdir / "nydus-work"), src, f"{registry.address}/{REPO}:nydus"))
+                                               str(workdir / "nydus-work"), src, f"{registry.address}/{repo}:nydus",
+                                               timeout=3600))
         if "soci" in keys:
             step("convert soci", peer="soci", fn=lambda: _run(str(BIN / "soci"), "--address", a, "--root", str(workdir / "soci-root"),
-                                              "convert", src, f"{registry.address}/{REPO}:soci"))
+                                              "convert", src, f"{registry.address}/{repo}:soci", timeout=3600))
         for p in peers:
             if p.key not in failed:
                 step(f"push {p.tag}", peer=p.key, fn=lambda p=p: builder.ctr("images", "push", "--plain-http",
-                                                                           f"{registry.address}/{REPO}:{p.tag}"))
+                                                                           f"{registry.address}/{repo}:{p.tag}"))
     finally:
         builder.close()
         archive.unlink(missing_ok=True)
@@ -481,7 +466,7 @@ def prepare_images(registry: Registry, source: pathlib.Path, workdir: pathlib.Pa
 
 # -- measuring -------------------------------------------------------------------------
 
-def cold_start(node_dir: pathlib.Path, peer: Peer, ref: str, registry_host: str, name: str) -> dict:
+def cold_start(node_dir: pathlib.Path, peer: Peer, ref: str, registry_host: str, name: str, image: Image) -> dict:
     """One cold start of a peer on a fresh node: pull, run, first output."""
     node = Node(node_dir, peer.snapshotter, registry_host)
     try:
@@ -489,40 +474,49 @@ def cold_start(node_dir: pathlib.Path, peer: Peer, ref: str, registry_host: str,
         started = time.perf_counter()
         node.pull(ref)
         pulled = time.perf_counter()
-        first = node.run_first_output(ref, name)
+        first = node.run_first_output(ref, name, image)
         return {"seconds": first - started, "pull_s": pulled - started, "run_s": first - pulled}
     finally:
         node.close()
 
 
-def fan_out(workdir: pathlib.Path, peer: Peer, ref: str, registry_host: str, n: int) -> list[float]:
+def _at_once(n: int, one) -> list[float]:  # type: ignore[no-untyped-def]
+    """one(i) for i < n, each in its own thread, all at once; their results (an exception is raised here)."""
+    results: list = [0.0] * n
+
+    def run(i: int) -> None:
+        try:
+            results[i] = one(i)
+        except BaseException as e:  # noqa: BLE001 - raised below, in the caller's thread
+            results[i] = e
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+    return [float(r) for r in results]
+
+
+def fan_out(workdir: pathlib.Path, peer: Peer, ref: str, registry_host: str, n: int, image: Image) -> list[float]:
     """N fresh nodes pull and run at once; seconds to each one's first output."""
     nodes = [Node(workdir / f"fan-{peer.key}-{i}", peer.snapshotter, registry_host) for i in range(n)]
-    results: list[float | BaseException] = [0.0] * n
     try:
         for node in nodes:
             node.start()
         started = time.perf_counter()
 
-        def one(i: int) -> None:
-            try:
-                nodes[i].pull(ref)
-                results[i] = nodes[i].run_first_output(ref, f"fan{i}") - started
-            except BaseException as e:  # noqa: BLE001 - raised below, in the caller's thread
-                results[i] = e
+        def one(i: int) -> float:
+            nodes[i].pull(ref)
+            return nodes[i].run_first_output(ref, f"fan{i}", image) - started
 
-        threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        return _at_once(n, one)
     finally:
         for node in nodes:
             node.close()
-    for r in results:
-        if isinstance(r, BaseException):
-            raise r
-    return [float(r) for r in results]  # type: ignore[arg-type]
 
 
 def _summary(cell: dict) -> dict:
@@ -532,12 +526,25 @@ def _summary(cell: dict) -> dict:
     return cell
 
 
-def measure(setup: Setup, image: Image, source: pathlib.Path, runs: int, port: int, wanted: list[str],
-            fanout_n: int = 0) -> dict:
-    """The baselines of one image: {by_image: {label: {path: cell}}, fanout, skipped, images_prepared_s}."""
-    from benchmarks import coldstart, fanout
+@dataclasses.dataclass
+class Cell:
+    """One image of the baselines: its imagestream image (pushed, profiled; or `make()` does that when its turn
+    comes), the source it was built from, how often."""
+    label: str
+    source: pathlib.Path
+    runs: int
+    image: Image | None = None
+    make: Callable[[], Image] | None = None
+    fallback: bool = True  # the fallback pull row (bounded out for the large image: a full pull through every tier)
 
-    out: dict = {"image": image.label, "runs": runs, "labels": LABELS, "skipped": {}, "by_image": {image.label: {}}}
+
+def measure(setup: Setup, images: list[Cell], port: int, wanted: list[str], fanout_n: int = 0,
+            progress=None) -> dict:  # type: ignore[no-untyped-def]
+    """The baselines of each image, and the first image's fan-out (measured right after that image):
+    {by_image: {label: {path: cell}}, images: {label: {runs, command, orig_bytes, images_prepared_s, skipped}},
+    fanout, skipped (paths whose binaries are missing), labels}. `progress(out)` after each step (a long run's
+    results survive an interruption)."""
+    out: dict = {"labels": LABELS, "skipped": {}, "by_image": {}, "images": {}}
     peers = []
     for p in PEERS:
         if p.key not in wanted:
@@ -551,77 +558,134 @@ def measure(setup: Setup, image: Image, source: pathlib.Path, runs: int, port: i
     work = setup.workdir / "peers"
     work.mkdir(exist_ok=True)
     registry = Registry(work / "registry", port) if peers else None
-    cells: dict = out["by_image"][image.label]
+    via_link = ""
     try:
         if registry is not None:
             registry.start()
             via_link = setup.link.forward(port, registry.address)
-            out["images_prepared_s"], failed = prepare_images(registry, source, work, peers)
-            out["orig_bytes"] = out["images_prepared_s"].pop("orig_bytes")  # the gzip image, as containerd pulls it
-            out["skipped"].update(failed)
-            peers = [p for p in peers if p.key not in failed]
         dist_link = setup.link.forward(port + 1, setup.env["IMAGESTREAM_DISTRIBUTION_LISTEN"])
         _name_in_certificates(dist_link)
-        for rep in range(runs):
-            for p in peers:
-                cell = cells.setdefault(p.key, {"samples": [], "pull_s": [], "run_s": [], "registry_gets": [],
-                                                "registry_blob_gets": [], "link_bytes": []})
-                offset, before = registry.offset(), setup.link.forward_stats(via_link)["down_bytes"]
-                r = cold_start(work / "node", p, f"{via_link}/{REPO}:{p.tag}", via_link, f"b{rep}")
-                gets = registry.gets_since(offset)
-                cell["samples"].append(r["seconds"])
-                cell["pull_s"].append(r["pull_s"])
-                cell["run_s"].append(r["run_s"])
-                cell["registry_gets"].append(gets["gets"])
-                cell["registry_blob_gets"].append(gets["blob_gets"])
-                cell["link_bytes"].append(setup.link.forward_stats(via_link)["down_bytes"] - before)
-                log(f"  run {rep + 1}/{runs} {p.key:22} {r['seconds']:6.2f} s (pull {r['pull_s']:.2f} s, run "
-                    f"{r['run_s']:.2f} s), {gets['gets']} registry GETs, {cell['link_bytes'][-1] / 1e6:.1f} MB")
-            for key, fn in (("imagestream_containerd", lambda: _imagestream_containerd(setup, image, dist_link, work)),
-                            ("imagestream_run", lambda: _imagestream_run(setup, image.name, "stream_cold")),
-                            ("imagestream_profile", lambda: _imagestream_run(setup, image.profiled, "stream_profile")),
-                            ("imagestream_fallback", lambda: _imagestream_run(setup, image.name, "full_pull"))):
-                cell = cells.setdefault(key, {"samples": [], "link_bytes": [], "blocking_fetches": []})
-                setup.empty_caches()
-                fetches = coldstart.blocking_fetches() if key != "imagestream_fallback" else 0
-                r = fn()
-                cell["samples"].append(r["seconds"])
-                cell["link_bytes"].append(r["link_bytes"])
-                if key != "imagestream_fallback":
-                    cell["blocking_fetches"].append(coldstart.blocking_fetches() - fetches)
-                for extra in ("pull_s", "run_s"):
-                    if extra in r:
-                        cell.setdefault(extra, []).append(r[extra])
-                log(f"  run {rep + 1}/{runs} {key:22} {r['seconds']:6.2f} s, {r['link_bytes'] / 1e6:.1f} MB")
-        for cell in cells.values():
-            _summary(cell)
-        if fanout_n:
-            fo: dict = {"n": fanout_n, "by_path": {}}
-            for p in peers:
-                firsts = fan_out(work, p, f"{via_link}/{REPO}:{p.tag}", via_link, fanout_n)
-                fo["by_path"][p.key] = {"start_seconds": firsts, "start_median_s": statistics.median(firsts),
-                                        "start_max_s": max(firsts)}
-                log(f"  fan-out N={fanout_n} {p.key:22} median {statistics.median(firsts):.2f} s, max {max(firsts):.2f} s")
-            setup.empty_caches()
-            nodes = fanout.NodeCaches(setup.workdir / "fanout", fanout_n)
+        for i, cell in enumerate(images):
             try:
-                firsts = fanout.start_all(setup, image, nodes.sockets)
-            finally:
-                nodes.close()
-            fo["by_path"]["imagestream_run"] = {"start_seconds": firsts, "start_median_s": statistics.median(firsts),
-                                                "start_max_s": max(firsts)}
-            log(f"  fan-out N={fanout_n} imagestream_run         median {statistics.median(firsts):.2f} s, max {max(firsts):.2f} s")
-            out["fanout"] = fo
+                image = cell.image = cell.image or cell.make()
+            except Exception as e:  # noqa: BLE001 - recorded; the images measured already stay
+                if i == 0:
+                    raise
+                out["errors"] = {**out.get("errors", {}), cell.label: f"{type(e).__name__}: {str(e)[-600:]}"}
+                log(f"baselines, {cell.label} image: not measured: {out['errors'][cell.label]}")
+                continue
+            log(f"baselines, {image.label} image: {' '.join(image.command)[:100]}")
+            info: dict = {"runs": cell.runs, "command": list(image.command), "skipped": {}}
+            out["images"][image.label] = info
+            out["by_image"][image.label] = cells = {}
+            image_peers = list(peers)
+            repo = f"{REPO}/{image.label}"
+            if registry is not None:
+                info["images_prepared_s"], failed = prepare_images(registry, cell.source, work, peers, repo, image.command)
+                info["orig_bytes"] = info["images_prepared_s"].pop("orig_bytes")  # the gzip image containerd pulls
+                info["skipped"].update(failed)
+                image_peers = [p for p in peers if p.key not in failed]
+            if not cell.fallback:
+                info["skipped"]["imagestream_fallback"] = "not run on this image (a full pull through every tier)"
+            _measure_image(setup, cell, image_peers, registry, via_link, dist_link, repo, work, cells)
+            if progress is not None:
+                progress(out)
+            if i == 0 and fanout_n:
+                out["fanout"] = _fan_outs(setup, image, image_peers, registry, via_link, dist_link, repo, work, fanout_n)
+                if progress is not None:
+                    progress(out)
     finally:
         if registry is not None:
             registry.close()
     return out
 
 
-def _imagestream_run(setup: Setup, name: str, mode: str) -> dict:
+def _measure_image(setup: Setup, cell: Cell, peers: list[Peer], registry: Registry | None, via_link: str,
+                   dist_link: str, repo: str, work: pathlib.Path, cells: dict) -> None:
     from benchmarks import coldstart
 
-    return coldstart.start_python(setup, name, mode)
+    image, runs = cell.image, cell.runs
+    assert image is not None
+    for rep in range(runs):
+        for p in peers:
+            c = cells.setdefault(p.key, {"samples": [], "pull_s": [], "run_s": [], "registry_gets": [],
+                                         "registry_blob_gets": [], "link_bytes": []})
+            offset, before = registry.offset(), setup.link.forward_stats(via_link)["down_bytes"]
+            r = cold_start(work / "node", p, f"{via_link}/{repo}:{p.tag}", via_link, f"b{rep}", image)
+            gets = registry.gets_since(offset)
+            c["samples"].append(r["seconds"])
+            c["pull_s"].append(r["pull_s"])
+            c["run_s"].append(r["run_s"])
+            c["registry_gets"].append(gets["gets"])
+            c["registry_blob_gets"].append(gets["blob_gets"])
+            c["link_bytes"].append(setup.link.forward_stats(via_link)["down_bytes"] - before)
+            log(f"  {image.label} run {rep + 1}/{runs} {p.key:22} {r['seconds']:6.2f} s (pull {r['pull_s']:.2f} s, run "
+                f"{r['run_s']:.2f} s), {gets['gets']} registry GETs, {c['link_bytes'][-1] / 1e6:.1f} MB")
+        paths = [("imagestream_containerd", lambda: _imagestream_containerd(setup, image, dist_link, work)),
+                 ("imagestream_run", lambda: _imagestream_run(setup, image, image.name, "stream_cold")),
+                 ("imagestream_profile", lambda: _imagestream_run(setup, image, image.profiled, "stream_profile"))]
+        if cell.fallback:
+            paths.append(("imagestream_fallback", lambda: _imagestream_run(setup, image, image.name, "full_pull")))
+        for key, fn in paths:
+            c = cells.setdefault(key, {"samples": [], "link_bytes": [], "blocking_fetches": []})
+            setup.empty_caches()
+            fetches = coldstart.blocking_fetches() if key != "imagestream_fallback" else 0
+            r = fn()
+            c["samples"].append(r["seconds"])
+            c["link_bytes"].append(r["link_bytes"])
+            if key != "imagestream_fallback":
+                c["blocking_fetches"].append(coldstart.blocking_fetches() - fetches)
+            for extra in ("pull_s", "run_s"):
+                if extra in r:
+                    c.setdefault(extra, []).append(r[extra])
+            log(f"  {image.label} run {rep + 1}/{runs} {key:22} {r['seconds']:6.2f} s, {r['link_bytes'] / 1e6:.1f} MB")
+    for c in cells.values():
+        _summary(c)
+
+
+def _fan_outs(setup: Setup, image: Image, peers: list[Peer], registry: Registry | None, via_link: str, dist_link: str,
+              repo: str, work: pathlib.Path, n: int) -> dict:
+    """N cold nodes of each path start the image at once over the one link."""
+    from benchmarks import fanout
+
+    fo: dict = {"n": n, "image": image.label, "by_path": {}}
+
+    def record(key: str, firsts: list[float], **extra) -> None:  # type: ignore[no-untyped-def]
+        fo["by_path"][key] = {"start_seconds": firsts, "start_median_s": statistics.median(firsts),
+                              "start_max_s": max(firsts), **extra}
+        log(f"  fan-out N={n} {key:22} median {statistics.median(firsts):.2f} s, max {max(firsts):.2f} s")
+
+    for p in peers:
+        offset, before = registry.offset(), setup.link.forward_stats(via_link)["down_bytes"]
+        firsts = fan_out(work, p, f"{via_link}/{repo}:{p.tag}", via_link, n, image)
+        record(p.key, firsts, registry_gets=registry.gets_since(offset)["gets"],
+               link_bytes=setup.link.forward_stats(via_link)["down_bytes"] - before)
+    # imagestream: N nodes (node cache, FUSE client and, for containerd, the snapshotter and a containerd each)
+    # behind the one zonal cache, which is emptied first
+    setup.empty_caches()
+    before = setup.link.stats()["down_bytes"]
+    nodes = fanout.NodeCaches(setup.workdir / "fanout", n)
+    try:
+        firsts = fanout.start_all(setup, image, nodes)
+    finally:
+        nodes.close()
+    record("imagestream_run", firsts, link_bytes=setup.link.stats()["down_bytes"] - before)
+    setup.empty_caches()
+    nodes = fanout.NodeCaches(setup.workdir / "fanout", n, snapshotter=True)
+    before = setup.link.stats()["down_bytes"] + setup.link.forward_stats(dist_link)["down_bytes"]
+    try:
+        firsts = _imagestream_containerd_fan_out(image, dist_link, nodes, work)
+    finally:
+        nodes.close()
+    record("imagestream_containerd", firsts,
+           link_bytes=setup.link.stats()["down_bytes"] + setup.link.forward_stats(dist_link)["down_bytes"] - before)
+    return fo
+
+
+def _imagestream_run(setup: Setup, image: Image, name: str, mode: str) -> dict:
+    from benchmarks import coldstart
+
+    return coldstart.start_python(setup, name, mode, command=image.command, expect=image.expect)
 
 
 def _name_in_certificates(address: str) -> None:
@@ -638,34 +702,66 @@ def _name_in_certificates(address: str) -> None:
     local.up(lambda _: None, only="chunk_store")
 
 
+def _containerd(directory: pathlib.Path, snapshotter_socket: str, dist_link: str):  # type: ignore[no-untyped-def]
+    from snapshotter.containerd_local import PrivateContainerd
+
+    return PrivateContainerd(directory, snapshotter_socket, (dist_link,),
+                             bin_dir=BIN / "ctrd" if os.access(BIN / "ctrd" / "containerd", os.X_OK) else None)
+
+
+def _cri_pull_and_run(daemon, image: Image, ref: str, name: str) -> tuple[float, float]:  # type: ignore[no-untyped-def]
+    """CRI pull, then `ctr run --snapshotter imagestream` the image's command: perf_counter() when the pull
+    ended and when the first line came."""
+    from snapshotter.cri import pull
+
+    pull(daemon.socket, ref)
+    pulled = time.perf_counter()
+    proc = subprocess.Popen([daemon._binary("ctr"), "--address", daemon.socket, "--namespace", "k8s.io", "run",
+                             "--rm", "--snapshotter", "imagestream", ref, name, *image.command],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        line = proc.stdout.readline()
+        first = time.perf_counter()
+        code = proc.wait(600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    if line.decode(errors="replace").strip() != image.expect or code != 0:
+        raise RuntimeError(f"ctr run (imagestream) exit {code}, output {line!r}: {proc.stderr.read().decode()[-1500:]}")
+    return pulled, first
+
+
 def _imagestream_containerd(setup: Setup, image: Image, dist_link: str, work: pathlib.Path) -> dict:
     """A fresh snapshotter and containerd 2.2.9 on a cold node: CRI pull through the link, `ctr run` to first output."""
     from imagestream import config
-    from snapshotter.containerd_local import PrivateContainerd
-    from snapshotter.cri import pull
 
     fresh_snapshotter()
-    daemon = PrivateContainerd(work / "imagestream-ctrd", config.snapshotter_socket(), (dist_link,),
-                               bin_dir=BIN / "ctrd" if os.access(BIN / "ctrd" / "containerd", os.X_OK) else None)
+    daemon = _containerd(work / "imagestream-ctrd", config.snapshotter_socket(), dist_link)
     ref = f"{dist_link}/{image.name}:latest"  # the name CRI records the pulled image under
     before = setup.link.stats()["down_bytes"] + setup.link.forward_stats(dist_link)["down_bytes"]
     try:
         daemon.start()
         started = time.perf_counter()
-        pull(daemon.socket, ref)
-        pulled = time.perf_counter()
-        proc = subprocess.Popen([daemon._binary("ctr"), "--address", daemon.socket, "--namespace", "k8s.io", "run",
-                                 "--rm", "--snapshotter", "imagestream", ref, "s", "python3", "-u", "-c", PROGRAM],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        line = proc.stdout.readline()
-        first = time.perf_counter()
+        pulled, first = _cri_pull_and_run(daemon, image, ref, "s")
         after = setup.link.stats()["down_bytes"] + setup.link.forward_stats(dist_link)["down_bytes"]
-        code = proc.wait(120)
-        if line.strip() != b"ok" or code != 0:
-            raise RuntimeError(f"ctr run (imagestream) exit {code}, output {line!r}: {proc.stderr.read().decode()[-1500:]}")
     finally:
         daemon.remove()
     return {"seconds": first - started, "pull_s": pulled - started, "run_s": first - pulled, "link_bytes": after - before}
+
+
+def _imagestream_containerd_fan_out(image: Image, dist_link: str, nodes, work: pathlib.Path) -> list[float]:  # type: ignore[no-untyped-def]
+    """Each node's containerd 2.2.9 (over its own snapshotter) CRI-pulls and runs the image, all at once."""
+    ref = f"{dist_link}/{image.name}:latest"
+    daemons = [_containerd(work / f"fan-imagestream-{i}", sock, dist_link) for i, sock in enumerate(nodes.snapshotter_sockets)]
+    try:
+        for d in daemons:
+            d.start()
+        started = time.perf_counter()
+        return _at_once(len(daemons), lambda i: _cri_pull_and_run(daemons[i], image, ref, f"fan{i}")[1] - started)
+    finally:
+        for d in daemons:
+            d.remove()
 
 
 # -- targets ---------------------------------------------------------------------------

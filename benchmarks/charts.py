@@ -135,34 +135,37 @@ TIER_LABELS = {
 
 
 def baselines(results: dict, out: pathlib.Path) -> pathlib.Path:
-    """Horizontal stacked bars: each path's median time to get the image ready and to run to first output;
-    beside it, the fan-out's median start of each path."""
+    """Horizontal stacked bars per image: each path's median time to get the image ready and to run to first
+    output; beside them, the fan-out's median start of each path."""
     plt = _plt()
     b = results["baselines"]
-    cells = b["by_image"][b["image"]]
-    keys = list(cells)
+    images = list(b["by_image"])
     fo = b.get("fanout", {}).get("by_path", {})
-    fig, axes = plt.subplots(1, 2 if fo else 1, figsize=(12 if fo else 9, 0.45 * len(keys) + 1.6), dpi=110,
-                             squeeze=False)
-    a = axes[0][0]
-    ys = list(range(len(keys)))[::-1]
-    ready = [cells[k].get("pull_s_median", 0.0) for k in keys]
-    rest = [cells[k]["median"] - r for k, r in zip(keys, ready)]
-    colors = ["#2f6db5" if k.startswith("imagestream") else "#8c8c8c" for k in keys]
-    a.barh(ys, ready, 0.6, color="#d9d9d9", label="get the image ready (pull)")
-    a.barh(ys, rest, 0.6, left=ready, color=colors, label="run to first output")
-    for y, k in zip(ys, keys):
-        a.text(cells[k]["median"], y, f" {cells[k]['median']:.2f} s", va="center", fontsize=8)
-    a.set_yticks(ys, [b["labels"][k] for k in keys], fontsize=8)
-    a.set_xlabel("seconds from the pull to first output (median)")
-    a.set_xlim(0, max(c["median"] for c in cells.values()) * 1.2)
-    a.legend(fontsize=8, loc="lower right")
-    a.grid(axis="x", alpha=0.3)
+    panels = len(images) + (1 if fo else 0)
+    rows = max(len(c) for c in b["by_image"].values())
+    fig, axes = plt.subplots(1, panels, figsize=(7 * panels, 0.45 * rows + 1.8), dpi=110, squeeze=False)
     link = b["link"]
-    a.set_title(f"Cold start, {b['image']} image, link {link['rate_mbit']:g} Mbit/s {link['rtt_ms']:g} ms RTT "
-                f"(median of {b['runs']})", fontsize=9.5)
+    for a, label in zip(axes[0], images):
+        cells = b["by_image"][label]
+        keys = list(cells)
+        ys = list(range(len(keys)))[::-1]
+        ready = [cells[k].get("pull_s_median", 0.0) for k in keys]
+        rest = [cells[k]["median"] - r for k, r in zip(keys, ready)]
+        colors = ["#2f6db5" if k.startswith("imagestream") else "#8c8c8c" for k in keys]
+        a.barh(ys, ready, 0.6, color="#d9d9d9", label="get the image ready (pull)")
+        a.barh(ys, rest, 0.6, left=ready, color=colors, label="run to first output")
+        for y, k in zip(ys, keys):
+            a.text(cells[k]["median"], y, f" {cells[k]['median']:.2f} s", va="center", fontsize=8)
+        a.set_yticks(ys, [b["labels"][k] if label == images[0] else k for k in keys], fontsize=8)
+        a.set_xlabel("seconds from the pull to first output (median)")
+        a.set_xlim(0, max(c["median"] for c in cells.values()) * 1.25)
+        a.legend(fontsize=8, loc="lower right")
+        a.grid(axis="x", alpha=0.3)
+        runs = b["images"][label]["runs"]
+        a.set_title(f"Cold start, {label} image, link {link['rate_mbit']:g} Mbit/s {link['rtt_ms']:g} ms RTT "
+                    f"(median of {runs})", fontsize=9.5)
     if fo:
-        f = axes[0][1]
+        f = axes[0][-1]
         fk = list(fo)
         fy = list(range(len(fk)))[::-1]
         f.barh(fy, [fo[k]["start_median_s"] for k in fk], 0.6,
@@ -172,7 +175,8 @@ def baselines(results: dict, out: pathlib.Path) -> pathlib.Path:
         f.set_yticks(fy, [k for k in fk], fontsize=8)
         f.set_xlim(0, max(c["start_median_s"] for c in fo.values()) * 1.25)
         f.set_xlabel("median start to first output")
-        f.set_title(f"{b['fanout']['n']} cold nodes at once, one link", fontsize=9.5)
+        f.set_title(f"{b['fanout']['n']} cold nodes at once, one link ({b['fanout'].get('image', 'base')} image)",
+                    fontsize=9.5)
         f.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     path = out / "baselines.png"

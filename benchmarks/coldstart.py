@@ -34,7 +34,7 @@ import subprocess
 import tempfile
 import time
 
-from benchmarks.setup import PROGRAM, Image, Setup, log
+from benchmarks.setup import PYTHON, Image, Setup, log
 
 MODES = ("full_pull", "stream_cold", "stream_profile", "warm")
 # an experiment, not one of the four ways to start: streaming cold with the node's background download capped
@@ -76,13 +76,15 @@ def unmount_runs() -> None:
         attach.detach(lease)
 
 
-def start_python(setup: Setup, name: str, mode: str, extra_env: dict | None = None, timeout_s: float = 900) -> dict:
-    """Run the python program; seconds until its first line of output, and what crossed the link by then."""
+def start_python(setup: Setup, name: str, mode: str, extra_env: dict | None = None, timeout_s: float = 900,
+                 command: tuple[str, ...] = PYTHON, expect: str = "ok") -> dict:
+    """Run the python program (or `command`, whose first line is `expect`); seconds until its first line of
+    output, and what crossed the link by then."""
     env = {**_env(mode), **(extra_env or {})}
     before = setup.link.stats()
     with tempfile.TemporaryFile() as err:
         started = time.perf_counter()
-        proc = subprocess.Popen(setup.cli_args("run", name, "--", "python3", "-u", "-c", PROGRAM),
+        proc = subprocess.Popen(setup.cli_args("run", name, "--", *command),
                                 stdout=subprocess.PIPE, stderr=err, env=env, start_new_session=True)
         try:
             ready, _, _ = select.select([proc.stdout], [], [], timeout_s)
@@ -92,7 +94,7 @@ def start_python(setup: Setup, name: str, mode: str, extra_env: dict | None = No
             code = proc.wait(timeout_s)
         finally:
             _stop(proc)
-        if line.strip() != b"ok" or code != 0:
+        if line.decode(errors="replace").strip() != expect or code != 0:
             err.seek(0)
             raise RuntimeError(f"run {name} ({mode}): exit {code}, output {line!r}: {err.read()[-2000:].decode()}")
     return {"seconds": first, "link_bytes": at_first["down_bytes"] - before["down_bytes"]}

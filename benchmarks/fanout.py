@@ -1,8 +1,9 @@
 """Fan-out: N cold nodes behind one zonal cache start the same image at once.
 
-For each N, the zonal cache (Redis) is emptied and N node caches are started,
-each a `node_cache` process as `imagestream_dev.stack.local.processes()` defines it,
-with its own socket, disk folder and memory (the stack's own node cache idles).
+For each N, the zonal cache (Redis) is emptied and N nodes are started, each a
+`node_cache` and a `fuse_client` process as `imagestream_dev.stack.local.processes()`
+defines them, with their own sockets, disk folder, memory and mount (the stack's own
+node idles).
 Then:
 1. start: N `imagestream run IMAGE -- python3 ...` at once, one per node (each
    streams, with its background download of the whole image behind it); the time
@@ -28,67 +29,75 @@ import subprocess
 import tempfile
 import time
 
-from benchmarks.coldstart import unmount_runs
-from benchmarks.harness import stop_group
-from benchmarks.setup import PROGRAM, Image, Setup, log
+from benchmarks.harness import end_under, stop_group
+from benchmarks.setup import Image, Setup, log
 
 
 class NodeCaches:
-    """N extra node caches of the zone: started from the stack's own definition of `node_cache`."""
+    """N extra cold nodes of the zone, each started from the stack's own definitions (`local.processes()`): a
+    node cache with its own socket, disk folder and memory, the node's FUSE client over it (its own socket and
+    mount) and, with `snapshotter`, the containerd snapshotter over both. The stack's own node idles."""
 
-    def __init__(self, workdir: pathlib.Path, n: int, memory: str = "64MiB") -> None:
+    def __init__(self, workdir: pathlib.Path, n: int, memory: str = "64MiB", snapshotter: bool = False) -> None:
         from imagestream_dev.stack import local
 
         self.dirs = [workdir / f"node-{i}" for i in range(n)]
         self.sockets = [str(d / "node.sock") for d in self.dirs]
-        proc = next(p for p in local.processes() if p.name == "node_cache")
+        self.fuse_sockets = [str(d / "fuse.sock") for d in self.dirs]
+        self.snapshotter_sockets = [str(d / "snapshotter.sock") for d in self.dirs]
+        names = ["node_cache", "fuse_client", *(["snapshotter"] if snapshotter else [])]
+        defined = {p.name: p for p in local.processes()}
+        if "fuse_client" not in defined:
+            raise RuntimeError("fan-out: this machine cannot mount FUSE (local.can_mount_fuse)")
         self.procs: list[subprocess.Popen] = []
         try:
-            for d, sock in zip(self.dirs, self.sockets):
+            for d, sock, fuse, snap in zip(self.dirs, self.sockets, self.fuse_sockets, self.snapshotter_sockets):
                 shutil.rmtree(d, ignore_errors=True)
                 d.mkdir(parents=True)
-                env = {**os.environ, **proc.env, "IMAGESTREAM_NODE_CACHE_SOCKET": sock,
-                       "IMAGESTREAM_NODE_DISK_DIR": str(d / "disk"), "IMAGESTREAM_NODE_MEMORY_BYTES": memory,
-                       # a metrics port of its own (the stack's node cache holds the configured one),
-                       # chosen by the kernel when it binds: nothing is scraped here
-                       "IMAGESTREAM_NODE_CACHE_METRICS": "127.0.0.1:0"}
-                with open(d / "node_cache.log", "ab") as out:
-                    self.procs.append(subprocess.Popen(proc.command, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                                       stdin=subprocess.DEVNULL, start_new_session=True))
-            deadline = time.monotonic() + 120
-            for p, sock in zip(self.procs, self.sockets):
-                while not local.grpc_serving("unix:" + sock):
-                    if p.poll() is not None or time.monotonic() > deadline:
-                        raise RuntimeError(f"node cache on {sock} did not start; see its node_cache.log")
-                    time.sleep(0.2)
+                node_env = {"IMAGESTREAM_NODE_CACHE_SOCKET": sock, "IMAGESTREAM_NODE_DISK_DIR": str(d / "disk"),
+                            "IMAGESTREAM_NODE_MEMORY_BYTES": memory,
+                            # metrics ports of their own (the stack's node holds the configured ones), chosen by the
+                            # kernel when they bind: nothing is scraped here
+                            "IMAGESTREAM_NODE_CACHE_METRICS": "127.0.0.1:0", "IMAGESTREAM_SNAPSHOTTER_METRICS": "",
+                            "IMAGESTREAM_FUSE_SOCKET": fuse, "IMAGESTREAM_FUSE_MOUNTPOINT": str(d / "images"),
+                            "IMAGESTREAM_SNAPSHOTTER_SOCKET": snap, "IMAGESTREAM_SNAPSHOTTER_ROOT": str(d / "snapshotter")}
+                for name in names:  # in the stack's order: each serves the next
+                    proc = defined[name]
+                    with open(d / f"{name}.log", "ab") as out:
+                        p = subprocess.Popen(proc.command, env={**os.environ, **proc.env, **node_env}, stdout=out,
+                                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+                    self.procs.append(p)
+                    target = {"node_cache": sock, "fuse_client": fuse, "snapshotter": snap}[name]
+                    deadline = time.monotonic() + 120
+                    while not local.grpc_serving("unix:" + target):
+                        if p.poll() is not None or time.monotonic() > deadline:
+                            raise RuntimeError(f"{name} on {target} did not start; see {d / (name + '.log')}")
+                        time.sleep(0.2)
         except BaseException:
             self.close()
             raise
 
+    def env(self, i: int) -> dict[str, str]:
+        """What a client on node i dials: its node cache and its FUSE client."""
+        return {"IMAGESTREAM_NODE_CACHE_SOCKET": self.sockets[i], "IMAGESTREAM_FUSE_SOCKET": self.fuse_sockets[i]}
+
     def close(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
-        for p in self.procs:
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
+        for p in reversed(self.procs):  # the snapshotter and the FUSE client (which unmounts) before the node cache
+            stop_group(p, timeout_s=30)
         for d in self.dirs:
+            end_under(d)
             shutil.rmtree(d, ignore_errors=True)
 
 
-def start_all(setup: Setup, image: Image, sockets: list[str], timeout_s: float = 900) -> list[float]:
-    """Start the python program on every node at once; seconds to each first output."""
+def start_all(setup: Setup, image: Image, nodes: NodeCaches, timeout_s: float = 900) -> list[float]:
+    """`imagestream run` the image's command on every node at once; seconds to each first output."""
     procs, errs = [], []
     started = time.perf_counter()
-    for sock in sockets:
+    for i in range(len(nodes.dirs)):
         err = tempfile.TemporaryFile()
         errs.append(err)
-        env = {**os.environ, "IMAGESTREAM_NODE_CACHE_SOCKET": sock, "IMAGESTREAM_PROFILE": "never",
-               "IMAGESTREAM_STREAMING": "auto"}
-        procs.append(subprocess.Popen(setup.cli_args("run", image.name, "--", "python3", "-u", "-c", PROGRAM),
+        env = {**os.environ, **nodes.env(i), "IMAGESTREAM_PROFILE": "never", "IMAGESTREAM_STREAMING": "auto"}
+        procs.append(subprocess.Popen(setup.cli_args("run", image.name, "--", *image.command),
                                       stdout=subprocess.PIPE, stderr=err, env=env, start_new_session=True))
     firsts: dict[int, float] = {}
     try:
@@ -98,7 +107,7 @@ def start_all(setup: Setup, image: Image, sockets: list[str], timeout_s: float =
             for fd in ready:
                 i = waiting.pop(fd)
                 line = procs[i].stdout.readline()
-                if line.strip() != b"ok":
+                if line.decode(errors="replace").strip() != image.expect:
                     raise RuntimeError(f"node {i}: output {line!r}")
                 firsts[i] = time.perf_counter() - started
         for i, p in enumerate(procs):
@@ -108,8 +117,7 @@ def start_all(setup: Setup, image: Image, sockets: list[str], timeout_s: float =
                 raise RuntimeError(f"node {i}: exit {code}: {errs[i].read()[-2000:].decode()}")
     finally:
         for p in procs:
-            if stop_group(p, signal.SIGINT):
-                unmount_runs()
+            stop_group(p, signal.SIGINT)  # a run killed after all leaves its lease to its node, which goes next
         for e in errs:
             e.close()
     return [firsts[i] for i in range(len(procs))]
@@ -150,7 +158,7 @@ def measure(setup: Setup, image: Image, ns=(1, 2, 4, 8)) -> dict:  # type: ignor
         nodes = NodeCaches(setup.workdir / "fanout", n)
         try:
             reads0, link0 = setup.regional_reads(), setup.link.stats()["down_bytes"]
-            firsts = start_all(setup, image, nodes.sockets)
+            firsts = start_all(setup, image, nodes)
             reads1, link1 = setup.regional_reads(), setup.link.stats()["down_bytes"]
             fetch_s = asyncio.run(fetch_all(nodes.sockets, chunks))
             reads2, link2 = setup.regional_reads(), setup.link.stats()["down_bytes"]

@@ -60,6 +60,25 @@ def stop_group(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout_s: flo
         return True
 
 
+def end_under(folder: pathlib.Path) -> None:
+    """End every process whose command line names `folder` (snapshotters, nydusd, shims), then unmount under it."""
+    needle = str(folder).encode()
+    for proc in pathlib.Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if needle in cmdline:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(proc.name), signal.SIGKILL)
+    with open("/proc/self/mountinfo") as f:
+        ours = [line.split()[4] for line in f if line.split()[4].startswith(str(folder))]
+    for mountpoint in sorted(ours, key=len, reverse=True):
+        subprocess.run(["umount", "-l", mountpoint], capture_output=True)
+
+
 def fresh_snapshotter() -> None:
     """The stack's snapshotter restarted with no snapshots and no mounts (a cold node's, for containerd)."""
     from fuse_client import mounts

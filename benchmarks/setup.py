@@ -18,6 +18,7 @@ from benchmarks.link import Link, LinkProfile
 # what "a python3 program importing a set of standard modules" is, everywhere in these benchmarks (the baselines
 # run the same program on every path)
 PROGRAM = "import json, sqlite3, http.client, email.parser, asyncio; print('ok')"
+PYTHON = ("python3", "-u", "-c", PROGRAM)  # how every path runs it (unbuffered: the first line is the clock)
 
 
 @dataclasses.dataclass
@@ -31,6 +32,8 @@ class Image:
     chunks: int = 0
     index_hash: str = ""
     index_bytes: int = 0  # the index itself, compressed (fetched on mount)
+    command: tuple[str, ...] = PYTHON  # what a start runs in it, the same on every path
+    expect: str = "ok"  # the command's first line of output, where the clock stops
 
     def describe(self) -> dict:
         return dataclasses.asdict(self)
@@ -45,6 +48,21 @@ def debian_image(filler_mb: int) -> pathlib.Path:
     from imagestream_dev import imagebuild
 
     return imagebuild.build_debian_python(CACHE, CACHE / "images", fmt="oci", filler_mb=filler_mb)
+
+
+def debian_large_image() -> pathlib.Path:
+    """The real large image (imagebuild.LARGE_PACKAGES: a JDK and Python's scientific stack, about 1.6 GB)."""
+    from imagestream_dev import imagebuild
+
+    return imagebuild.build_debian_large(CACHE, CACHE / "images", fmt="oci")
+
+
+def large_command() -> tuple[tuple[str, ...], str]:
+    """imagebuild.LARGE_COMMAND run unbuffered, and its first line of output (numpy, scipy.linalg and pandas loaded)."""
+    from imagestream_dev import imagebuild
+
+    argv = imagebuild.LARGE_COMMAND
+    return (argv[0], "-u", *argv[1:]), "1 2"
 
 
 def _tiny_keep(rel: str) -> bool:
@@ -123,16 +141,18 @@ class Setup:
         return result.stdout
 
     # -- images ---------------------------------------------------------------------
-    def prepare_image(self, label: str, filler_mb: int, tiny: bool = False, program: str = PROGRAM) -> Image:
+    def prepare_image(self, label: str, filler_mb: int, tiny: bool = False, source: pathlib.Path | None = None,
+                      command: tuple[str, ...] = PYTHON, expect: str = "ok") -> Image:
         """Build (cached), push, publish under a second name with a startup profile, measure its size."""
-        source = tiny_image(filler_mb) if tiny else debian_image(filler_mb)
-        image = Image(label, f"bench/{label}", f"bench/{label}-profiled", filler_mb)
+        if source is None:
+            source = tiny_image(filler_mb) if tiny else debian_image(filler_mb)
+        image = Image(label, f"bench/{label}", f"bench/{label}-profiled", filler_mb, command=command, expect=expect)
         started = time.monotonic()
         out = self.cli("push", "-q", str(source), image.name, env={"IMAGESTREAM_REGION": self.regional})
         log(f"  {out.strip()} [{time.monotonic() - started:.0f} s]")
         asyncio.run(self._measure(image))
         # the profile is recorded on a warm node, not over the emulated link (it is set-up, not measured)
-        self.cli("profile", image.profiled, "--", "python3", "-c", program)
+        self.cli("profile", image.profiled, "--", *command)
         return image
 
     async def _measure(self, image: Image) -> None:

@@ -177,8 +177,11 @@ def test_baselines(quick) -> None:  # type: ignore[no-untyped-def]
     """containerd's pull + run and the stargz peer ran through the same link as imagestream, each to the program's output."""
     out, r, _ = quick
     b = r["baselines"]
-    assert b["runs"] == 1 and b["link"]["rtt_ms"] == r["settings"]["default_link"]["rtt_ms"]
+    assert b["link"]["rtt_ms"] == r["settings"]["default_link"]["rtt_ms"]
     assert not b["skipped"], f"baselines not built (scripts/peers/build quick): {b['skipped']}"
+    assert list(b["by_image"]) == list(b["images"]) == ["base"]  # quick: the base image only
+    info = b["images"]["base"]
+    assert info["runs"] == 1 and info["command"][:3] == ["python3", "-u", "-c"] and not info["skipped"]
     cells = b["by_image"]["base"]
     assert set(cells) == {"containerd", "estargz", "imagestream_containerd", "imagestream_run", "imagestream_profile",
                           "imagestream_fallback"}
@@ -188,23 +191,32 @@ def test_baselines(quick) -> None:  # type: ignore[no-untyped-def]
             assert c["pull_s"][0] + c["run_s"][0] == pytest.approx(c["samples"][0]), key
         assert c["link_bytes_median"] > 0, key  # every path fetched over the emulated link
     # containerd pulls the whole gzip layer through the link before it runs; the lazy peer fetches by ranges
-    assert cells["containerd"]["link_bytes_median"] >= 0.95 * b["orig_bytes"]
+    assert cells["containerd"]["link_bytes_median"] >= 0.95 * info["orig_bytes"]
     assert cells["containerd"]["registry_blob_gets_median"] >= 2  # config and layer
     assert cells["estargz"]["registry_gets_median"] >= cells["estargz"]["registry_blob_gets_median"] >= 1
     assert cells["imagestream_run"]["blocking_fetches_median"] > 0
-    for key in ("containerd", "estargz", "imagestream_run"):
-        c = b["fanout"]["by_path"][key]
-        assert len(c["start_seconds"]) == b["fanout"]["n"] == max(r["settings"]["fanout_n"])
-        assert c["start_max_s"] >= c["start_median_s"] > 0
+    fo = b["fanout"]
+    assert fo["image"] == "base" and fo["n"] == max(r["settings"]["fanout_n"])
+    for key in ("containerd", "estargz", "imagestream_run", "imagestream_containerd"):
+        c = fo["by_path"][key]
+        assert len(c["start_seconds"]) == fo["n"], key
+        assert c["start_max_s"] >= c["start_median_s"] > 0, key
+        assert c["link_bytes"] > 0, key  # each of them fetched over the one link
+    # every peer node asks the registry itself: containerd's for the config and the layer each, the lazy ones at least once
+    assert fo["by_path"]["containerd"]["registry_gets"] >= 2 * fo["n"]
+    assert fo["by_path"]["estargz"]["registry_gets"] >= fo["n"]
     targets = {t["name"]: t for t in r["targets"]}
-    for name in ("vs_containerd:imagestream_run", "vs_containerd:imagestream_containerd", "vs_peer:imagestream_run",
-                 "vs_peer:imagestream_profile", "vs_peer_fanout"):
+    for name in ("vs_containerd:imagestream_run:base", "vs_containerd:imagestream_containerd:base",
+                 "vs_peer:imagestream_run:base", "vs_peer:imagestream_profile:base",
+                 "vs_peer_fanout:imagestream_run", "vs_peer_fanout:imagestream_containerd"):
         t = targets[name]
         assert isinstance(t["met"], bool) and t["measured"] > 0 and t["met"] == (t["measured"] <= t["limit"])
-    assert targets["vs_peer:imagestream_run"]["measured"] == pytest.approx(
+    assert targets["vs_peer:imagestream_run:base"]["measured"] == pytest.approx(
         cells["imagestream_run"]["median"] / cells["estargz"]["median"])
+    assert targets["vs_peer_fanout:imagestream_containerd"]["measured"] == pytest.approx(
+        fo["by_path"]["imagestream_containerd"]["start_median_s"] / fo["by_path"]["estargz"]["start_median_s"])
     md = (out / "bench.md").read_text()
-    assert "## Baselines" in md and "](baselines.png)" in md
+    assert "## Baselines" in md and "### base image" in md and "](baselines.png)" in md
 
 
 def test_stack_is_left_as_it_was(quick) -> None:  # type: ignore[no-untyped-def]
