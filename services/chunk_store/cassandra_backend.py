@@ -87,10 +87,10 @@ class CassandraConnection:
                                      "db.statement": statement.query_string})
             return await self._execute(statement, params, host)
 
-    def replicas(self, statement: Any, params: tuple) -> list[Any]:
-        """The live nodes holding the partition a prepared statement with `params` reads."""
+    def replicas(self, statement: Any, params: tuple, live_only: bool = True) -> list[Any]:
+        """The nodes (the live ones, with `live_only`) holding the partition a prepared statement with `params` reads."""
         key = statement.bind(params).routing_key
-        return [h for h in self.cluster.metadata.get_replicas(self.keyspace, key) if h.is_up is not False]
+        return [h for h in self.cluster.metadata.get_replicas(self.keyspace, key) if not live_only or h.is_up is not False]
 
     async def _execute(self, statement: Any, params: tuple, host: Any = None) -> list[Any]:
         loop = asyncio.get_running_loop()
@@ -196,6 +196,9 @@ class CassandraChunkStore(ChunkStore):
         self._get_all.consistency_level = ConsistencyLevel.ALL
         self._get_one = db.prepare("SELECT data FROM {ks}.chunks WHERE hash = ? AND size = ?", write=False)
         self._get_one.consistency_level = ConsistencyLevel.ONE
+        self._put_all = db.prepare("INSERT INTO {ks}.chunks (hash, size, data, used_at, stored_bytes)"
+                                   " VALUES (?, ?, ?, ?, ?)", write=True)
+        self._put_all.consistency_level = ConsistencyLevel.ALL
         self._quarantine = db.prepare("INSERT INTO {ks}.quarantine (hash, size, found_at, reason, bad_sha256, healed)"
                                       " VALUES (?, ?, ?, ?, ?, ?)", write=True)
         self._quarantined = db.prepare("SELECT hash, size, found_at, reason, bad_sha256, healed FROM {ks}.quarantine",
@@ -226,9 +229,23 @@ class CassandraChunkStore(ChunkStore):
             found.append((str(host.address) if host else "ALL", rows[0].data if rows else None))
         return found
 
+    def replica_count(self, digest: Digest) -> int:
+        """How many nodes the keyspace keeps a copy of this chunk on, up or not."""
+        self._prepare_healing()
+        return len(self.db.replicas(self._get_one, (digest.hash, digest.size), live_only=False))
+
     async def rewrite(self, digest: Digest, compressed: bytes) -> None:
-        """Write a good copy again: a new write timestamp supersedes a bad copy on every replica that takes it."""
-        await self.db.execute(self._put, (digest.hash, digest.size, compressed, now_ms(), len(compressed)))
+        """Write a good copy again: a new write timestamp supersedes a bad copy on every replica that takes it.
+        At ALL, because the replica with the bad copy is the one that must take it: a quorum's answer may come
+        from the others while a busy node drops the write, and the next scrub would find the bad copy again.
+        With a replica down, at the usual consistency (the down one gets it by hint or repair)."""
+        self._prepare_healing()
+        params = (digest.hash, digest.size, compressed, now_ms(), len(compressed))
+        try:
+            await self.db.execute(self._put_all, params)
+        except Unavailable as e:
+            log.warning("chunk %s: the good copy did not reach every replica (%s); written at quorum", digest.short, e)
+            await self.db.execute(self._put, params)
 
     async def quarantine(self, digest: Digest, reason: str, bad_sha256: str, healed: bool) -> None:
         self._prepare_healing()
