@@ -173,22 +173,36 @@ class GrpcChunkStore(GrpcClient, ChunkStore):
         except grpc.RpcError as e:
             raise to_error(self.target, e) from None
 
-    async def put_many(self, chunks: Iterable[tuple[Digest, bytes]], batch_bytes: int = 4 * 1024 * 1024) -> int:
-        """Stream chunks up in batches of about `batch_bytes`; the number newly stored."""
+    # One PutChunks stream carries at most this much, under a deadline of its own: a deadline is for a call
+    # that hangs, and one stream for a whole image (1.6 GB at a few MB/s) would outlast any sane one.
+    STREAM_BYTES = 128 * 1024 * 1024
 
-        def batches():  # type: ignore[no-untyped-def]
+    async def put_many(self, chunks: Iterable[tuple[Digest, bytes]], batch_bytes: int = 4 * 1024 * 1024) -> int:
+        """Stream chunks up in messages of about `batch_bytes`, streams of about STREAM_BYTES; the number
+        newly stored."""
+        pending = iter(chunks)
+        more = [True]
+
+        def one_stream():  # type: ignore[no-untyped-def]
             batch: list[chunk_store_pb2.Chunk] = []
-            size = 0
-            for digest, data in chunks:
+            size = streamed = 0
+            for digest, data in pending:
                 batch.append(chunk_store_pb2.Chunk(digest=digest.to_proto(), compressed=data))
                 size += len(data)
                 if size >= batch_bytes:
                     yield chunk_store_pb2.PutChunksRequest(chunks=batch)
+                    streamed += size
                     batch, size = [], 0
+                    if streamed >= self.STREAM_BYTES:
+                        return  # the rest in the next stream
+            more[0] = False
             if batch:
                 yield chunk_store_pb2.PutChunksRequest(chunks=batch)
 
-        return (await self._call(self._stub.PutChunks, batches(), self.timeout_s * 10)).stored
+        stored = 0
+        while more[0]:
+            stored += (await self._call(self._stub.PutChunks, one_stream(), self.timeout_s * 10)).stored
+        return stored
 
     async def put(self, digest: Digest, compressed: bytes) -> bool:
         return await self.put_many([(digest, compressed)]) > 0
