@@ -84,26 +84,27 @@ def main() -> None:
     peak_fuse = max(s[2] for s in samples)
     baseline_node, baseline_fuse = samples[0][1], samples[0][2]
     growth = peak_node - baseline_node
-    from fuse_client.node import READER_CACHE_BYTES
-
+    node_memory_tier, fuse_cache = config.node_memory_split(config.get("node_memory_bytes"), config.get("fuse_cache_bytes"))
     r = {"budget_bytes": budget, "readers": args.readers, "files": len(files), "seconds": elapsed,
          "node_cache_rss_peak": peak_node, "node_cache_rss_at_start": baseline_node,
          "node_cache_growth": growth, "node_cache_growth_beyond_memory_tier": growth - memory_tier.peak_bytes,
          "fuse_client_rss_at_start": baseline_fuse, "fuse_client_rss_peak": peak_fuse,
-         "fuse_client_chunk_cache_bound": READER_CACHE_BYTES,
+         "fuse_client_chunk_cache_bound": fuse_cache, "node_memory_tier_bound": node_memory_tier,
          "memory_tier_peak_bytes": memory_tier.peak_bytes, "memory_tier_evictions": memory_tier.evictions,
          "samples": samples}
     mb = lambda n: f"{n / 2**20:.0f} MiB"  # noqa: E731
     table = [
         ("what", "value"),
-        ("memory reservation (IMAGESTREAM_NODE_MEMORY_BYTES)", mb(budget)),
+        ("memory reservation (IMAGESTREAM_NODE_MEMORY_BYTES): node cache's memory tier + FUSE client's chunk cache",
+         f"{mb(budget)} = {mb(node_memory_tier)} + {mb(fuse_cache)}"),
         ("concurrent readers / files read", f"{args.readers} / {len(files)} in {elapsed:.1f} s"),
         ("memory tier: peak held (accounted) bytes", f"{mb(memory_tier.peak_bytes)} ({memory_tier.evictions} evictions)"),
         ("node_cache RSS: at start / peak / growth", f"{mb(baseline_node)} / {mb(peak_node)} / {mb(growth)}"),
         ("  growth beyond what the memory tier held (process overhead under load)",
          mb(growth - memory_tier.peak_bytes)),
         ("fuse_client RSS (one per node, every image): at start / peak", f"{mb(baseline_fuse)} / {mb(peak_fuse)}"),
-        ("  of which its chunk cache can hold, per attached image", mb(READER_CACHE_BYTES)),
+        ("  of which its chunk cache can hold, for every image (IMAGESTREAM_FUSE_CACHE_BYTES, within the reservation)",
+         mb(fuse_cache)),
     ]
     write_report("memory", r, table, ROOT / "docs" / "benchmarks")
 

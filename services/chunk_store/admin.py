@@ -36,6 +36,7 @@ class RegionalAdminServicer(admin_pb2_grpc.RegionalAdminServicer):
                           for d in report.found]
             return admin_pb2.ScrubReport(checked=report.checked, bytes=report.bytes, corrupt=report.corrupt,
                                          healed=report.healed, unhealed=report.unhealed, unreadable=report.unreadable,
+                                         replicas_not_reached=report.replicas_not_reached,
                                          seconds=report.seconds, found=chunks)
 
     async def ListQuarantine(self, request, context):  # type: ignore[no-untyped-def]

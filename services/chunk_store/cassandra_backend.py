@@ -43,8 +43,10 @@ def consistency(name: str) -> int:
 class Statement:
     """A statement prepared on the connection's current session, and prepared again on a new one (`reconnect`)."""
 
-    def __init__(self, cql: str, write: bool, prepared: Any) -> None:
+    def __init__(self, cql: str, write: bool, prepared: Any, consistency: int | None = None,
+                 fetch_size: int | None = None) -> None:
         self.cql, self.write, self.prepared = cql, write, prepared
+        self.consistency, self.fetch_size = consistency, fetch_size  # set again on each new preparation
 
     @property
     def query_string(self) -> str:
@@ -90,16 +92,22 @@ class CassandraConnection:
         self._reconnecting: asyncio.Lock | None = None  # made on the event loop that first needs it
         self._last_reconnect = 0.0
 
-    def _prepare_on(self, session: Session, cql: str, write: bool) -> Any:
+    def _prepare_on(self, session: Session, cql: str, write: bool, consistency: int | None = None,
+                    fetch_size: int | None = None) -> Any:
         statement = session.prepare(cql.format(ks=self.keyspace))
-        statement.consistency_level = self.write_cl if write else self.read_cl
+        statement.consistency_level = consistency if consistency is not None else (
+            self.write_cl if write else self.read_cl)
+        if fetch_size is not None:
+            statement.fetch_size = fetch_size
         # Every statement but a lightweight transaction gives the same result when run twice (chunks are
         # content-addressed): the driver may then retry it on another node when its coordinator dies.
         statement.is_idempotent = " IF " not in cql.upper()
         return statement
 
-    def prepare(self, cql: str, write: bool) -> Statement:
-        statement = Statement(cql, write, self._prepare_on(self.session, cql, write))
+    def prepare(self, cql: str, write: bool, consistency: int | None = None, fetch_size: int | None = None) -> Statement:
+        """`consistency`: this statement's own level instead of the configured one for its direction."""
+        statement = Statement(cql, write, self._prepare_on(self.session, cql, write, consistency, fetch_size),
+                              consistency, fetch_size)
         self._statements.append(statement)
         return statement
 
@@ -121,7 +129,8 @@ class CassandraConnection:
             def fresh() -> tuple[Any, list[Any]]:
                 cluster = self._connect()
                 try:
-                    return cluster, [self._prepare_on(cluster.session, s.cql, s.write) for s in self._statements]
+                    return cluster, [self._prepare_on(cluster.session, s.cql, s.write, s.consistency, s.fetch_size)
+                                     for s in self._statements]
                 except BaseException:
                     cluster.shutdown()
                     raise
@@ -157,10 +166,10 @@ class CassandraConnection:
             except NoHostAvailable as e:
                 raise Unavailable(f"cassandra: NoHostAvailable: {e}") from e
 
-    def replicas(self, statement: Statement, params: tuple) -> list[Any]:
-        """The live nodes holding the partition a prepared statement with `params` reads."""
+    def replicas(self, statement: Statement, params: tuple, live_only: bool = True) -> list[Any]:
+        """The nodes (the live ones, with `live_only`) holding the partition a prepared statement with `params` reads."""
         key = statement.prepared.bind(params).routing_key
-        return [h for h in self.cluster.metadata.get_replicas(self.keyspace, key) if h.is_up is not False]
+        return [h for h in self.cluster.metadata.get_replicas(self.keyspace, key) if not live_only or h.is_up is not False]
 
     async def _execute(self, statement: Statement, params: tuple, host: Any = None) -> list[Any]:
         """The query's rows; NoHostAvailable as it is (no node of the session answered), other failures as
@@ -266,10 +275,12 @@ class CassandraChunkStore(ChunkStore):
         if hasattr(self, "_get_all"):
             return
         db = self.db
-        self._get_all = db.prepare("SELECT data FROM {ks}.chunks WHERE hash = ? AND size = ?", write=False)
-        self._get_all.consistency_level = ConsistencyLevel.ALL
-        self._get_one = db.prepare("SELECT data FROM {ks}.chunks WHERE hash = ? AND size = ?", write=False)
-        self._get_one.consistency_level = ConsistencyLevel.ONE
+        self._get_all = db.prepare("SELECT data FROM {ks}.chunks WHERE hash = ? AND size = ?", write=False,
+                                   consistency=ConsistencyLevel.ALL)
+        self._get_one = db.prepare("SELECT data FROM {ks}.chunks WHERE hash = ? AND size = ?", write=False,
+                                   consistency=ConsistencyLevel.ONE)
+        self._put_all = db.prepare("INSERT INTO {ks}.chunks (hash, size, data, used_at, stored_bytes)"
+                                   " VALUES (?, ?, ?, ?, ?)", write=True, consistency=ConsistencyLevel.ALL)
         self._quarantine = db.prepare("INSERT INTO {ks}.quarantine (hash, size, found_at, reason, bad_sha256, healed)"
                                       " VALUES (?, ?, ?, ?, ?, ?)", write=True)
         self._quarantined = db.prepare("SELECT hash, size, found_at, reason, bad_sha256, healed FROM {ks}.quarantine",
@@ -277,9 +288,8 @@ class CassandraChunkStore(ChunkStore):
         # ONE: each chunk is then read replica by replica anyway. Small pages: the node may read each
         # partition's row (up to a chunk's MiB) to list its key, and a page of hundreds of them at once
         # exhausts a small heap (the node exits on OutOfMemoryError)
-        self._all_keys = db.prepare("SELECT DISTINCT hash, size FROM {ks}.chunks", write=False)
-        self._all_keys.consistency_level = ConsistencyLevel.ONE
-        self._all_keys.fetch_size = 16
+        self._all_keys = db.prepare("SELECT DISTINCT hash, size FROM {ks}.chunks", write=False,
+                                    consistency=ConsistencyLevel.ONE, fetch_size=16)
 
     async def copies(self, digest: Digest, strong: bool = True) -> list[tuple[str, bytes | None]]:
         """Each replica's own copy ((replica, bytes), None where it has none), read at consistency ONE with that
@@ -300,9 +310,23 @@ class CassandraChunkStore(ChunkStore):
             found.append((str(host.address) if host else "ALL", rows[0].data if rows else None))
         return found
 
+    def replica_count(self, digest: Digest) -> int:
+        """How many nodes the keyspace keeps a copy of this chunk on, up or not."""
+        self._prepare_healing()
+        return len(self.db.replicas(self._get_one, (digest.hash, digest.size), live_only=False))
+
     async def rewrite(self, digest: Digest, compressed: bytes) -> None:
-        """Write a good copy again: a new write timestamp supersedes a bad copy on every replica that takes it."""
-        await self.db.execute(self._put, (digest.hash, digest.size, compressed, now_ms(), len(compressed)))
+        """Write a good copy again: a new write timestamp supersedes a bad copy on every replica that takes it.
+        At ALL, because the replica with the bad copy is the one that must take it: a quorum's answer may come
+        from the others while a busy node drops the write, and the next scrub would find the bad copy again.
+        With a replica down, at the usual consistency (the down one gets it by hint or repair)."""
+        self._prepare_healing()
+        params = (digest.hash, digest.size, compressed, now_ms(), len(compressed))
+        try:
+            await self.db.execute(self._put_all, params)
+        except Unavailable as e:
+            log.warning("chunk %s: the good copy did not reach every replica (%s); written at quorum", digest.short, e)
+            await self.db.execute(self._put, params)
 
     async def quarantine(self, digest: Digest, reason: str, bad_sha256: str, healed: bool) -> None:
         self._prepare_healing()

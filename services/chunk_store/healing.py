@@ -51,6 +51,7 @@ class ScrubReport:
     healed: int = 0
     unhealed: int = 0
     unreadable: int = 0
+    replicas_not_reached: int = 0  # chunks with a replica that did not answer: its copy went unchecked
     seconds: float = 0.0
     found: list[Digest] = dataclasses.field(default_factory=list)
 
@@ -118,10 +119,16 @@ class HealingStore(DelegatingStore):
         log.error("regional: chunk %s: no replica holds a good copy; kept in quarantine until pushed again", digest)
         return None
 
-    async def check_replicas(self, digest: Digest) -> tuple[str, int]:
+    async def check_replicas(self, digest: Digest) -> tuple[str, int, bool]:
         """Check each replica's copy of one chunk (what a quorum read may never look at); heal a bad one.
-        Returns ("ok" | "healed" | "unhealed" | "unreadable", bytes of a good copy)."""
-        copies = [(where, data) for where, data in await self.inner.copies(digest, strong=False) if data is not None]
+        Returns ("ok" | "healed" | "unhealed" | "unreadable", bytes of a good copy, whether every replica
+        answered): a replica that is down is not checked, and the scrub says so rather than call the chunk ok."""
+        answers = await self.inner.copies(digest, strong=False)
+        every_replica = len(answers) >= self.inner.replica_count(digest)
+        verdict, nbytes = await self._check_copies(digest, [(w, d) for w, d in answers if d is not None])
+        return verdict, nbytes, every_replica
+
+    async def _check_copies(self, digest: Digest, copies: list[tuple[str, bytes]]) -> tuple[str, int]:
         if not copies:
             return "unreadable", 0
         verdicts = [(data, await asyncio.to_thread(_ok, digest, data)) for _, data in copies]
@@ -210,11 +217,13 @@ class HealingStore(DelegatingStore):
                 digest = Digest(*key)
                 report.checked += 1
                 try:
-                    verdict, nbytes = await self.check_replicas(digest)
+                    verdict, nbytes, every_replica = await self.check_replicas(digest)
                 except (NotFound, Unavailable) as e:
-                    verdict, nbytes = "unreadable", 0
+                    verdict, nbytes, every_replica = "unreadable", 0, False
                     log.warning("scrub: chunk %s unreadable: %s", digest, e)
                 report.bytes += nbytes
+                if not every_replica:
+                    report.replicas_not_reached += 1
                 if verdict == "unreadable":
                     report.unreadable += 1
                 elif verdict != "ok":
@@ -235,7 +244,7 @@ class HealingStore(DelegatingStore):
             log.warning("scrub: listing chunks stopped: %s", e)
             report.unreadable += 1
         report.seconds = time.monotonic() - started
-        log.info("scrub: %d chunks (%.1f MB) checked in %.1f s: %d corrupt, %d healed, %d unhealed, %d unreadable",
-                 report.checked, report.bytes / 1e6, report.seconds, report.corrupt, report.healed, report.unhealed,
-                 report.unreadable)
+        log.info("scrub: %d chunks (%.1f MB) checked in %.1f s: %d corrupt, %d healed, %d unhealed, %d unreadable, "
+                 "%d with a replica not reached", report.checked, report.bytes / 1e6, report.seconds, report.corrupt,
+                 report.healed, report.unhealed, report.unreadable, report.replicas_not_reached)
         return report

@@ -27,6 +27,7 @@ import pyfuse3.asyncio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from imagestream import config, telemetry, tls
+from imagestream.errors import ImagestreamError
 from imagestream.rpc.client import GrpcChunkStore, GrpcImageNames, NodeClient
 from imagestream.rpc.server import add_port, setup_logging, status_on_error
 from imagestream.v1 import fuse_pb2, fuse_pb2_grpc
@@ -35,10 +36,12 @@ from fuse_client import held, mounts
 from fuse_client.filesystem import NodeFilesystem
 from fuse_client.leases import MountLeases
 from fuse_client.node import NodeImages
+from fuse_client.reader import ChunkCache
 
 log = logging.getLogger("fuse_client")
 
 SETTINGS = ("home", "node_cache_socket", "region", "fuse_socket", "fuse_mountpoint", "fetch_timeout",
+            "node_memory_bytes", "fuse_cache_bytes",
             "fetch_retries", "profile", "socket_group", *tls.SETTINGS)
 
 
@@ -92,6 +95,7 @@ class FuseServicer(fuse_pb2_grpc.FuseServicer):
 
 async def run(args: argparse.Namespace) -> None:
     started = time.monotonic()
+    _, cache_bytes = config.node_memory_split(args.node_memory_bytes, args.fuse_cache_bytes)
     mountpoint = str(config.fuse_mountpoint())
     sock = config.fuse_socket()
     if os.path.exists(sock) and _serving(sock):
@@ -107,7 +111,7 @@ async def run(args: argparse.Namespace) -> None:
     fs = NodeFilesystem()
     leases = MountLeases(args.region)
     images = NodeImages(fs, store, names, node, mountpoint, timeout_s=timeout, retries=int(args.fetch_retries),
-                        leases=leases)
+                        leases=leases, cache=ChunkCache(cache_bytes))
     options = set(pyfuse3.default_options)
     options |= {"fsname=imagestream", "subtype=imagestream", "ro", "default_permissions", "nodev"}
     if os.geteuid() == 0:
@@ -184,6 +188,8 @@ def main() -> None:
     pyfuse3.asyncio.enable()
     try:
         asyncio.run(run(args))
+    except ImagestreamError as e:  # a setting that cannot work
+        raise SystemExit(f"fuse_client: {e}") from None
     except OSError as e:
         if e.errno in (errno.EPERM, errno.EACCES, errno.ENODEV):
             raise SystemExit(f"fuse_client: cannot mount: {e}") from None

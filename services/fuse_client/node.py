@@ -27,12 +27,11 @@ from imagestream.v1 import fuse_pb2, images_pb2
 
 from fuse_client.filesystem import ImageFilesystem, NodeFilesystem
 from fuse_client.profiles import load_profile, save_profile, should_record
-from fuse_client.reader import ChunkReader
+from fuse_client.reader import ChunkCache, ChunkReader
 
 log = logging.getLogger("fuse_client")
 
 KEEP_DETACHED = 8
-READER_CACHE_BYTES = 32 << 20  # per image; the node cache's memory tier is where chunks are kept
 
 
 @dataclasses.dataclass
@@ -56,8 +55,10 @@ class Image:
 
 class NodeImages:
     def __init__(self, fs: NodeFilesystem, store: ChunkStore, names: ImageNames, node,  # type: ignore[no-untyped-def]
-                 mountpoint: str, timeout_s: float = 10.0, retries: int = 3, leases=None) -> None:
+                 mountpoint: str, timeout_s: float = 10.0, retries: int = 3, leases=None,
+                 cache: ChunkCache | None = None) -> None:
         self.fs = fs
+        self.cache = cache if cache is not None else ChunkCache(32 << 20)  # one for every image
         self.leases = leases  # MountLeases in the regional store (fuse_client/leases.py), or None
         self.store = store
         self.names = names
@@ -125,7 +126,7 @@ class NodeImages:
         return self.describe(image)
 
     def _reader(self, index: Index) -> ChunkReader:
-        return ChunkReader(self.store, index, cache_bytes=READER_CACHE_BYTES, timeout_s=self.timeout_s,
+        return ChunkReader(self.store, index, cache=self.cache, timeout_s=self.timeout_s,
                            retries=self.retries)
 
     async def _load(self, record: images_pb2.Image, index: Digest) -> Image:

@@ -27,24 +27,53 @@ class ChunkFetchFailed(ImagestreamError):
     """A chunk could not be had after every retry (becomes EIO at the FUSE edge)."""
 
 
+class ChunkCache:
+    """Decompressed chunks, least recently used out first, bounded in bytes. One per FUSE client, shared by
+    every attached image: chunks are content-addressed, so images that share a base share its chunks here,
+    and the node's memory for them is one bound, not one per image."""
+
+    def __init__(self, bound_bytes: int) -> None:
+        self.bound_bytes = bound_bytes
+        self._chunks: OrderedDict[Digest, bytes] = OrderedDict()
+        self.held_bytes = 0
+        self.peak_bytes = 0
+
+    def __contains__(self, digest: Digest) -> bool:
+        return digest in self._chunks
+
+    def get(self, digest: Digest) -> bytes | None:
+        data = self._chunks.get(digest)
+        if data is not None:
+            self._chunks.move_to_end(digest)
+        return data
+
+    def keep(self, digest: Digest, data: bytes) -> None:
+        if digest in self._chunks or len(data) > self.bound_bytes:
+            return
+        while self._chunks and self.held_bytes + len(data) > self.bound_bytes:
+            _, old = self._chunks.popitem(last=False)
+            self.held_bytes -= len(old)
+        self._chunks[digest] = data
+        self.held_bytes += len(data)
+        self.peak_bytes = max(self.peak_bytes, self.held_bytes)
+
+
 class ChunkReader:
     def __init__(
         self,
         store: ChunkStore,
         index: Index,
-        cache_bytes: int = 64 << 20,
+        cache: ChunkCache | None = None,
         readahead_chunks: int = 8,
         timeout_s: float = 10.0,
         retries: int = 3,
     ) -> None:
         self.store = store
         self.index = index
-        self.cache_bytes = cache_bytes
+        self.cache = cache if cache is not None else ChunkCache(64 << 20)
         self.readahead_chunks = readahead_chunks
         self.timeout_s = timeout_s
         self.retries = retries
-        self._cache: OrderedDict[Digest, bytes] = OrderedDict()
-        self._cached_bytes = 0
         self._inflight: dict[Digest, asyncio.Task[bytes]] = {}
         self._last_chunk: dict[int, int] = {}  # inode -> chunk number its last read ended in
         self.touched: list[Digest] | None = None  # when recording a profile: chunks in first-read order
@@ -55,9 +84,8 @@ class ChunkReader:
 
     # -- chunks ----------------------------------------------------------
     async def chunk(self, digest: Digest) -> bytes:
-        data = self._cache.get(digest)
+        data = self.cache.get(digest)
         if data is not None:
-            self._cache.move_to_end(digest)
             return data
         task = self._inflight.get(digest)
         if task is None:
@@ -88,17 +116,8 @@ class ChunkReader:
     def _fetched(self, digest: Digest, data: bytes, compressed_size: int) -> bytes:
         self.fetches += 1
         self.fetched_bytes += compressed_size
-        self._keep(digest, data)
+        self.cache.keep(digest, data)
         return data
-
-    def _keep(self, digest: Digest, data: bytes) -> None:
-        if digest in self._cache or len(data) > self.cache_bytes:
-            return
-        while self._cache and self._cached_bytes + len(data) > self.cache_bytes:
-            _, old = self._cache.popitem(last=False)
-            self._cached_bytes -= len(old)
-        self._cache[digest] = data
-        self._cached_bytes += len(data)
 
     # -- files -----------------------------------------------------------
     async def read(self, ino: int, offset: int, size: int) -> bytes | memoryview:
@@ -150,7 +169,7 @@ class ChunkReader:
             if not ext.HasField("chunk"):
                 continue
             digest = Digest(ext.chunk.hash, ext.chunk.size_bytes)
-            if digest not in self._cache and digest not in self._inflight:
+            if digest not in self.cache and digest not in self._inflight:
                 self.readaheads += 1
                 task = asyncio.ensure_future(self.chunk(digest))
                 task.add_done_callback(lambda t: t.cancelled() or t.exception())  # failures surface on the real read

@@ -91,7 +91,10 @@ SETTINGS = {s.name: s for s in [
     Setting("node_upstreams", "127.0.0.1:50062,127.0.0.1:50061",
             "upstreams of the node cache, in order: zonal cache first, regional store as fallback"),
     Setting("node_cache_metrics", "127.0.0.1:9463", "address of the node cache's Prometheus /metrics"),
-    Setting("node_memory_bytes", "256MiB", "the node's memory reservation for chunks"),
+    Setting("node_memory_bytes", "256MiB",
+            "the node's memory reservation for chunks: the FUSE client's share, the node cache's memory tier the rest"),
+    Setting("fuse_cache_bytes", "32MiB",
+            "the FUSE client's share of the node's memory reservation: decompressed chunks, shared by every image"),
     Setting("node_disk_bytes", "20GiB", "bound of the node's on-disk chunk cache"),
     Setting("node_disk_dir", "", "on-disk chunk cache folder (default: HOME/node-cache)"),
     Setting("node_background_bandwidth", "0", "cap on the background download, bytes per second (0: none)"),
@@ -160,6 +163,21 @@ def snapshotter_socket() -> str:
 
 def snapshotter_root() -> pathlib.Path:
     return pathlib.Path(get("snapshotter_root") or home() / "snapshotter").absolute()
+
+
+def node_memory_split(node_memory_bytes: str, fuse_cache_bytes: str) -> tuple[int, int]:
+    """(the node cache's memory tier, the FUSE client's chunk cache): one reservation, shared by the node's
+    two processes, so that what a node holds in chunks is the reservation whatever the number of images."""
+    from imagestream.errors import InvalidArgument
+
+    try:
+        reservation, fuse = parse_size(node_memory_bytes), parse_size(fuse_cache_bytes)
+    except ValueError as e:
+        raise InvalidArgument(str(e)) from None
+    if fuse >= reservation:
+        raise InvalidArgument(f"{SETTINGS['fuse_cache_bytes'].env}={fuse_cache_bytes!r} leaves nothing of "
+                         f"{SETTINGS['node_memory_bytes'].env}={node_memory_bytes!r} for the node cache's memory tier")
+    return reservation - fuse, fuse
 
 
 def node_disk_dir() -> pathlib.Path:

@@ -118,21 +118,14 @@ def server_credentials():  # type: ignore[no-untyped-def]
     import grpc
 
     def load():  # type: ignore[no-untyped-def]
-        ca, cert, key = _material()
-        try:  # a key and certificate of one pair (not caught between the two files of a renewal)
-            ssl.create_default_context().load_cert_chain(str(cert_path()), str(key_path()))
-        except (ssl.SSLError, OSError) as e:
-            raise TlsError(f"TLS: {cert_path()} and {key_path()} are not a certificate and its key ({e})") from None
+        ca, cert, key = matched_material()
         return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
 
-    def stamp() -> tuple:
-        return tuple(_mtime(p) for p in (ca_path(), cert_path(), key_path()))
-
-    seen = [stamp()]
+    seen = [material_stamp()]
     initial = load()
 
     def fetch():  # type: ignore[no-untyped-def]
-        now = stamp()
+        now = material_stamp()
         if now == seen[0]:
             return None  # unchanged: keep the current configuration
         try:
@@ -143,6 +136,28 @@ def server_credentials():  # type: ignore[no-untyped-def]
         return configuration
 
     return grpc.dynamic_ssl_server_credentials(initial, fetch, require_client_authentication=True)
+
+
+# How often a long-lived client or HTTP server looks at its certificate files for a renewal (a stat of
+# three files). gRPC servers look on every new connection instead (dynamic credentials).
+RENEWAL_CHECK_S = 10.0
+
+
+def matched_material() -> tuple[bytes, bytes, bytes]:
+    """As _material, and the key is the certificate's: a renewal caught between its two files is an
+    error rather than a configuration no handshake can use."""
+    material = _material()
+    try:
+        ssl.create_default_context().load_cert_chain(str(cert_path()), str(key_path()))
+    except (ssl.SSLError, OSError) as e:
+        raise TlsError(f"TLS: {cert_path()} and {key_path()} are not a certificate and its key ({e})") from None
+    return material
+
+
+def material_stamp() -> tuple[float, ...]:
+    """When the CA, certificate and key files last changed: a renewal (cert-manager rewrites the
+    Secret's files) changes it."""
+    return tuple(_mtime(p) for p in (ca_path(), cert_path(), key_path()))
 
 
 def _mtime(path: pathlib.Path) -> float:
@@ -161,6 +176,27 @@ def server_ssl_context() -> ssl.SSLContext:
     ctx.load_verify_locations(cafile=str(ca_path()))
     ctx.load_cert_chain(str(cert_path()), str(key_path()))
     return ctx
+
+
+async def keep_renewed(ctx: ssl.SSLContext) -> None:
+    """Load renewed certificate files into a server's context, so that new handshakes present the
+    renewed certificate without a restart. A new CA is trusted beside the old one (a context cannot
+    forget one), which is what a CA rotation needs while both are in use."""
+    import asyncio
+
+    seen = material_stamp()
+    while True:
+        await asyncio.sleep(RENEWAL_CHECK_S)
+        now = material_stamp()
+        if now == seen:
+            continue
+        try:
+            matched_material()
+            ctx.load_verify_locations(cafile=str(ca_path()))
+            ctx.load_cert_chain(str(cert_path()), str(key_path()))
+        except (TlsError, ssl.SSLError, OSError):  # caught mid-renewal: keep the loaded one, look again
+            continue
+        seen = now
 
 
 def client_ssl_context() -> ssl.SSLContext:

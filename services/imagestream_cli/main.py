@@ -162,6 +162,9 @@ def scrub(limit: int, list_only: bool) -> None:
         click.echo(f"scrubbed {reply.checked} chunks ({reply.bytes / 1e6:.1f} MB) in {reply.seconds:.1f} s: "
                    f"{reply.corrupt} corrupt, {reply.healed} healed from a good replica, {reply.unhealed} quarantined "
                    f"without a good copy, {reply.unreadable} unreadable")
+        if reply.replicas_not_reached:
+            click.echo(f"  {reply.replicas_not_reached} chunks have a replica that did not answer (a node down or "
+                       "restarting): those copies were not checked; scrub again when every node is up")
     for q in chunks:
         state = "healed" if q.healed else "QUARANTINED (push an image holding it again)"
         found = datetime.datetime.fromtimestamp(q.found_at, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")

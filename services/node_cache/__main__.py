@@ -25,7 +25,7 @@ from node_cache.state import StateFile
 
 log = logging.getLogger(__name__)
 
-SETTINGS = ("home", "node_cache_socket", "node_cache_metrics", "node_upstreams", "node_memory_bytes", "node_disk_bytes", "node_disk_dir",
+SETTINGS = ("home", "node_cache_socket", "node_cache_metrics", "node_upstreams", "node_memory_bytes", "fuse_cache_bytes", "node_disk_bytes", "node_disk_dir",
             "node_background_bandwidth", "node_background_concurrency", "node_background_quiet", "node_gc_interval",
             "region", "socket_group", *tls.SETTINGS)
 
@@ -71,7 +71,8 @@ def build(args: argparse.Namespace) -> Node:
                           config.parse_size(args.node_background_bandwidth) or None,
                           quiet_s=float(args.node_background_quiet))
     disk = DiskStore(config.node_disk_dir(), config.parse_size(args.node_disk_bytes))
-    memory = MemoryStore(config.parse_size(args.node_memory_bytes))
+    memory_tier_bytes, _ = config.node_memory_split(args.node_memory_bytes, args.fuse_cache_bytes)
+    memory = MemoryStore(memory_tier_bytes)
     # A chunk is checked once on the node: on its way in (by the upstream chain), or when read back from disk.
     disk_tier = ReadThroughStore(VerifiedStore(disk), fetcher, name="node disk")
     disk_tier.fetch_seconds = telemetry.fetch_histogram().labels("node")

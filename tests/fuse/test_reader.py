@@ -118,3 +118,34 @@ async def test_any_unexpected_error_in_a_handler_is_answered_with_eio() -> None:
     with pytest.raises(pyfuse3.FUSEError) as missing:  # meant errors keep their errno
         await node.getattr(fs.base + 10**9)
     assert missing.value.errno == errno.ENOENT
+
+
+async def test_every_image_shares_one_bounded_chunk_cache() -> None:
+    """The node's FUSE client keeps decompressed chunks in one cache for every image: a chunk two images
+    share is fetched once, and what the cache holds stays within its bound however many images read."""
+    from fuse_client.reader import ChunkCache
+
+    cache = ChunkCache(2 * CHUNK)
+    first, index, expected = await reader_for(cache=cache, readahead_chunks=0)
+    second = ChunkReader(first.store, index, cache=cache, readahead_chunks=0)  # another image, same base
+    f = ino(index, "etc/multi")
+    assert await first.read(f, 0, 100) == expected["etc/multi"][:100]
+    assert await second.read(f, 0, 100) == expected["etc/multi"][:100]
+    assert (first.fetches, second.fetches) == (1, 0)
+    data = expected["etc/multi"]
+    for reader in (first, second, ChunkReader(first.store, index, cache=cache, readahead_chunks=0)):
+        assert await reader.read(f, 0, len(data)) == data
+        assert cache.held_bytes <= 2 * CHUNK
+    assert cache.peak_bytes <= 2 * CHUNK and len(data) > 2 * CHUNK  # it had to evict to stay in bound
+
+
+def test_the_fuse_cache_is_a_share_of_the_nodes_reservation_and_a_bad_split_is_one_clear_error() -> None:
+    from imagestream import config
+    from imagestream.errors import InvalidArgument
+
+    assert config.node_memory_split("256MiB", "32MiB") == (224 << 20, 32 << 20)
+    with pytest.raises(InvalidArgument, match="IMAGESTREAM_FUSE_CACHE_BYTES='64MiB' leaves nothing of "
+                                               "IMAGESTREAM_NODE_MEMORY_BYTES='64MiB'"):
+        config.node_memory_split("64MiB", "64MiB")
+    with pytest.raises(InvalidArgument, match="not a size: 'lots'"):
+        config.node_memory_split("lots", "32MiB")

@@ -105,6 +105,7 @@ def regional_missing(digests: list[Digest]) -> list[Digest]:
 
 def lost_images(names: list[str]) -> list[str]:
     """Names that do not resolve, or whose index or any chunk the region no longer has."""
+    from imagestream.errors import Unavailable
     from imagestream.index import load_index
     from imagestream.rpc.client import GrpcChunkStore, GrpcImageNames
 
@@ -113,13 +114,20 @@ def lost_images(names: list[str]) -> list[str]:
         lost = []
         try:
             for name in names:
-                try:
-                    image = await images.resolve(name)
-                    index = await load_index(store, Digest.from_proto(image.index))
-                    if await store.find_missing(index.chunks()):
-                        lost.append(name)
-                except Exception as e:  # noqa: BLE001 - anything wrong here is a lost image
-                    lost.append(f"{name} ({e})")
+                for attempt in range(5):  # a tier that timed out under load is asked again: lost is gone, not slow
+                    try:
+                        image = await images.resolve(name)
+                        index = await load_index(store, Digest.from_proto(image.index))
+                        if await store.find_missing(index.chunks()):
+                            lost.append(name)
+                    except Unavailable as e:
+                        if attempt < 4:
+                            await asyncio.sleep(2**attempt)
+                            continue
+                        lost.append(f"{name} ({e})")
+                    except Exception as e:  # noqa: BLE001 - anything else wrong here is a lost image
+                        lost.append(f"{name} ({e})")
+                    break
         finally:
             await store.close()
             await images.close()
@@ -147,3 +155,16 @@ def wait_for_upload(proc: subprocess.Popen, chunks: list[Digest], timeout: float
 
 def env_without(name: str) -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k != name}
+
+
+def scrub_reaching_every_replica(attempts: int = 6):  # type: ignore[no-untyped-def]
+    """`imagestream scrub` until one run has checked every replica's copy (a node just restarted may not
+    answer yet; the scrub says so). That run's output."""
+    from tests.conftest import run_cli
+
+    for attempt in range(attempts):
+        result = run_cli("scrub", check=False)
+        if "did not answer" not in result.stdout:
+            return result
+        time.sleep(5 * (attempt + 1))
+    raise AssertionError(f"no scrub reached every replica: {result.stdout}")

@@ -355,3 +355,86 @@ def test_the_nodes_unix_sockets_are_the_owners_only(stack) -> None:  # type: ign
         st = os.stat(path)
         assert stat.S_ISSOCK(st.st_mode)
         assert stat.S_IMODE(st.st_mode) == 0o600, f"{path}: {oct(stat.S_IMODE(st.st_mode))}"
+
+
+def test_a_long_lived_client_presents_its_renewed_certificate_without_a_restart(stack, pushed, strangers, tmp_path,
+                                                                                monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """cert-manager renews a certificate by rewriting its Secret's files. A client that lives for days (the
+    zonal cache, the node cache) takes the new files up on its next call; a renewal caught between its
+    two files (the certificate new, the key still old) is not taken up, and the old channel goes on."""
+    import shutil
+
+    from imagestream.errors import PermissionDenied
+    from imagestream.rpc.client import GrpcImageNames
+
+    cert, key = tmp_path / "client.crt", tmp_path / "client.key"
+    shutil.copy(strangers["nobody"][0], cert)
+    shutil.copy(strangers["nobody"][1], key)
+    monkeypatch.setenv("IMAGESTREAM_TLS_CERT", str(cert))
+    monkeypatch.setenv("IMAGESTREAM_TLS_KEY", str(key))
+    monkeypatch.setattr(tls, "RENEWAL_CHECK_S", 0.0)
+
+    async def renewals() -> None:
+        names = GrpcImageNames(_region(), timeout_s=10)
+        try:
+            with pytest.raises(PermissionDenied, match="'nobody'"):
+                await names.list()
+            pusher_cert, pusher_key = _cert("pusher")
+            shutil.copy(pusher_cert, cert)  # half a renewal: the key does not match yet
+            with pytest.raises(PermissionDenied, match="'nobody'"):
+                await names.list()
+            shutil.copy(pusher_key, key)  # the renewal is whole: the pusher's identity from now on
+            assert "auth/app" in [i.name for i in await names.list()]
+        finally:
+            await names.close()
+
+    asyncio.run(renewals())
+
+
+def _certificate_serial(pem_or_der: bytes) -> int:
+    from cryptography import x509
+
+    if pem_or_der.startswith(b"-----"):
+        return x509.load_pem_x509_certificate(pem_or_der).serial_number
+    return x509.load_der_x509_certificate(pem_or_der).serial_number
+
+
+def test_the_oci_endpoint_presents_its_renewed_certificate_without_a_restart(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The regional OCI endpoint (aiohttp) loads renewed files into its TLS context: the next handshake
+    shows the new certificate, with no restart."""
+    import socket
+
+    from chunk_store.distribution import http as oci_http
+    from imagestream_dev.stack import certs
+
+    monkeypatch.setenv("IMAGESTREAM_HOME", str(tmp_path))
+    for setting in ("DIR", "CA", "CERT", "KEY"):
+        monkeypatch.delenv(f"IMAGESTREAM_TLS_{setting}", raising=False)
+    directory = certs.ensure()
+    monkeypatch.setattr(tls, "_identity", "chunk-store")
+    monkeypatch.setattr(tls, "RENEWAL_CHECK_S", 0.05)
+    port = 0  # the one the kernel gives: the stack's ports are taken
+
+    def served_serial() -> int:
+        context = tls.client_ssl_context()
+        context.check_hostname = False
+        with context.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=5)) as s:
+            return _certificate_serial(s.getpeercert(binary_form=True))
+
+    async def renewal() -> None:
+        nonlocal port
+        runner = await oci_http.start(None, "127.0.0.1:0")  # type: ignore[arg-type]
+        port = runner.addresses[0][1]
+        try:
+            before = await asyncio.to_thread(served_serial)
+            assert before == _certificate_serial((directory / "chunk-store.crt").read_bytes())
+            certs.issue(certs.load_ca(directory), directory, "chunk-store", certs.IDENTITIES["chunk-store"])
+            renewed = _certificate_serial((directory / "chunk-store.crt").read_bytes())
+            deadline = time.monotonic() + 10
+            while (now := await asyncio.to_thread(served_serial)) == before and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            assert now == renewed
+        finally:
+            await runner.cleanup()
+
+    asyncio.run(renewal())

@@ -65,7 +65,7 @@ async def chain(tmp_path, monkeypatch):  # type: ignore[no-untyped-def]
     monkeypatch.setenv("IMAGESTREAM_NODE_DISK_DIR", str(tmp_path / "node-disk"))
     node = build_node(argparse.Namespace(
         node_upstreams=sockets["zonal"], node_background_bandwidth="0", node_background_quiet="0",
-        node_disk_bytes="1GiB", node_memory_bytes="64MiB"))
+        node_disk_bytes="1GiB", node_memory_bytes="64MiB", fuse_cache_bytes="32MiB"))
     servers = [
         await start_server("chunk_store", [sockets["regional"]], VerifiedStore(cassandra), MemoryNames()),
         await start_server("zonal_cache", [sockets["zonal"]], build_zonal(MemoryStore(), [sockets["regional"]]),

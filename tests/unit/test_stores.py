@@ -248,3 +248,37 @@ async def test_a_flight_abandoned_late_does_not_drop_a_newer_claim_of_the_same_c
     flights.land(digest, second, b"data")
     flights.abandon(digest, second, Unavailable("after it landed"))
     assert second.result() == b"data" and digest not in flights
+
+
+async def test_a_large_upload_goes_in_several_streams_each_under_its_own_deadline(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """One PutChunks stream for a whole image outlasts its deadline (a 1.6 GB image at a few MB/s): the upload
+    is cut into streams of about STREAM_BYTES, each with its own."""
+    import os
+
+    from imagestream.names import MemoryNames
+    from imagestream.rpc.client import GrpcChunkStore
+    from imagestream.rpc.server import start_server
+
+    monkeypatch.setenv("IMAGESTREAM_TLS", "off")
+    monkeypatch.setattr(GrpcChunkStore, "STREAM_BYTES", 3 * 100_000)
+    address = f"127.0.0.1:{int(os.environ.get('IMAGESTREAM_TEST_PORT_BASE', '20100')) + 19}"
+    backing = MemoryStore()
+    server, _ = await start_server("test", [address], backing, MemoryNames())
+    store = GrpcChunkStore(address, timeout_s=5)
+    calls = []
+    real_call = store._call
+
+    async def counting(method, request, timeout_s=None):  # type: ignore[no-untyped-def]
+        calls.append(timeout_s)
+        return await real_call(method, request, timeout_s)
+
+    monkeypatch.setattr(store, "_call", counting)
+    chunks = [(Digest.of(raw), compress(raw)) for raw in (os.urandom(100_000) for _ in range(20))]
+    try:
+        assert await store.put_many(chunks, batch_bytes=100_000) == 20
+        assert len(calls) >= 6 and all(t == 50 for t in calls)  # 20 chunks, 3 a stream; each 10x the timeout
+        assert all([await backing.get(d) == c for d, c in chunks])
+        assert await store.put_many(chunks, batch_bytes=100_000) == 0  # all there already
+    finally:
+        await store.close()
+        await server.stop(None)

@@ -13,6 +13,7 @@ repository. Errors use the API's JSON error codes.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from aiohttp import web
@@ -117,7 +118,15 @@ async def start(distribution: Distribution, listen: str, reads=None) -> web.AppR
     """Serve on host:port; returns the runner (await runner.cleanup() to stop)."""
     host, _, port = listen.rpartition(":")
     ssl_context = tls.server_ssl_context() if tls.enabled() else None
-    runner = web.AppRunner(app(distribution, reads), access_log=None)
+    application = app(distribution, reads)
+    if ssl_context is not None:
+        renewal = asyncio.get_running_loop().create_task(tls.keep_renewed(ssl_context))
+
+        async def stop_renewal(_: web.Application) -> None:
+            renewal.cancel()
+
+        application.on_cleanup.append(stop_renewal)
+    runner = web.AppRunner(application, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, host or "127.0.0.1", int(port), ssl_context=ssl_context).start()
     log.info("OCI distribution (read side) serving on %s://%s/v2/", "https" if ssl_context else "http", listen)

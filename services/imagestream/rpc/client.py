@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 
 import grpc
@@ -16,6 +18,8 @@ from imagestream.names import ImageNames, WritableImageNames
 from imagestream.store.base import ChunkStore
 from imagestream.v1 import (admin_pb2, admin_pb2_grpc, chunk_store_pb2, chunk_store_pb2_grpc, distribution_pb2,
                             distribution_pb2_grpc, images_pb2, images_pb2_grpc, node_pb2, node_pb2_grpc)
+
+log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 80 * 1024 * 1024  # a 64 MiB blob plus framing
 
@@ -60,15 +64,49 @@ def channel(target: str) -> grpc.aio.Channel:
 
 class GrpcClient:
     """A channel to `target` (host:port or unix:/path) and one stub; every call has a deadline, and a
-    failure comes back as an imagestream error naming the target."""
+    failure comes back as an imagestream error naming the target.
+
+    Over TLS, a renewed certificate (cert-manager rewrites the files of its Secret) is taken up without a
+    restart: when the files changed, the next call opens a new channel with them, and the old one is
+    closed once its calls are done. Connections made before the renewal would otherwise go on
+    presenting the old certificate, and fail on their next reconnect once it expires."""
 
     stub_class: type = type(None)
+    OLD_CHANNEL_GRACE_S = 60.0  # calls under way on the old channel get this long to finish
 
     def __init__(self, target: str, timeout_s: float) -> None:
         self.target = target
         self.timeout_s = timeout_s
+        self._watch_certificates = not target.startswith("unix:") and tls.enabled()
+        self._material = tls.material_stamp() if self._watch_certificates else ()
+        self._checked_at = time.monotonic()
+        self._retiring: dict[asyncio.Task, grpc.aio.Channel] = {}  # old channels, closing
         self._channel = channel(target)
-        self._stub = self.stub_class(self._channel)
+        self._current_stub = self.stub_class(self._channel)
+
+    @property
+    def _stub(self):  # type: ignore[no-untyped-def]
+        if self._watch_certificates and time.monotonic() - self._checked_at >= tls.RENEWAL_CHECK_S:
+            self._checked_at = time.monotonic()
+            self._renew_if_rotated()
+        return self._current_stub
+
+    def _renew_if_rotated(self) -> None:
+        stamp = tls.material_stamp()
+        if stamp == self._material:
+            return
+        try:
+            tls.matched_material()
+        except tls.TlsError:  # caught between the files of a renewal: keep the old channel, look again later
+            return
+        old, self._material = self._channel, stamp
+        self._channel = channel(self.target)
+        self._current_stub = self.stub_class(self._channel)
+        log.info("%s: certificate files changed, new connections present the renewed certificate",
+                 self.target)
+        task = asyncio.get_running_loop().create_task(old.close(grace=self.OLD_CHANNEL_GRACE_S))
+        self._retiring[task] = old
+        task.add_done_callback(lambda done: self._retiring.pop(done, None))
 
     async def _call(self, method, request, timeout_s: float | None = None):  # type: ignore[no-untyped-def]
         try:
@@ -77,6 +115,9 @@ class GrpcClient:
             raise to_error(self.target, e) from None
 
     async def close(self) -> None:
+        for task, old in list(self._retiring.items()):
+            task.cancel()
+            await old.close()
         await self._channel.close()
 
 
@@ -132,22 +173,36 @@ class GrpcChunkStore(GrpcClient, ChunkStore):
         except grpc.RpcError as e:
             raise to_error(self.target, e) from None
 
-    async def put_many(self, chunks: Iterable[tuple[Digest, bytes]], batch_bytes: int = 4 * 1024 * 1024) -> int:
-        """Stream chunks up in batches of about `batch_bytes`; the number newly stored."""
+    # One PutChunks stream carries at most this much, under a deadline of its own: a deadline is for a call
+    # that hangs, and one stream for a whole image (1.6 GB at a few MB/s) would outlast any sane one.
+    STREAM_BYTES = 128 * 1024 * 1024
 
-        def batches():  # type: ignore[no-untyped-def]
+    async def put_many(self, chunks: Iterable[tuple[Digest, bytes]], batch_bytes: int = 4 * 1024 * 1024) -> int:
+        """Stream chunks up in messages of about `batch_bytes`, streams of about STREAM_BYTES; the number
+        newly stored."""
+        pending = iter(chunks)
+        more = [True]
+
+        def one_stream():  # type: ignore[no-untyped-def]
             batch: list[chunk_store_pb2.Chunk] = []
-            size = 0
-            for digest, data in chunks:
+            size = streamed = 0
+            for digest, data in pending:
                 batch.append(chunk_store_pb2.Chunk(digest=digest.to_proto(), compressed=data))
                 size += len(data)
                 if size >= batch_bytes:
                     yield chunk_store_pb2.PutChunksRequest(chunks=batch)
+                    streamed += size
                     batch, size = [], 0
+                    if streamed >= self.STREAM_BYTES:
+                        return  # the rest in the next stream
+            more[0] = False
             if batch:
                 yield chunk_store_pb2.PutChunksRequest(chunks=batch)
 
-        return (await self._call(self._stub.PutChunks, batches(), self.timeout_s * 10)).stored
+        stored = 0
+        while more[0]:
+            stored += (await self._call(self._stub.PutChunks, one_stream(), self.timeout_s * 10)).stored
+        return stored
 
     async def put(self, digest: Digest, compressed: bytes) -> bool:
         return await self.put_many([(digest, compressed)]) > 0
