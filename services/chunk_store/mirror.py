@@ -39,7 +39,7 @@ from imagestream.rpc.server import status_on_error
 from imagestream.snapshot_labels import annotate_for_streaming
 from imagestream.store.base import ChunkStore
 from imagestream.v1 import images_pb2, mirror_pb2, mirror_pb2_grpc
-from imagestream_cli.registry import _HOST, _REPOSITORY, Manifest, Reference, RegistryClient, RegistryError
+from imagestream_cli.registry import HOST_PATTERN, REPOSITORY_PATTERN, Manifest, Reference, RegistryClient, RegistryError
 
 from chunk_store.cassandra_backend import CassandraConnection
 from chunk_store.distribution.blobs import Distribution
@@ -172,10 +172,10 @@ class Mirrors:
     # -- configuration ---------------------------------------------------------------------------
     async def add(self, request: mirror_pb2.AddMirrorRequest) -> MirrorRecord:
         upstream = request.upstream.strip().removeprefix("https://").removeprefix("http://").rstrip("/")
-        if not _HOST.match(upstream) or "/" in upstream:
+        if not HOST_PATTERN.match(upstream) or "/" in upstream:
             raise InvalidArgument(f"mirror upstream {request.upstream!r}: want HOST[:PORT] of a registry")
         prefix = request.prefix.strip("/") or default_prefix(upstream)
-        if not _REPOSITORY.match(prefix) or len(prefix) > 128:
+        if not REPOSITORY_PATTERN.match(prefix) or len(prefix) > 128:
             raise InvalidArgument(f"mirror prefix {prefix!r}: want a repository path (lower-case letters, digits, "
                                   f"separators, '/')")
         if len(request.ca_pem) > 64 << 10 or len(request.username) > 255 or len(request.password) > 4096:
@@ -201,8 +201,9 @@ class Mirrors:
         self._read_at = -MIRRORS_REFRESH_S
         return removed
 
-    async def list(self) -> list[MirrorRecord]:
-        if time.monotonic() - self._read_at >= MIRRORS_REFRESH_S:
+    async def list(self, fresh: bool = False) -> list[MirrorRecord]:
+        """The mirrors, longest prefix first; read again from the table every MIRRORS_REFRESH_S (or now)."""
+        if fresh or time.monotonic() - self._read_at >= MIRRORS_REFRESH_S:
             self._mirrors = sorted(await self.table.all(), key=lambda m: -len(m.prefix))  # the longest prefix wins
             self._read_at = time.monotonic()
         return self._mirrors
@@ -404,8 +405,7 @@ class MirrorsServicer(mirror_pb2_grpc.MirrorsServicer):
 
     async def ListMirrors(self, request, context):  # type: ignore[no-untyped-def]
         async with status_on_error(context):
-            self.mirrors._read_at = -MIRRORS_REFRESH_S
-            return mirror_pb2.MirrorList(mirrors=[m.to_proto() for m in sorted(await self.mirrors.list(),
+            return mirror_pb2.MirrorList(mirrors=[m.to_proto() for m in sorted(await self.mirrors.list(fresh=True),
                                                                                 key=lambda m: m.prefix)])
 
     async def RemoveMirror(self, request, context):  # type: ignore[no-untyped-def]

@@ -38,10 +38,10 @@ DOCKER_HUB = "docker.io"
 DOCKER_HUB_API = "registry-1.docker.io"
 MAX_MANIFEST_BYTES = 4 << 20  # distribution's own limit for a manifest
 
-_REPOSITORY = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*\Z")
+REPOSITORY_PATTERN = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*\Z")
 _TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}\Z")
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}\Z")
-_HOST = re.compile(r"(?:[A-Za-z0-9.-]+|\[[0-9a-fA-F:]+\])(?::[0-9]{1,5})?\Z")
+HOST_PATTERN = re.compile(r"(?:[A-Za-z0-9.-]+|\[[0-9a-fA-F:]+\])(?::[0-9]{1,5})?\Z")
 
 SCHEMA1_TYPES = ("application/vnd.docker.distribution.manifest.v1+json",
                  "application/vnd.docker.distribution.manifest.v1+prettyjws")
@@ -84,7 +84,7 @@ def parse_reference(text: str) -> Reference:
     if at and not _DIGEST.match(digest):
         raise BadImage(f"{text}: digest {digest!r} is not sha256:<64 lower-case hex digits>")
     host, sep, rest = name.partition("/")
-    if not sep or not _HOST.match(host):
+    if not sep or not HOST_PATTERN.match(host):
         raise BadImage(f"{text}: not a registry reference (want HOST[:PORT]/REPOSITORY[:TAG][@DIGEST])")
     repository, tag = rest, ""
     last = rest.rsplit("/", 1)[-1]
@@ -92,7 +92,7 @@ def parse_reference(text: str) -> Reference:
         repository, _, tag = rest.rpartition(":")
         if not _TAG.match(tag):
             raise BadImage(f"{text}: invalid tag {tag!r}")
-    if not _REPOSITORY.match(repository) or len(repository) > 255:
+    if not REPOSITORY_PATTERN.match(repository) or len(repository) > 255:
         raise BadImage(f"{text}: invalid repository {repository!r} (lower-case letters, digits, separators)")
     if host == DOCKER_HUB and "/" not in repository:
         repository = "library/" + repository
