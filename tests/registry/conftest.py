@@ -356,12 +356,19 @@ def add_mirror(registries, folder: pathlib.Path):  # type: ignore[no-untyped-def
     return registry
 
 
-def upload_layout(client: httpx.Client, repository: str, tag: str, layout: pathlib.Path) -> dict:
-    """Upload an OCI image layout's (single) image as repository:tag; returns its manifest."""
+def upload_layout(client: httpx.Client, repository: str, tag: str, layout: pathlib.Path,
+                  extra: list[tuple[bytes, str, str]] = ()) -> dict:
+    """Upload an OCI image layout's (single) image as repository:tag, with `extra` layers ((blob, diff_id,
+    media type)) on top; returns its manifest."""
     index = json.loads((layout / "index.json").read_text())
-    digest = index["manifests"][0]["digest"]
-    manifest = json.loads((layout / "blobs" / "sha256" / digest.split(":")[1]).read_bytes())
-    for descriptor in [manifest["config"], *manifest["layers"]]:
-        upload_blob(client, repository, (layout / "blobs" / "sha256" / descriptor["digest"].split(":")[1]).read_bytes())
+    blobs = layout / "blobs" / "sha256"
+    manifest = json.loads((blobs / index["manifests"][0]["digest"].split(":")[1]).read_bytes())
+    config = json.loads((blobs / manifest["config"]["digest"].split(":")[1]).read_bytes())
+    for descriptor in manifest["layers"]:
+        upload_blob(client, repository, (blobs / descriptor["digest"].split(":")[1]).read_bytes())
+    for blob, diff_id, media_type in extra:
+        manifest["layers"].append({"mediaType": media_type, **upload_blob(client, repository, blob)})
+        config["rootfs"]["diff_ids"].append(diff_id)
+    manifest["config"] = {**manifest["config"], **upload_blob(client, repository, json.dumps(config).encode())}
     upload_manifest(client, repository, tag, manifest)
     return manifest
