@@ -95,6 +95,22 @@ def debian_rootfs(debian_image: pathlib.Path) -> pathlib.Path:
     return imagebuild.build_rootfs(CACHE / "rootfs")
 
 
+@pytest.fixture(scope="session")
+def registries():  # type: ignore[no-untyped-def]
+    """Real registries with auth on (tests/registry/conftest.py), one set for the session."""
+    from tests.registry.conftest import start_registries
+
+    yield from start_registries()
+
+
+@pytest.fixture(scope="session")
+def mirrored_upstream(stack, registries, tmp_path_factory):  # type: ignore[no-untyped-def]
+    """The TLS registry with auth, mirrored by the regional OCI endpoint under `hub/`."""
+    from tests.registry.conftest import add_mirror
+
+    return add_mirror(registries, tmp_path_factory.mktemp("docker"))
+
+
 def run_cli(*args: str, env: dict | None = None, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
     """The imagestream command line, as a user runs it."""
     result = subprocess.run(

@@ -10,7 +10,7 @@ from imagestream.periodic import every
 from chunk_store.distribution.blobs import Distribution, TaggedNames
 from chunk_store.distribution.grpc_service import DistributionServicer
 from imagestream.rpc.server import serve, service_main
-from imagestream.v1 import admin_pb2_grpc, distribution_pb2_grpc
+from imagestream.v1 import admin_pb2_grpc, distribution_pb2_grpc, mirror_pb2_grpc
 
 from chunk_store.distribution import http as oci_http
 from chunk_store.distribution.cassandra_blobs import CassandraBlobIndex
@@ -18,6 +18,7 @@ from chunk_store.admin import RegionalAdminServicer
 from chunk_store.cassandra_backend import CassandraChunkStore, CassandraImageNames, connect_from_settings
 from chunk_store.gc import GarbageCollector, Leases, LeasesServicer
 from chunk_store.healing import HealingStore
+from chunk_store.mirror import Mirrors, MirrorsServicer, MirrorTable, families as mirror_families
 from chunk_store.tenancy import TenantReads, load_policy
 
 SETTINGS = (
@@ -27,10 +28,11 @@ SETTINGS = (
 )
 
 
-def collect(cassandra: CassandraChunkStore, store: HealingStore, gc: GarbageCollector):  # type: ignore[no-untyped-def]
+def collect(cassandra: CassandraChunkStore, store: HealingStore, gc: GarbageCollector, mirrors: Mirrors):  # type: ignore[no-untyped-def]
     from prometheus_client.core import CounterMetricFamily
 
     yield from telemetry.tier_families({"regional": cassandra})
+    yield from mirror_families(mirrors)
     healing = CounterMetricFamily("imagestream_regional_corrupt_chunks",
                                   "Regional reads that found a chunk not matching its digest, by outcome",
                                   labels=["outcome"])
@@ -65,15 +67,19 @@ async def main(args: argparse.Namespace) -> None:
     collector = every(float(args.gc_interval), gc.collect, "gc")
     # optional per-image read permission, checked here and at the OCI endpoint (tenancy.py)
     reads = TenantReads(load_policy(args.tenants), names, store, distribution) if args.tenants else None
-    http = await oci_http.start(distribution, args.distribution_listen, reads) if args.distribution_listen else None
+    # pull-through: the OCI endpoint fronts upstream registries and converts their images on first pull
+    mirrors = Mirrors(await asyncio.to_thread(MirrorTable, db), store, names, distribution)
+    http = await oci_http.start(distribution, args.distribution_listen, reads, mirrors) \
+        if args.distribution_listen else None
     try:
         await serve(
             "chunk_store", config.parse_list(args.chunk_store_listen), store, names,
-            metrics=(args.chunk_store_metrics, lambda: collect(cassandra, store, gc)), reads=reads,
+            metrics=(args.chunk_store_metrics, lambda: collect(cassandra, store, gc, mirrors)), reads=reads,
             add_servicers=lambda server: (
                 distribution_pb2_grpc.add_DistributionServicer_to_server(DistributionServicer(distribution), server),
                 admin_pb2_grpc.add_RegionalAdminServicer_to_server(RegionalAdminServicer(store, gc), server),
-                admin_pb2_grpc.add_LeasesServicer_to_server(LeasesServicer(leases), server)),
+                admin_pb2_grpc.add_LeasesServicer_to_server(LeasesServicer(leases), server),
+                mirror_pb2_grpc.add_MirrorsServicer_to_server(MirrorsServicer(mirrors), server)),
         )
     finally:
         for job in (scrubber, collector):

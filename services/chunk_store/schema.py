@@ -46,6 +46,12 @@ TABLES = {
     # the OCI Distribution side (chunk_store/distribution/cassandra_blobs.py)
     "blobs": "digest text PRIMARY KEY, size bigint, media_type text, pieces blob, used_at bigint)",
     "tags": "repository text, tag text, digest text, PRIMARY KEY ((repository), tag))",
+    # pull-through conversion (chunk_store/mirror.py): the upstreams the OCI endpoint fronts, with their logins,
+    # and one row per image converted from one, claimed and updated only by lightweight transactions
+    "mirrors": "prefix text PRIMARY KEY, upstream text, plain_http boolean, ca_pem text, username text,"
+               " password text, added_at bigint)",
+    "conversions": "name text PRIMARY KEY, upstream text, state text, owner text, heartbeat bigint, percent int,"
+                   " error text, updated_at bigint)",
 }
 # columns added since a table was first made: a store created by an older version gains them
 ADDED_COLUMNS = {

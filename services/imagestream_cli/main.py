@@ -66,7 +66,7 @@ def main(ctx: click.Context) -> None:
 
 
 # the commands whose own calls are worth a trace (reads are traced by the node's FUSE client)
-TRACED = {"push", "images", "rm", "gc"}
+TRACED = {"push", "images", "rm", "gc", "mirror"}
 
 
 # -- stack ------------------------------------------------------------------
@@ -209,27 +209,35 @@ def gc(on_node: bool, dry_run: bool, grace: int) -> None:
 @main.command()
 @_setting("region")
 def images() -> None:
-    """The images published in the regional store."""
+    """The images published in the regional store, and those a mirror is converting or failed to convert."""
     import asyncio
     import datetime
 
-    from imagestream.rpc.client import GrpcImageNames
+    from imagestream.rpc.client import GrpcImageNames, GrpcMirrors
 
     async def fetch():  # type: ignore[no-untyped-def]
-        names = GrpcImageNames(config.get("region"))
+        names, mirrors = GrpcImageNames(config.get("region")), GrpcMirrors(config.get("region"))
         try:
-            return await names.list()
+            return await names.list(), await mirrors.conversions()
         finally:
             await names.close()
+            await mirrors.close()
 
     try:
-        found = asyncio.run(fetch())
+        found, conversions = asyncio.run(fetch())
     except ImagestreamError as e:
         _fail(e)
-    click.echo(f"{'NAME':32} {'INDEX':14} {'SIZE':>10} {'CHUNKS':>7}  PUBLISHED")
+    published = {i.name for i in found}
+    click.echo(f"{'NAME':32} {'INDEX':14} {'SIZE':>10} {'CHUNKS':>7}  {'PUBLISHED':19}  STATE")
     for i in found:
         when = datetime.datetime.fromtimestamp(i.published_at, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S")
-        click.echo(f"{i.name:32} {i.index.hash[:12]:14} {i.content_bytes / 1e6:8.1f}MB {i.chunk_count:7}  {when}")
+        click.echo(f"{i.name:32} {i.index.hash[:12]:14} {i.content_bytes / 1e6:8.1f}MB {i.chunk_count:7}  {when:19}  ready")
+    for c in conversions:  # a mirror's images not published (yet): converting, or why not
+        if c.name in published:
+            continue
+        state = f"converting {c.percent}%" if c.state == "converting" else \
+            f"failed: {c.error or 'its converter stopped'}" if c.state == "failed" else c.state
+        click.echo(f"{c.name:32} {'-':14} {'-':>10} {'-':>7}  {'-':19}  {state}")
 
 
 @main.command()
@@ -266,6 +274,68 @@ def rm(name: str) -> None:
     if index and pull.remove_pulled(index):
         click.echo(f"removed the full pull of {name} from this node")
     click.echo(f"removed {name}")
+
+
+@main.group()
+def mirror() -> None:
+    """Pull-through conversion: the regional OCI endpoint fronts an upstream registry; a pull of
+    REGIONAL/PREFIX/REPOSITORY:TAG is served from the upstream the first time and converted, then streams."""
+
+
+@mirror.command("add")
+@click.argument("upstream")
+@_setting("region")
+@click.option("--repository", "prefix", default="", metavar="PREFIX",
+              help="serve the upstream's repositories under PREFIX/ (default: the upstream's host, ':' as '-')")
+@click.option("--ca-file", type=click.Path(dir_okay=False), default=None,
+              help="trust this CA (PEM) for the upstream's TLS certificate")
+@click.option("--plain-http", is_flag=True, help="the upstream speaks plain HTTP (a local registry)")
+def mirror_add(upstream: str, prefix: str, ca_file: str | None, plain_http: bool) -> None:
+    """Front the registry UPSTREAM (HOST[:PORT]). Its login is read from Docker's config.json as `push REF`
+    reads it, and kept by the regional tier, which checks that it can log in before it adds the mirror."""
+    from imagestream.rpc.client import GrpcMirrors
+    from imagestream.v1 import mirror_pb2
+    from imagestream_cli.registry import credentials
+
+    try:
+        host = upstream.removeprefix("https://").removeprefix("http://").rstrip("/")
+        login = credentials(host)
+        ca_pem = pathlib.Path(ca_file).read_text() if ca_file else ""
+    except (OSError, UnicodeDecodeError) as e:
+        _fail(ImagestreamError(f"--ca-file {ca_file}: {getattr(e, 'strerror', None) or e}"))
+    except ImagestreamError as e:
+        _fail(e)
+    request = mirror_pb2.AddMirrorRequest(upstream=host, prefix=prefix, plain_http=plain_http, ca_pem=ca_pem,
+                                          username=login[0] if login else "", password=login[1] if login else "")
+    m = _ask(lambda: GrpcMirrors(config.get("region")), lambda mirrors: mirrors.add(request))
+    who = f"as {m.username}" if m.username else "anonymously"
+    click.echo(f"mirror {m.prefix}/ -> {m.upstream} ({'plain HTTP' if m.plain_http else 'TLS'}, logged in {who}): "
+               f"pull REGIONAL/{m.prefix}/REPOSITORY:TAG")
+
+
+@mirror.command("ls")
+@_setting("region")
+def mirror_ls() -> None:
+    """The mirrors of the regional OCI endpoint."""
+    from imagestream.rpc.client import GrpcMirrors
+
+    found = _ask(lambda: GrpcMirrors(config.get("region")), lambda mirrors: mirrors.list())
+    click.echo(f"{'PREFIX':32} {'UPSTREAM':32} {'TLS':10} LOGIN")
+    for m in found:
+        tls_ = "plain-http" if m.plain_http else "custom CA" if m.custom_ca else "system CAs"
+        click.echo(f"{m.prefix:32} {m.upstream:32} {tls_:10} {m.username or '-'}")
+
+
+@mirror.command("rm")
+@click.argument("prefix")
+@_setting("region")
+def mirror_rm(prefix: str) -> None:
+    """Stop fronting the upstream of PREFIX (the images converted from it stay, as names like any other)."""
+    from imagestream.rpc.client import GrpcMirrors
+
+    if not _ask(lambda: GrpcMirrors(config.get("region")), lambda mirrors: mirrors.remove(prefix)):
+        _fail(ImagestreamError(f"no mirror of prefix {prefix!r}"))
+    click.echo(f"removed mirror {prefix}")
 
 
 # -- node -------------------------------------------------------------------

@@ -106,20 +106,12 @@ async def _upload(converted: Converted, spool, name: str, target: str, progress:
     names = GrpcImageNames(target)
     dist = GrpcDistribution(target)
     try:
-        wanted = [*converted.chunks, converted.index_digest]
-        missing = []
-        for i in range(0, len(wanted), 5000):
-            missing += await store.find_missing(wanted[i : i + 5000])
-        total = sum(spool.sizes.get(d) or spool.path(d).stat().st_size for d in missing)
-        with tqdm(total=total, unit="B", unit_scale=True, desc="upload", disable=not progress) as bar:
+        with tqdm(unit="B", unit_scale=True, desc="upload", disable=not progress) as bar:
+            def total(n: int) -> None:
+                bar.total = n
+                bar.refresh()
 
-            def chunks():  # type: ignore[no-untyped-def]
-                for digest in missing:
-                    data = spool.read(digest)
-                    bar.update(len(data))
-                    yield digest, data
-
-            await store.put_many(chunks())
+            uploaded, uploaded_bytes = await upload_chunks(store, converted, spool, on_total=total, on_bytes=bar.update)
         # what was received, kept for pulls the normal way; a streamable image's layers say so
         with tqdm(unit="B", unit_scale=True, desc="blobs", disable=not progress) as bar:
             manifest, _, blobs_stored, blobs_known = await push_blobs(
@@ -129,11 +121,32 @@ async def _upload(converted: Converted, spool, name: str, target: str, progress:
                                  source_digest=converted.source_digest, streaming_disabled=not streaming,
                                  manifest_digest=manifest)
         published = await names.publish(image)
-        return published, len(missing), total, manifest, (blobs_stored, blobs_known)
+        return published, uploaded, uploaded_bytes, manifest, (blobs_stored, blobs_known)
     finally:
         await store.close()
         await names.close()
         await dist.close()
+
+
+async def upload_chunks(store: ChunkStore, converted: Converted, spool, on_total=lambda n: None,  # type: ignore[no-untyped-def]
+                        on_bytes=lambda n: None) -> tuple[int, int]:
+    """Store the chunks and the index of a conversion that `store` lacks (push, and the regional tier's
+    mirror conversions): returns how many were uploaded and their compressed bytes."""
+    wanted = [*converted.chunks, converted.index_digest]
+    missing = []
+    for i in range(0, len(wanted), 5000):
+        missing += await store.find_missing(wanted[i : i + 5000])
+    total = sum(spool.sizes.get(d) or spool.path(d).stat().st_size for d in missing)
+    on_total(total)
+
+    def chunks():  # type: ignore[no-untyped-def]
+        for digest in missing:
+            data = spool.read(digest)
+            on_bytes(len(data))
+            yield digest, data
+
+    await store.put_many(chunks())
+    return len(missing), total
 
 
 # -- the blobs as received, for pulls the normal way ------------------------------

@@ -27,7 +27,7 @@ import pathlib
 import re
 import ssl
 from collections.abc import Iterator
-from typing import IO
+from typing import IO, Literal
 
 import httpx
 
@@ -38,10 +38,10 @@ DOCKER_HUB = "docker.io"
 DOCKER_HUB_API = "registry-1.docker.io"
 MAX_MANIFEST_BYTES = 4 << 20  # distribution's own limit for a manifest
 
-_REPOSITORY = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*\Z")
+REPOSITORY_PATTERN = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*\Z")
 _TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}\Z")
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}\Z")
-_HOST = re.compile(r"(?:[A-Za-z0-9.-]+|\[[0-9a-fA-F:]+\])(?::[0-9]{1,5})?\Z")
+HOST_PATTERN = re.compile(r"(?:[A-Za-z0-9.-]+|\[[0-9a-fA-F:]+\])(?::[0-9]{1,5})?\Z")
 
 SCHEMA1_TYPES = ("application/vnd.docker.distribution.manifest.v1+json",
                  "application/vnd.docker.distribution.manifest.v1+prettyjws")
@@ -84,7 +84,7 @@ def parse_reference(text: str) -> Reference:
     if at and not _DIGEST.match(digest):
         raise BadImage(f"{text}: digest {digest!r} is not sha256:<64 lower-case hex digits>")
     host, sep, rest = name.partition("/")
-    if not sep or not _HOST.match(host):
+    if not sep or not HOST_PATTERN.match(host):
         raise BadImage(f"{text}: not a registry reference (want HOST[:PORT]/REPOSITORY[:TAG][@DIGEST])")
     repository, tag = rest, ""
     last = rest.rsplit("/", 1)[-1]
@@ -92,7 +92,7 @@ def parse_reference(text: str) -> Reference:
         repository, _, tag = rest.rpartition(":")
         if not _TAG.match(tag):
             raise BadImage(f"{text}: invalid tag {tag!r}")
-    if not _REPOSITORY.match(repository) or len(repository) > 255:
+    if not REPOSITORY_PATTERN.match(repository) or len(repository) > 255:
         raise BadImage(f"{text}: invalid repository {repository!r} (lower-case letters, digits, separators)")
     if host == DOCKER_HUB and "/" not in repository:
         repository = "library/" + repository
@@ -203,19 +203,24 @@ class RegistryClient:
     """One repository of one registry: manifests and blobs, authenticated as Docker's config says."""
 
     def __init__(self, ref: Reference, ca_file: str | None = None, plain_http: bool = False,
-                 timeout_s: float = 60.0, config_path: pathlib.Path | None = None) -> None:
+                 timeout_s: float = 60.0, config_path: pathlib.Path | None = None,
+                 login: tuple[str, str] | None | Literal["config"] = "config", ca_pem: str = "") -> None:
+        """`login`: (user, password), None for anonymous, or "config": from Docker's config.json. `ca_pem`: a
+        CA's PEM text, as a mirror's record keeps it, instead of `ca_file`."""
         self.ref = ref
         host = DOCKER_HUB_API if ref.registry == DOCKER_HUB else ref.registry
-        self.base = f"{'http' if plain_http else 'https'}://{host}/v2/{ref.repository}"
+        self.origin = f"{'http' if plain_http else 'https'}://{host}"
+        self.base = f"{self.origin}/v2/{ref.repository}"
         self.where = f"{ref.registry}/{ref.repository}"
         self.config_path = config_path or docker_config_path()
-        self.creds = credentials(ref.registry, self.config_path)
+        self.creds = credentials(ref.registry, self.config_path) if login == "config" else login
         verify: ssl.SSLContext | bool = True
-        if ca_file:
+        if ca_file or ca_pem:
             try:
-                verify = ssl.create_default_context(cafile=ca_file)
-            except (OSError, ssl.SSLError) as e:
-                raise RegistryError(f"--ca-file {ca_file}: not a readable PEM certificate ({e})") from None
+                verify = ssl.create_default_context(cafile=ca_file or None, cadata=ca_pem or None)
+            except (OSError, ssl.SSLError, ValueError) as e:
+                what = f"--ca-file {ca_file}" if ca_file else "the CA"
+                raise RegistryError(f"{what}: not a readable PEM certificate ({e})") from None
         self.verify = verify
         self.http = httpx.Client(verify=verify, timeout=httpx.Timeout(timeout_s, connect=10.0),
                                  follow_redirects=True, auth=_Auth(self),
@@ -275,7 +280,8 @@ class RegistryClient:
 
     # -- requests ----------------------------------------------------------------------------------
     def _send(self, method: str, path: str, accept: str | None = None, stream: bool = False) -> httpx.Response:
-        request = self.http.build_request(method, f"{self.base}/{path}", headers={"Accept": accept} if accept else None)
+        url = f"{self.base}/{path}" if path else f"{self.origin}/v2/"
+        request = self.http.build_request(method, url, headers={"Accept": accept} if accept else None)
         try:
             response = self.http.send(request, stream=stream)
         except RegistryError:
@@ -342,9 +348,18 @@ class RegistryClient:
             raise BadImage(f"{what}: Docker schema 1 manifests are not supported (push it again with a current docker)")
         return Manifest(content, media_type, digest)
 
-    def open_blob(self, digest: str, size: int) -> IO[bytes]:
+    def ping(self) -> None:
+        """Log in to the registry (GET /v2/, answering its challenge): RegistryError says why it cannot."""
+        response = self._send("GET", "")
+        response.close()
+        if response.status_code != 200:
+            raise RegistryError(f"{self.ref.registry}: /v2/ answered HTTP {response.status_code}: not a registry "
+                                f"speaking the OCI Distribution API")
+
+    def open_blob(self, digest: str, size: int | None) -> _BodyStream:
         """The blob's body as a file, streamed off the connection. Its length is checked against `size`
-        (the descriptor's); its digest is the caller's to check as it reads (HashingStream)."""
+        (the descriptor's; None: the Content-Length the registry announces, which it must then give); its
+        digest is the caller's to check as it reads (HashingStream)."""
         response = self._send("GET", f"blobs/{digest}", stream=True)
         if response.status_code != 200:
             code = self._error_code(response)
@@ -353,6 +368,11 @@ class RegistryClient:
                 raise RegistryError(f"{self.where}: blob {digest} is missing from the registry{code}")
             raise RegistryError(f"{self.where}: blob {digest}: registry answered HTTP {response.status_code}{code}")
         length = response.headers.get("Content-Length")
+        if size is None:
+            if length is None or not length.isdigit():
+                response.close()
+                raise RegistryError(f"{self.where}: blob {digest}: the registry announced no Content-Length")
+            size = int(length)
         if length is not None and length.isdigit() and int(length) != size:
             response.close()
             raise BadImage(f"{self.where}: blob {digest} is {length} bytes, its descriptor says {size}")

@@ -463,7 +463,7 @@ class RegistrySource(_OciSource):
     format = "registry"
 
     def __init__(self, reference: str, spool: pathlib.Path, platform: str, ca_file: str | None,
-                 plain_http: bool) -> None:
+                 plain_http: bool, **access: Any) -> None:
         from imagestream_cli.registry import RegistryClient, parse_reference
 
         self.ref = parse_reference(reference)
@@ -471,7 +471,7 @@ class RegistrySource(_OciSource):
         self.platform = platform
         self.spool = spool
         self.spool.mkdir(parents=True, exist_ok=True)
-        self.client = RegistryClient(self.ref, ca_file=ca_file, plain_http=plain_http)
+        self.client = RegistryClient(self.ref, ca_file=ca_file, plain_http=plain_http, **access)
         try:
             top = self.client.manifest(self.ref.reference)
             self._follow(top.digest, top.json())
@@ -505,10 +505,11 @@ class RegistrySource(_OciSource):
 
 
 def open_image(path: str | pathlib.Path, platform: str | None = None, spool: pathlib.Path | None = None,
-               ca_file: str | None = None, plain_http: bool = False) -> ImageSource:
+               ca_file: str | None = None, plain_http: bool = False, **access: Any) -> ImageSource:
     """Open SOURCE as an OCI layout, OCI archive, docker archive, or a registry reference (HOST/REPO:TAG);
     BadImage (or RegistryError) says why not. `platform` (OS/ARCH[/VARIANT], default this node's) picks the
-    manifest of an image index; a registry source spools its blobs under `spool`."""
+    manifest of an image index; a registry source spools its blobs under `spool`. `access`: the
+    RegistryClient's `login` and `ca_pem` (a mirror's, chunk_store/mirror.py)."""
     platform = platform or node_platform()
     parse_platform(platform)
     from imagestream_cli.registry import looks_like_reference
@@ -517,7 +518,7 @@ def open_image(path: str | pathlib.Path, platform: str | None = None, spool: pat
     if not local.exists() and looks_like_reference(str(path)):
         if spool is None:
             raise BadImage(f"{path}: a registry source needs a spool folder")
-        return RegistrySource(str(path), spool, platform, ca_file, plain_http)
+        return RegistrySource(str(path), spool, platform, ca_file, plain_http, **access)
     if local.is_dir():
         return OciLayoutDir(local, platform)
     if not local.exists():

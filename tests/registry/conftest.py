@@ -13,6 +13,7 @@ import json
 import os
 import pathlib
 import shutil
+import socket
 import ssl
 import subprocess
 import tarfile
@@ -24,6 +25,7 @@ import httpx
 import pytest
 import zstandard
 
+from tests.conftest import run_cli
 from imagestream.oci import MEDIA_DOCKER_MANIFEST, MEDIA_LAYER, MEDIA_OCI_CONFIG, MEDIA_OCI_IMAGE_INDEX, MEDIA_OCI_MANIFEST
 
 needs_registry = pytest.mark.skipif(shutil.which("docker-registry") is None or shutil.which("openssl") is None,
@@ -34,7 +36,7 @@ USER, PASSWORD = "pusher", "s3cret-pass"
 
 def registry_ports() -> tuple[int, int]:
     """The stack's port base + 100: (TLS + basic auth, plain HTTP); + 2 the token-auth registry, + 3 its
-    token service."""
+    token service; + 4 and + 5 cutting proxies; + 6 to + 8 a second regional replica (test_mirror.py)."""
     base = int(os.environ.get("IMAGESTREAM_TEST_PORT_BASE", "20100")) + 100
     return base, base + 1
 
@@ -173,9 +175,9 @@ def _start(folder: pathlib.Path, port: int, tls: tuple[pathlib.Path, pathlib.Pat
         raise
 
 
-@pytest.fixture(scope="session")
-def registries():  # type: ignore[no-untyped-def]
-    """{'secure': TLS with the test CA + htpasswd auth (basic), 'token': TLS + bearer tokens from a token
+def start_registries():  # type: ignore[no-untyped-def]
+    """The session's registries (the `registries` fixture of tests/conftest.py, shared by tests/registry and
+    tests/containerd): {'secure': TLS with the test CA + htpasswd auth (basic), 'token': TLS + bearer tokens from a token
     service, 'plain': plain HTTP, no auth}"""
     import bcrypt
 
@@ -285,3 +287,88 @@ def upload_multiplatform(client: httpx.Client, repository: str, tag: str, big: b
         {**arm, "platform": {"os": "linux", "architecture": "arm64", "variant": "v8"}},
     ]}
     return upload_manifest(client, repository, tag, index)
+
+
+class CuttingProxy:
+    """A TCP proxy to `upstream` that cuts a connection once it has passed `limit` bytes of answers:
+    a registry that dies in the middle of a layer."""
+
+    def __init__(self, upstream: str, limit: int, port: int) -> None:
+        self.upstream = upstream
+        self.limit = limit
+        self.cut = 0
+        self.server = socket.create_server(("127.0.0.1", port))  # outside the ephemeral range, like the registries
+        self.address = f"127.0.0.1:{self.server.getsockname()[1]}"
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._relay, args=(client,), daemon=True).start()
+
+    def _relay(self, client: socket.socket) -> None:
+        host, port = self.upstream.rsplit(":", 1)
+        upstream = socket.create_connection((host, int(port)))
+
+        def up() -> None:
+            try:
+                while data := client.recv(65536):
+                    upstream.sendall(data)
+            except OSError:
+                pass
+
+        threading.Thread(target=up, daemon=True).start()
+        passed = 0
+        try:
+            while data := upstream.recv(65536):
+                passed += len(data)
+                if passed > self.limit:
+                    self.cut += 1
+                    client.sendall(data[: max(0, len(data) - (passed - self.limit))])
+                    client.shutdown(socket.SHUT_RDWR)
+                    break
+                client.sendall(data)
+        except OSError:
+            pass
+        finally:
+            client.close()
+            upstream.close()
+
+    def close(self) -> None:
+        self.server.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept(): the port stops listening
+        self.server.close()
+
+
+# -- pull-through (test_mirror.py, tests/containerd/test_mirror_cri.py) ------------------------------
+
+def add_mirror(registries, folder: pathlib.Path):  # type: ignore[no-untyped-def]
+    """The TLS + htpasswd registry, mirrored under `hub/` (the login from Docker's config.json, the test CA):
+    the `mirrored_upstream` fixture of tests/conftest.py."""
+    registry = registries["secure"]
+    env = {"DOCKER_CONFIG": str(docker_config(folder, registry.address, USER, PASSWORD))}
+    out = run_cli("mirror", "add", "--repository", "hub", "--ca-file", str(registries["ca"]), registry.address,
+                  env=env).stdout
+    assert f"mirror hub/ -> {registry.address}" in out and f"logged in as {USER}" in out, out
+    return registry
+
+
+def upload_layout(client: httpx.Client, repository: str, tag: str, layout: pathlib.Path,
+                  extra: list[tuple[bytes, str, str]] = ()) -> dict:
+    """Upload an OCI image layout's (single) image as repository:tag, with `extra` layers ((blob, diff_id,
+    media type)) on top; returns its manifest."""
+    index = json.loads((layout / "index.json").read_text())
+    blobs = layout / "blobs" / "sha256"
+    manifest = json.loads((blobs / index["manifests"][0]["digest"].split(":")[1]).read_bytes())
+    config = json.loads((blobs / manifest["config"]["digest"].split(":")[1]).read_bytes())
+    for descriptor in manifest["layers"]:
+        upload_blob(client, repository, (blobs / descriptor["digest"].split(":")[1]).read_bytes())
+    for blob, diff_id, media_type in extra:
+        manifest["layers"].append({"mediaType": media_type, **upload_blob(client, repository, blob)})
+        config["rootfs"]["diff_ids"].append(diff_id)
+    manifest["config"] = {**manifest["config"], **upload_blob(client, repository, json.dumps(config).encode())}
+    upload_manifest(client, repository, tag, manifest)
+    return manifest

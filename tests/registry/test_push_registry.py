@@ -8,15 +8,13 @@ import asyncio
 import json
 import os
 import pathlib
-import socket
-import threading
 import urllib.error
 
 import pytest
 
 from tests.conftest import run_cli
-from tests.registry.conftest import (DOCKER_GZIP_LAYER, PASSWORD, USER, docker_config, layer, needs_registry,
-                                     upload_image, upload_multiplatform)
+from tests.registry.conftest import (DOCKER_GZIP_LAYER, PASSWORD, USER, CuttingProxy, docker_config, layer,
+                                     needs_registry, registry_ports, upload_image, upload_multiplatform)
 
 pytestmark = [needs_registry]
 
@@ -173,64 +171,12 @@ def test_bad_requests_end_in_one_line_and_publish_nothing(stack, secure_image, t
     assert regional_manifest(name) is None
 
 
-class CuttingProxy:
-    """A TCP proxy to `upstream` that cuts a connection once it has passed `limit` bytes of answers:
-    a registry that dies in the middle of a layer."""
-
-    def __init__(self, upstream: str, limit: int) -> None:
-        self.upstream = upstream
-        self.limit = limit
-        self.cut = 0
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.address = f"127.0.0.1:{self.server.getsockname()[1]}"
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                client, _ = self.server.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._relay, args=(client,), daemon=True).start()
-
-    def _relay(self, client: socket.socket) -> None:
-        host, port = self.upstream.rsplit(":", 1)
-        upstream = socket.create_connection((host, int(port)))
-
-        def up() -> None:
-            try:
-                while data := client.recv(65536):
-                    upstream.sendall(data)
-            except OSError:
-                pass
-
-        threading.Thread(target=up, daemon=True).start()
-        passed = 0
-        try:
-            while data := upstream.recv(65536):
-                passed += len(data)
-                if passed > self.limit:
-                    self.cut += 1
-                    client.sendall(data[: max(0, len(data) - (passed - self.limit))])
-                    client.shutdown(socket.SHUT_RDWR)
-                    break
-                client.sendall(data)
-        except OSError:
-            pass
-        finally:
-            client.close()
-            upstream.close()
-
-    def close(self) -> None:
-        self.server.close()
-
-
 def test_an_upstream_that_dies_mid_layer_publishes_nothing(stack, registries, tmp_path) -> None:  # type: ignore[no-untyped-def]
     registry = registries["plain"]
     with registry.client(None) as client:
         upload_multiplatform(client, "team/cut", "multi", BIG)
-    proxy = CuttingProxy(registry.address, limit=1 << 20)  # manifests and config pass; a 3 MiB layer does not
+    # manifests and config pass; a 3 MiB layer does not
+    proxy = CuttingProxy(registry.address, limit=1 << 20, port=registry_ports()[0] + 4)
     try:
         tmpdir = tmp_path / "tmp"
         tmpdir.mkdir()

@@ -88,3 +88,34 @@ async def test_a_names_tag_comes_and_goes_with_it() -> None:
     assert await dist.index.get_tag("team/app", "v1") == digest
     assert await names.delete("team/app:v1")
     assert await dist.index.get_tag("team/app", "v1") is None
+
+
+async def test_a_mirrored_manifest_is_stored_without_its_layers_and_small_blobs_in_pieces() -> None:
+    from imagestream.errors import InvalidArgument
+    from imagestream.oci import PIECE_SIZE
+
+    dist = Distribution(MemoryStore(), MemoryBlobIndex())
+    layer = "sha256:" + "c" * 64
+    manifest = json.dumps({"schemaVersion": 2, "mediaType": MEDIA_OCI_MANIFEST,
+                           "config": {"digest": "sha256:" + "b" * 64, "size": 2},
+                           "layers": [{"digest": layer, "size": 10}]}).encode()
+    with pytest.raises(FailedPrecondition):  # a push's manifest needs its blobs stored
+        await dist.put_manifest("hub/app", "", MEDIA_OCI_MANIFEST, manifest)
+    digest = await dist.put_proxied_manifest(MEDIA_OCI_MANIFEST, manifest)  # a mirror's: its layers are proxied
+    assert digest == "sha256:" + hashlib.sha256(manifest).hexdigest()
+    assert await dist.read_all(await dist.blob(digest)) == manifest
+    assert await dist.index.get_blob(layer) is None
+    with pytest.raises(InvalidArgument):
+        await dist.put_proxied_manifest("application/json", manifest)
+    big = bytes(range(256)) * ((PIECE_SIZE + 1000) // 256)
+    record = await dist.blob(await dist.put_small_blob("application/octet-stream", big))
+    assert len(record.pieces) == 2 and await dist.read_all(record) == big
+
+
+def test_mirror_names() -> None:
+    from chunk_store.mirror import default_prefix, tag_name
+
+    assert default_prefix("Registry.Example:5000") == "registry.example-5000"
+    assert tag_name("hub/team/app", "v1") == "hub/team/app:v1"
+    assert tag_name("hub/team/app", "sha256:" + "a" * 64) is None  # a digest: nothing to convert
+    assert tag_name("hub/Team/app", "v1") is None

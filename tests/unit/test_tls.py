@@ -38,14 +38,15 @@ def test_the_local_stacks_certificates_carry_each_processs_roles(tmp_path: pathl
 
 def test_every_method_of_every_tcp_service_has_its_roles() -> None:
     """A method missing here is refused to everyone: this keeps the table whole as the protos grow."""
-    from imagestream.v1 import admin_pb2, chunk_store_pb2, distribution_pb2, images_pb2, node_pb2
+    from imagestream.v1 import admin_pb2, chunk_store_pb2, distribution_pb2, images_pb2, mirror_pb2, node_pb2
 
-    for module in (admin_pb2, chunk_store_pb2, distribution_pb2, images_pb2, node_pb2):
+    for module in (admin_pb2, chunk_store_pb2, distribution_pb2, images_pb2, mirror_pb2, node_pb2):
         for service in module.DESCRIPTOR.services_by_name.values():
             for method in service.methods:
                 assert f"/{service.full_name}/{method.name}" in PERMISSIONS, method.full_name
     writes = [m for m, roles in PERMISSIONS.items() if roles is not ANY and "node" not in roles]
     assert "/imagestream.v1.Images/PublishImage" in writes and "/imagestream.v1.Images/DeleteImage" in writes
+    assert "/imagestream.v1.Mirrors/AddMirror" in writes and "/imagestream.v1.Mirrors/RemoveMirror" in writes
     assert all("zonal" not in PERMISSIONS[m] for m in writes)
 
 

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Iterable
 from imagestream.digests import Digest, compress, decompress_verified
 from imagestream.errors import FailedPrecondition, InvalidArgument, NotFound
 from imagestream.names import WritableImageNames, validate_name
-from imagestream.oci import MANIFEST_TYPES, REFERENCE, BlobRecord, check_digest, repository_and_tag
+from imagestream.oci import MANIFEST_TYPES, PIECE_SIZE, REFERENCE, BlobRecord, check_digest, repository_and_tag
 from imagestream.store.base import ChunkStore
 from imagestream.v1 import images_pb2
 
@@ -118,12 +118,31 @@ class Distribution:
         if missing:
             raise FailedPrecondition(f"manifest for {repository}:{reference}: blob {missing[0]} is not stored "
                                      f"({len(missing)} missing)")
-        piece = Digest.of(content)
-        await self.store.put(piece, compress(content))
-        digest = "sha256:" + piece.hash
-        await self.index.put_blob(BlobRecord(digest, len(content), media_type, [piece]))
+        digest = await self._store_manifest(media_type, content)
         if reference:
             await self.index.put_tag(repository, reference, digest)
+        return digest
+
+    async def put_proxied_manifest(self, media_type: str, content: bytes) -> str:
+        """Store, untagged, a mirrored image's manifest (chunk_store/mirror.py): its layer blobs stay in the
+        upstream registry, which the OCI endpoint proxies them from."""
+        if media_type not in MANIFEST_TYPES:
+            raise InvalidArgument(f"manifest media type {media_type!r} is not one of {', '.join(MANIFEST_TYPES)}")
+        return await self._store_manifest(media_type, content)
+
+    async def _store_manifest(self, media_type: str, content: bytes) -> str:
+        return await self.put_small_blob(media_type, content)
+
+    async def put_small_blob(self, media_type: str, content: bytes) -> str:
+        """Store a blob held in memory (a manifest, a config) as pieces, and record it; returns its digest."""
+        pieces = []
+        for offset in range(0, max(1, len(content)), PIECE_SIZE):
+            data = content[offset : offset + PIECE_SIZE]
+            piece = Digest.of(data)
+            await self.store.put(piece, compress(data))
+            pieces.append(piece)
+        digest = "sha256:" + hashlib.sha256(content).hexdigest()
+        await self.index.put_blob(BlobRecord(digest, len(content), media_type, pieces))
         return digest
 
     async def find_missing(self, digests: Iterable[str]) -> list[str]:

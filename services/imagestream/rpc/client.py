@@ -17,7 +17,8 @@ from imagestream.store.failover import Failover
 from imagestream.names import ImageNames, WritableImageNames
 from imagestream.store.base import ChunkStore
 from imagestream.v1 import (admin_pb2, admin_pb2_grpc, chunk_store_pb2, chunk_store_pb2_grpc, distribution_pb2,
-                            distribution_pb2_grpc, images_pb2, images_pb2_grpc, node_pb2, node_pb2_grpc)
+                            distribution_pb2_grpc, images_pb2, images_pb2_grpc, mirror_pb2, mirror_pb2_grpc, node_pb2,
+                            node_pb2_grpc)
 
 log = logging.getLogger(__name__)
 
@@ -338,6 +339,27 @@ class GrpcLeases(GrpcClient):
 
     async def list(self) -> list[admin_pb2.Lease]:
         return list((await self._call(self._stub.ListLeases, admin_pb2.ListLeasesRequest())).leases)
+
+
+class GrpcMirrors(GrpcClient):
+    """The regional store's pull-through mirrors and their conversions."""
+
+    stub_class = mirror_pb2_grpc.MirrorsStub
+
+    def __init__(self, target: str, timeout_s: float = 60.0) -> None:
+        super().__init__(target, timeout_s)
+
+    async def add(self, request: mirror_pb2.AddMirrorRequest) -> mirror_pb2.Mirror:
+        return await self._call(self._stub.AddMirror, request)
+
+    async def list(self) -> list[mirror_pb2.Mirror]:
+        return list((await self._call(self._stub.ListMirrors, mirror_pb2.ListMirrorsRequest())).mirrors)
+
+    async def remove(self, prefix: str) -> bool:
+        return (await self._call(self._stub.RemoveMirror, mirror_pb2.RemoveMirrorRequest(prefix=prefix))).removed
+
+    async def conversions(self) -> list[mirror_pb2.Conversion]:
+        return list((await self._call(self._stub.ListConversions, mirror_pb2.ListConversionsRequest())).conversions)
 
 
 def node_status(target: str | None = None) -> node_pb2.NodeStatus:

@@ -87,6 +87,11 @@ PERMISSIONS: dict[str, frozenset[str]] = {
     "/imagestream.v1.Leases/RenewLease": PUSH | {"node"},
     "/imagestream.v1.Leases/ReleaseLease": PUSH | {"node"},
     "/imagestream.v1.Leases/ListLeases": PUSH | {"node"},
+    # pull-through mirrors: configured by the operator; their conversions' progress is anyone's to read
+    "/imagestream.v1.Mirrors/AddMirror": PUSH,
+    "/imagestream.v1.Mirrors/RemoveMirror": PUSH,
+    "/imagestream.v1.Mirrors/ListMirrors": PUSH,
+    "/imagestream.v1.Mirrors/ListConversions": READ,
     "/imagestream.v1.Node/StartDownload": frozenset({"node"}),
     "/imagestream.v1.Node/EndDownload": frozenset({"node"}),
     "/imagestream.v1.Node/GetNodeStatus": READ,

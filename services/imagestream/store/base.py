@@ -69,6 +69,14 @@ class ChunkStore(abc.ABC):
         present = await asyncio.gather(*(self.contains(d) for d in digests))
         return [d for d, here in zip(digests, present) if not here]
 
+    async def put_many(self, chunks: Iterable[tuple[Digest, bytes]]) -> int:
+        """`put` of each (digest, compressed); the number of chunks written. A remote store batches them."""
+        written = 0
+        for digest, compressed in chunks:
+            await self.put(digest, compressed)
+            written += 1
+        return written
+
     async def get_many(self, digests: Sequence[Digest], concurrency: int = 16) -> AsyncIterator[tuple[Digest, bytes]]:
         """Yield (digest, compressed) for each distinct digest, in completion order."""
         limit = asyncio.Semaphore(concurrency)
