@@ -93,8 +93,9 @@ SETTINGS = {s.name: s for s in [
     Setting("node_cache_metrics", "127.0.0.1:9463", "address of the node cache's Prometheus /metrics"),
     Setting("node_memory_bytes", "256MiB",
             "the node's memory reservation for chunks: the FUSE client's share, the node cache's memory tier the rest"),
-    Setting("fuse_cache_bytes", "32MiB",
-            "the FUSE client's share of the node's memory reservation: decompressed chunks, shared by every image"),
+    Setting("fuse_cache_bytes", "",
+            "the FUSE client's share of the node's memory reservation: decompressed chunks, shared by every image "
+            "(default: an eighth of it, 32MiB of 256MiB)"),
     Setting("node_disk_bytes", "20GiB", "bound of the node's on-disk chunk cache"),
     Setting("node_disk_dir", "", "on-disk chunk cache folder (default: HOME/node-cache)"),
     Setting("node_background_bandwidth", "0", "cap on the background download, bytes per second (0: none)"),
@@ -171,7 +172,8 @@ def node_memory_split(node_memory_bytes: str, fuse_cache_bytes: str) -> tuple[in
     from imagestream.errors import InvalidArgument
 
     try:
-        reservation, fuse = parse_size(node_memory_bytes), parse_size(fuse_cache_bytes)
+        reservation = parse_size(node_memory_bytes)
+        fuse = parse_size(fuse_cache_bytes) if str(fuse_cache_bytes).strip() else reservation // 8
     except ValueError as e:
         raise InvalidArgument(str(e)) from None
     if fuse >= reservation:

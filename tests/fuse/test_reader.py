@@ -144,6 +144,8 @@ def test_the_fuse_cache_is_a_share_of_the_nodes_reservation_and_a_bad_split_is_o
     from imagestream.errors import InvalidArgument
 
     assert config.node_memory_split("256MiB", "32MiB") == (224 << 20, 32 << 20)
+    assert config.node_memory_split("256MiB", "") == (224 << 20, 32 << 20)  # by default an eighth
+    assert config.node_memory_split("4MiB", "") == (7 << 19, 1 << 19)  # a small reservation stays valid
     with pytest.raises(InvalidArgument, match="IMAGESTREAM_FUSE_CACHE_BYTES='64MiB' leaves nothing of "
                                                "IMAGESTREAM_NODE_MEMORY_BYTES='64MiB'"):
         config.node_memory_split("64MiB", "64MiB")
