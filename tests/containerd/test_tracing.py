@@ -38,7 +38,7 @@ def forget_layers(snapshots, image: str) -> None:  # type: ignore[no-untyped-def
             doomed.discard(key)
 
 
-def snapshotter_traces(since_ms: int, want, timeout: float = 30.0) -> list:  # type: ignore[no-untyped-def]
+def snapshotter_traces(since_ms: int, want, timeout: float = 60.0) -> list:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while True:
         now = int(time.time() * 1000)
