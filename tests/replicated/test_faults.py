@@ -26,7 +26,8 @@ from imagestream.digests import Digest, compress
 from imagestream_dev.stack import local
 
 from tests.replicated.tools import (Reads, drop_page_cache, in_thread, lost_images, make_image, push_in_background,
-                                 read_all, regional, scrub_reaching_every_replica, wait_for_upload)
+                                 read_all, regional, scrub_reaching_every_replica, wait_for_upload,
+                                 chunk_file_names)
 from tests.conftest import needs_fuse, run_cli
 
 pytestmark = [pytest.mark.replicated, needs_fuse]
@@ -223,8 +224,14 @@ def test_bytes_flipped_at_every_tier(stack, base_image, tmp_path) -> None:  # ty
     # the healed chunk's new copy shadows the bad one, which stays in that node's file until a compaction:
     # streaming that file (repair) would fail its checksum meanwhile
     assert local.nodetool(1, "compact", config.get("cassandra_keyspace"), "chunks").returncode == 0
-    # the node's bad files were replaced by good copies as they were read
-    assert all(_intact(p) for p in node_files[::2] if p.exists())
+    # the node's bad files were replaced by good copies as they were read: those of the image's index and
+    # files (a chunk nothing read again, such as the image's startup profile, stays bad until it is read)
+    read_again = chunk_file_names("campaign/base")
+    flipped_and_read = [p for p in node_files[::2] if p.name in read_again]
+    assert flipped_and_read and all(_intact(p) for p in flipped_and_read if p.exists()), \
+        [p.name for p in flipped_and_read if p.exists() and not _intact(p)]
+    not_read = [p.name for p in node_files[::2] if p.name not in read_again]
+    print(f"flipped node files read again and healed: {len(flipped_and_read)}; never read again: {not_read}")
 
 
 def _intact(path: pathlib.Path) -> bool:

@@ -136,6 +136,23 @@ def lost_images(names: list[str]) -> list[str]:
     return asyncio.run(check())
 
 
+def chunk_file_names(name: str) -> set[str]:
+    """The file names (HASH-SIZE) a node's disk keeps the chunks of image `name` under: its index and
+    every chunk its files are made of."""
+    from imagestream.index import load_index
+    from imagestream.rpc.client import GrpcImageNames
+
+    async def names_of(store) -> set[str]:  # type: ignore[no-untyped-def]
+        images = GrpcImageNames(config.get("region"))
+        try:
+            index = Digest.from_proto((await images.resolve(name)).index)
+        finally:
+            await images.close()
+        return {f"{d.hash}-{d.size}" for d in [index, *(await load_index(store, index)).chunks()]}
+
+    return regional(names_of)
+
+
 def push_in_background(source: pathlib.Path, name: str) -> subprocess.Popen:
     return subprocess.Popen(["imagestream", "push", "-q", str(source), name], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
