@@ -60,6 +60,16 @@ ADDED_COLUMNS = {
     "chunks": (("used_at", "bigint"), ("stored_bytes", "int")),
     "blobs": (("used_at", "bigint"),),
 }
+
+# Table options set on every run of the schema step, on new and existing tables alike.
+# chunks: no read repair. A copy changed on a replica's disk keeps its write timestamp, and a quorum read
+# that met it would reconcile equal timestamps by the larger value and could write the bad copy onto a good
+# replica. Every reader checks chunks against their digests, and the regional store heals a bad copy by
+# writing a good one with a new timestamp (chunk_store/healing.py): repair goes through that checked path.
+TABLE_OPTIONS: dict[str, str] = {
+    "chunks": "read_repair = 'NONE'",
+}
+
 # what the service's role may do on its keyspace: read and write rows, conditional updates included
 SERVICE_PERMISSIONS = ("SELECT", "MODIFY")
 
@@ -169,6 +179,8 @@ def setup(session: Any, keyspace: str, replication: dict[str, int], role: str, r
         for column, kind in added:
             if column not in have:
                 session.execute(f"ALTER TABLE {ks}.{table} ADD {column} {kind}")
+    for table, options in TABLE_OPTIONS.items():
+        session.execute(f"ALTER TABLE {ks}.{table} WITH {options}")
     session.execute(f"CREATE ROLE IF NOT EXISTS {role} WITH LOGIN = true AND PASSWORD = %s", (role_password,))
     try:  # a new password file rotates the password (Cassandra allows a change every few seconds only)
         connect(session.cluster.contact_points, session.cluster.port, role, role_password).shutdown()

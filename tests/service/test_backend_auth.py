@@ -185,3 +185,17 @@ def test_every_listener_of_the_stack_is_on_loopback(stack) -> None:  # type: ign
     # the backends of the brief are there and were looked at
     for name in ("redis", "cassandra", "zipkin", "chunk_store", "zonal_cache"):
         assert seen.get(name), f"{name}: no listening socket found ({seen})"
+
+
+def test_the_chunks_table_leaves_repair_to_the_checked_path(stack) -> None:  # type: ignore[no-untyped-def]
+    """No read repair on chunks: Cassandra would reconcile a bad copy with the same timestamp by value and
+    could copy it onto a good replica; the regional store heals through its digest check instead."""
+    from imagestream_dev.stack import credentials
+
+    admin = credentials.cassandra_admin()
+    try:
+        row = admin.session.execute("SELECT read_repair FROM system_schema.tables WHERE keyspace_name = %s AND "
+                                    "table_name = 'chunks'", (config.get("cassandra_keyspace"),)).one()
+    finally:
+        admin.shutdown()
+    assert row.read_repair == "NONE"
