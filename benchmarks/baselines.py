@@ -51,6 +51,10 @@ from collections.abc import Callable
 
 from benchmarks.harness import CACHE, end_under, fresh_snapshotter, stop_group
 from benchmarks.setup import Image, Setup, log
+from snapshotter.containerd_local import config_head_v3
+
+NO_CRI = ("io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", "io.containerd.cri.v1.runtime",
+          "io.containerd.podsandbox.controller.v1.podsandbox", "io.containerd.sandbox.controller.v1.shim")
 
 BIN = CACHE / "peers" / "bin"
 REPO = "bench/peers"  # repository of the peers' images in the registry
@@ -163,31 +167,8 @@ class Registry:
 
 # -- a node: containerd 2.2.9 with one snapshotter ------------------------------------
 
+# the head (containerd_local.config_head_v3, CRI off: the peers' nodes are driven by ctr), then:
 CONTAINERD_CONFIG = """\
-version = 3
-root = "{d}/root"
-state = "{d}/state"
-disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", "io.containerd.cri.v1.runtime",
-                    "io.containerd.podsandbox.controller.v1.podsandbox", "io.containerd.sandbox.controller.v1.shim",
-                    "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs",
-                    "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.blockfile",
-                    "io.containerd.tracing.processor.v1.otlp", "io.containerd.internal.v1.tracing"]
-
-[grpc]
-  address = "{d}/containerd.sock"
-
-[ttrpc]
-  address = "{d}/containerd.sock.ttrpc"
-
-[debug]
-  level = "info"
-
-[metrics]
-  address = ""
-
-[plugins."io.containerd.internal.v1.opt"]
-  path = "{d}/opt"
-
 [proxy_plugins]
   [proxy_plugins.stargz]
     type = "snapshot"
@@ -320,7 +301,7 @@ class Node:
         if p is not None:
             sock = d / f"{sn}.sock"
             _wait(f"{sn} snapshotter", sock.exists, p, d / f"{sn}.log")
-        (d / "config.toml").write_text(CONTAINERD_CONFIG.format(d=d))
+        (d / "config.toml").write_text(config_head_v3(d, NO_CRI) + CONTAINERD_CONFIG.format(d=d))
         env = {**os.environ, "PATH": os.pathsep.join([str(BIN / "ctrd"), str(BIN), os.environ.get("PATH", "")])}
         ctrd = self._spawn("containerd", [str(BIN / "ctrd" / "containerd"), "--config", str(d / "config.toml")], env=env)
         _wait("containerd", lambda: self.ctr("version", check=False).returncode == 0, ctrd, d / "containerd.log")

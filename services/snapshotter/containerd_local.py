@@ -57,20 +57,23 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
     config_path = "{dir}/certs.d"
 """
 
-# The same for containerd 2.x (its own configuration version: the CRI plugin is split in images and runtime).
-CONFIG_V3 = """\
+# containerd 2.x (its own configuration version): where a private instance in DIR keeps its state and
+# sockets, and the plugins no node here uses. Shared by the imagestream node below and the peers' nodes
+# of the benchmarks (benchmarks/baselines.py), which add their own sections.
+UNUSED_PLUGINS_V3 = ("io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs",
+                     "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.blockfile",
+                     "io.containerd.tracing.processor.v1.otlp", "io.containerd.internal.v1.tracing")
+HEAD_V3 = """\
 version = 3
-root = "{root}"
-state = "{state}"
-disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs",
-                    "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.blockfile",
-                    "io.containerd.tracing.processor.v1.otlp", "io.containerd.internal.v1.tracing"]
+root = "{dir}/root"
+state = "{dir}/state"
+disabled_plugins = [{disabled}]
 
 [grpc]
-  address = "{socket}"
+  address = "{dir}/containerd.sock"
 
 [ttrpc]
-  address = "{socket}.ttrpc"
+  address = "{dir}/containerd.sock.ttrpc"
 
 [debug]
   level = "info"
@@ -78,13 +81,24 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
 [metrics]
   address = ""
 
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{dir}/opt"
+
+"""
+
+
+def config_head_v3(directory: pathlib.Path, also_disabled: tuple[str, ...] = ()) -> str:
+    """The head of a private containerd 2.x's config.toml in `directory` (its socket: containerd.sock)."""
+    disabled = ", ".join(f'"{p}"' for p in (*also_disabled, *UNUSED_PLUGINS_V3))
+    return HEAD_V3.format(dir=directory, disabled=disabled)
+
+
+# The imagestream node's sections for containerd 2.x (the CRI plugin is split in images and runtime).
+CONFIG_V3 = """\
 [proxy_plugins]
   [proxy_plugins.imagestream]
     type = "snapshot"
     address = "{snapshotter_socket}"
-
-[plugins."io.containerd.internal.v1.opt"]
-  path = "{dir}/opt"
 
 [plugins."io.containerd.grpc.v1.cri"]
   stream_server_address = "127.0.0.1"
@@ -154,7 +168,9 @@ class PrivateContainerd:
 
     def config_text(self) -> str:
         # a bin_dir holds containerd 2.x (scripts/peers/build); the one on PATH is Debian's 1.6
-        return (CONFIG_V3 if self.bin_dir is not None else CONFIG).format(root=self.dir / "root", state=self.dir / "state", socket=self.socket,
+        if self.bin_dir is not None:
+            return config_head_v3(self.dir) + CONFIG_V3.format(snapshotter_socket=self.snapshotter_socket, dir=self.dir)
+        return CONFIG.format(root=self.dir / "root", state=self.dir / "state", socket=self.socket,
                              snapshotter_socket=self.snapshotter_socket, dir=self.dir)
 
     def _binary(self, name: str) -> str:

@@ -103,52 +103,51 @@ def regional_missing(digests: list[Digest]) -> list[Digest]:
     return regional(lambda store: store.find_missing(digests))
 
 
+async def _image_index(store, name: str):  # type: ignore[no-untyped-def]
+    """(index digest, index) of image `name`, resolved by the region."""
+    from imagestream.index import load_index
+    from imagestream.rpc.client import GrpcImageNames
+
+    images = GrpcImageNames(config.get("region"))
+    try:
+        digest = Digest.from_proto((await images.resolve(name)).index)
+    finally:
+        await images.close()
+    return digest, await load_index(store, digest)
+
+
 def lost_images(names: list[str]) -> list[str]:
     """Names that do not resolve, or whose index or any chunk the region no longer has."""
     from imagestream.errors import Unavailable
-    from imagestream.index import load_index
-    from imagestream.rpc.client import GrpcChunkStore, GrpcImageNames
 
-    async def check() -> list[str]:
-        store, images = GrpcChunkStore(config.get("region")), GrpcImageNames(config.get("region"))
+    async def check(store) -> list[str]:  # type: ignore[no-untyped-def]
         lost = []
-        try:
-            for name in names:
-                for attempt in range(5):  # a tier that timed out under load is asked again: lost is gone, not slow
-                    try:
-                        image = await images.resolve(name)
-                        index = await load_index(store, Digest.from_proto(image.index))
-                        if await store.find_missing(index.chunks()):
-                            lost.append(name)
-                    except Unavailable as e:
-                        if attempt < 4:
-                            await asyncio.sleep(2**attempt)
-                            continue
-                        lost.append(f"{name} ({e})")
-                    except Exception as e:  # noqa: BLE001 - anything else wrong here is a lost image
-                        lost.append(f"{name} ({e})")
-                    break
-        finally:
-            await store.close()
-            await images.close()
+        for name in names:
+            for attempt in range(5):  # a tier that timed out under load is asked again: lost is gone, not slow
+                try:
+                    _, index = await _image_index(store, name)
+                    if await store.find_missing(index.chunks()):
+                        lost.append(name)
+                except Unavailable as e:
+                    if attempt < 4:
+                        await asyncio.sleep(2**attempt)
+                        continue
+                    lost.append(f"{name} ({e})")
+                except Exception as e:  # noqa: BLE001 - anything else wrong here is a lost image
+                    lost.append(f"{name} ({e})")
+                break
         return lost
 
-    return asyncio.run(check())
+    return regional(check)
 
 
 def chunk_file_names(name: str) -> set[str]:
     """The file names (HASH-SIZE) a node's disk keeps the chunks of image `name` under: its index and
     every chunk its files are made of."""
-    from imagestream.index import load_index
-    from imagestream.rpc.client import GrpcImageNames
 
     async def names_of(store) -> set[str]:  # type: ignore[no-untyped-def]
-        images = GrpcImageNames(config.get("region"))
-        try:
-            index = Digest.from_proto((await images.resolve(name)).index)
-        finally:
-            await images.close()
-        return {f"{d.hash}-{d.size}" for d in [index, *(await load_index(store, index)).chunks()]}
+        digest, index = await _image_index(store, name)
+        return {f"{d.hash}-{d.size}" for d in [digest, *index.chunks()]}
 
     return regional(names_of)
 
