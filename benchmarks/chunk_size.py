@@ -62,10 +62,10 @@ def record_reads(image: pathlib.Path) -> list[dict]:
 
 def main() -> None:
     from imagestream_dev import imagebuild
-    from imagestream_cli.convert import convert
+    from imagestream.ingest.convert import convert
     from imagestream.digests import Digest
     from imagestream.index import Index
-    from imagestream_cli.source import open_image
+    from imagestream.ingest.source import open_image
 
     image = imagebuild.build_debian_python(CACHE, CACHE / "images", fmt="oci")
     reads = record_reads(image)

@@ -131,7 +131,7 @@ class Setup:
     # -- commands -------------------------------------------------------------------
     def cli_args(self, *args: str) -> list[str]:
         """The imagestream command line of this checkout (not whichever `imagestream` is on PATH)."""
-        return [sys.executable, "-m", "imagestream_cli.main", *args]
+        return [sys.executable, "-m", "imagestream_cli", *args]
 
     def cli(self, *args: str, env: dict | None = None, timeout: float = 1800) -> str:
         result = subprocess.run(self.cli_args(*args), capture_output=True, text=True, timeout=timeout,

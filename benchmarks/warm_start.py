@@ -84,7 +84,7 @@ def main() -> None:
         other = None
         if args.against:
             other = {**os.environ, "PYTHONPATH": str(args.against.absolute() / "services")}
-            other_command = [sys.executable, "-m", "imagestream_cli.main", *command[1:]]
+            other_command = [sys.executable, "-m", "imagestream_cli", *command[1:]]
             first_output(*other_command, env=other)
         first_output(*command)  # the first run: chunks to the node, index to the FUSE client, a profile recorded
         time.sleep(2)  # let the first run's background work (download, profile upload) finish

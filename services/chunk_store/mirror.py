@@ -39,7 +39,7 @@ from imagestream.rpc.server import status_on_error
 from imagestream.snapshot_labels import annotate_for_streaming
 from imagestream.store.base import ChunkStore
 from imagestream.v1 import images_pb2, mirror_pb2, mirror_pb2_grpc
-from imagestream_cli.registry import HOST_PATTERN, REPOSITORY_PATTERN, Manifest, Reference, RegistryClient, RegistryError
+from imagestream.ingest.registry import HOST_PATTERN, REPOSITORY_PATTERN, Manifest, Reference, RegistryClient, RegistryError
 
 from chunk_store.cassandra_backend import CassandraConnection
 from chunk_store.distribution.blobs import Distribution
@@ -330,10 +330,10 @@ class Mirrors:
         """What `push REF` does, into this tier's own store: read and convert the upstream image (90%),
         store its chunks and index (to 99%), its config and its annotated manifest; the layer blobs are not
         copied (the endpoint proxies them). Returns the image to publish."""
-        from imagestream_cli.convert import convert
-        from imagestream_cli.push import upload_chunks
-        from imagestream_cli.source import open_image
-        from imagestream_cli.spool import push_spool
+        from imagestream.ingest.convert import convert
+        from imagestream.ingest.upload import upload_chunks
+        from imagestream.ingest.source import open_image
+        from imagestream.ingest.spool import push_spool
 
         chunk_size = config.parse_size(config.get("chunk_size"))
         with push_spool() as spool_dir:

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
-from typing import Any
+from typing import Any, NamedTuple
 
 from imagestream.errors import Unavailable
 
@@ -13,8 +12,7 @@ class NotServing(Unavailable):
     """No FUSE client answers on this node."""
 
 
-@dataclasses.dataclass
-class Attached:
+class Attached(NamedTuple):  # not a dataclass: `dataclasses` imports `inspect`, 10 ms of a container start
     """An image attached to the node's FUSE client: its directory in the node's mount is `path`."""
 
     image: str

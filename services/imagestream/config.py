@@ -7,11 +7,13 @@ the same ones, so a setting has one name, one default and one meaning everywhere
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import os
 import pathlib
 import re
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:  # only services parse arguments; a container start does not import argparse
+    import argparse
 
 PREFIX = "IMAGESTREAM_"
 
@@ -33,8 +35,7 @@ def parse_list(text: str) -> list[str]:
     return [p.strip() for p in str(text).split(",") if p.strip()]
 
 
-@dataclasses.dataclass(frozen=True)
-class Setting:
+class Setting(NamedTuple):  # read on every container start: no `dataclasses` (it imports `inspect`)
     name: str  # flag name without dashes, snake_case
     default: str
     help: str

@@ -1,3 +1,3 @@
-from imagestream_cli.main import entry
+from imagestream_cli.entry import entry
 
 entry()

@@ -295,7 +295,7 @@ def mirror_add(upstream: str, prefix: str, ca_file: str | None, plain_http: bool
     reads it, and kept by the regional tier, which checks that it can log in before it adds the mirror."""
     from imagestream.rpc.client import GrpcMirrors
     from imagestream.v1 import mirror_pb2
-    from imagestream_cli.registry import credentials
+    from imagestream.ingest.registry import credentials
 
     try:
         host = upstream.removeprefix("https://").removeprefix("http://").rstrip("/")
@@ -492,14 +492,7 @@ def run(name: str, command: tuple[str, ...], env: tuple[str, ...], keep: bool, n
     """
     from imagestream_cli import sandbox
 
-    if os.geteuid() != 0:
-        _fail(RuntimeError("run needs root (mount namespaces, overlayfs, runc)"))
-    command = command[1:] if command[:1] == ("--",) else command  # `run NAME -- CMD`: click keeps the "--"
-    try:
-        code = sandbox.run(name, list(command), list(env), keep=keep, network=network)
-    except ImagestreamError as e:
-        _fail(e)
-    sys.exit(code)
+    sandbox.run_command(name, list(command), list(env), keep=keep, network=network)
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
@@ -545,22 +538,7 @@ def build_debian(out: pathlib.Path, fmt: str, filler_mb: int, large: bool) -> No
     click.echo(str(path))
 
 
-def entry() -> None:
-    """The console script: any error that is not one of ours is a one-line message too, never a
-    traceback (IMAGESTREAM_DEBUG=1 shows the traceback)."""
-    try:
-        main(standalone_mode=True)
-    except SystemExit:
-        raise
-    except KeyboardInterrupt:
-        sys.exit(130)
-    except Exception as e:  # noqa: BLE001 - the edge of the program
-        if os.environ.get("IMAGESTREAM_DEBUG"):
-            raise
-        click.echo(f"imagestream: error: {type(e).__name__}: {e} (internal error; IMAGESTREAM_DEBUG=1 shows where)",
-                   err=True)
-        sys.exit(1)
-
-
 if __name__ == "__main__":
-    entry()
+    from imagestream_cli.entry import guarded
+
+    guarded(lambda: main(standalone_mode=True))

@@ -26,7 +26,6 @@ from imagestream.rpc.client import GrpcChunkStore, GrpcImageNames
 from imagestream.index import Index, load_index
 from imagestream.index_checks import check_name
 from imagestream.v1 import index_pb2
-from fuse_client.mounts import streaming_unavailable_reason  # noqa: F401 - where run and the snapshotter ask
 
 T = index_pb2.Inode
 _KIND = {T.CHAR_DEVICE: stat.S_IFCHR, T.BLOCK_DEVICE: stat.S_IFBLK, T.FIFO: stat.S_IFIFO, T.SOCKET: stat.S_IFSOCK}

@@ -30,9 +30,10 @@ from imagestream.rpc.client import GrpcChunkStore, GrpcDistribution, GrpcImageNa
 from imagestream.snapshot_labels import annotate_for_streaming
 from imagestream.store.base import ChunkStore
 from imagestream.v1 import images_pb2
-from imagestream_cli.convert import Converted, convert
-from imagestream_cli.source import open_image
-from imagestream_cli.spool import push_spool
+from imagestream.ingest.convert import Converted, convert
+from imagestream.ingest.source import open_image
+from imagestream.ingest.spool import push_spool
+from imagestream.ingest.upload import upload_chunks
 
 
 @dataclasses.dataclass
@@ -126,27 +127,6 @@ async def _upload(converted: Converted, spool, name: str, target: str, progress:
         await store.close()
         await names.close()
         await dist.close()
-
-
-async def upload_chunks(store: ChunkStore, converted: Converted, spool, on_total=lambda n: None,  # type: ignore[no-untyped-def]
-                        on_bytes=lambda n: None) -> tuple[int, int]:
-    """Store the chunks and the index of a conversion that `store` lacks (push, and the regional tier's
-    mirror conversions): returns how many were uploaded and their compressed bytes."""
-    wanted = [*converted.chunks, converted.index_digest]
-    missing = []
-    for i in range(0, len(wanted), 5000):
-        missing += await store.find_missing(wanted[i : i + 5000])
-    total = sum(spool.sizes.get(d) or spool.path(d).stat().st_size for d in missing)
-    on_total(total)
-
-    def chunks():  # type: ignore[no-untyped-def]
-        for digest in missing:
-            data = spool.read(digest)
-            on_bytes(len(data))
-            yield digest, data
-
-    await store.put_many(chunks())
-    return len(missing), total
 
 
 # -- the blobs as received, for pulls the normal way ------------------------------

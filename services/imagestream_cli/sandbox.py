@@ -33,8 +33,7 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
-from typing import Any
+from typing import Any, NoReturn
 
 from imagestream import config
 from imagestream.errors import BadImage, ImagestreamError
@@ -224,6 +223,23 @@ def _runc() -> str:
 _ENTER = 'mount -t overlay overlay -o "$1" "$2" || exit 125; exec "$3" --root "$4" run --bundle "$5" "$6"'
 
 
+def run_command(name: str, command: list[str], extra_env: list[str] = (), keep: bool = False,  # type: ignore[assignment]
+                network: str = "none") -> NoReturn:
+    """`imagestream run NAME [--] COMMAND...`: run it, exit with its status; an error is one line, status 1."""
+    if command[:1] == ["--"]:  # `run NAME -- CMD`: the "--" only ends the options
+        command = command[1:]
+    try:
+        if os.geteuid() != 0:
+            raise SandboxError("run needs root (mount namespaces, overlayfs, runc)")
+        if not command:
+            raise SandboxError(f"run {name}: no command given (imagestream run NAME -- COMMAND...)")
+        code = run(name, command, extra_env, keep=keep, network=network)
+    except ImagestreamError as e:
+        print(f"imagestream: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    sys.exit(code)
+
+
 def run(name: str, command: list[str], extra_env: list[str] = (), keep: bool = False,  # type: ignore[assignment]
         network: str = "none") -> int:
     """Run `command` in image `name` and clean up; the command's exit status (128+N if killed by signal N).
@@ -231,11 +247,11 @@ def run(name: str, command: list[str], extra_env: list[str] = (), keep: bool = F
     The image is streamed (attached to the node's FUSE client) where this node can; otherwise it is
     pulled in full first, and the tool says why streaming was not engaged.
     """
-    from fuse_client.mounts import streaming_unavailable_reason
+    from fuse_client.availability import streaming_unavailable_reason
     from imagestream.errors import FailedPrecondition
 
     runc = _runc()
-    run_id = uuid.uuid4().hex[:12]
+    run_id = os.urandom(6).hex()
     runs = config.home() / "runs"
     runs.mkdir(parents=True, exist_ok=True)
     os.chmod(runs, 0o700)  # upper dirs hold what the command wrote, set-uid files included

@@ -14,7 +14,7 @@ A name the installed libseccomp does not know is skipped by runc (an older libra
 
 from __future__ import annotations
 
-import platform
+import os
 from typing import Any
 
 ALLOWED = """
@@ -73,7 +73,7 @@ _RUNTIME = ["capset", "execve", "execveat", "prctl", "setgroups", "setresgid", "
 
 def profile(machine: str | None = None) -> dict[str, Any]:
     """linux.seccomp of the runtime spec."""
-    machine = machine or platform.machine()
+    machine = machine or os.uname().machine
     names = sorted(set(ALLOWED) | set(_ARCH_ONLY.get(machine, [])) | set(_RUNTIME))
     rules: list[dict[str, Any]] = [{"names": names, "action": "SCMP_ACT_ALLOW"}]
     # one rule per value: rules are OR'ed, the args of one rule AND'ed

@@ -394,7 +394,7 @@ async def _streaming_check(layer: StreamedLayer) -> str | None:
     """None if this node can stream the layer's image now, else why not (then it is unpacked as usual)."""
     from imagestream.digests import Digest
     from imagestream.rpc.client import GrpcImageNames
-    from fuse_client.mounts import streaming_unavailable_reason
+    from fuse_client.availability import streaming_unavailable_reason
 
     reason = streaming_unavailable_reason(False)
     if reason is not None:

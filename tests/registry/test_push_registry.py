@@ -91,7 +91,7 @@ def secure_image(registries, tmp_path_factory):  # type: ignore[no-untyped-def]
 
 
 def test_an_image_index_is_pushed_by_reference_with_the_right_platform(stack, secure_image) -> None:  # type: ignore[no-untyped-def]
-    from imagestream_cli.source import node_platform
+    from imagestream.ingest.source import node_platform
 
     env = {"DOCKER_CONFIG": secure_image["docker_config"]}
     arm = run_cli("push", "-q", "--ca-file", secure_image["ca"], "--platform", "linux/arm64",

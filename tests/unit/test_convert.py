@@ -12,11 +12,11 @@ import tarfile
 import pytest
 
 from imagestream_dev import imagebuild
-from imagestream_cli.convert import convert
+from imagestream.ingest.convert import convert
 from imagestream.digests import Digest
 from imagestream.errors import BadImage
 from imagestream.index import Index
-from imagestream_cli.source import open_image
+from imagestream.ingest.source import open_image
 from imagestream.v1 import index_pb2
 
 T = index_pb2.Inode

@@ -15,8 +15,8 @@ from imagestream.index import Index, load_config, load_index
 from imagestream.digests import Digest, compress
 from imagestream.store import MemoryStore
 from imagestream.v1 import index_pb2
-from imagestream_cli.convert import convert
-from imagestream_cli.source import open_image
+from imagestream.ingest.convert import convert
+from imagestream.ingest.source import open_image
 
 from tests.hostile_inputs import ARCHIVES, BOMB_ENV, INDEXES, OK, file, info, oci, tar_bytes
 
@@ -75,7 +75,7 @@ def test_deep_but_legal_trees_convert(tmp_path) -> None:  # type: ignore[no-unty
 
 
 def test_unpack_ratio_bound(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    from imagestream_cli import source
+    from imagestream.ingest import source
 
     monkeypatch.setattr(source, "RATIO_FROM_BYTES", 1 << 20)
     monkeypatch.setenv("IMAGESTREAM_MAX_UNPACK_RATIO", "50")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import pathlib
 
-from imagestream_cli import spool
+from imagestream.ingest import spool
 
 
 def _spool(parent: pathlib.Path, name: str, owner: str | None, age_s: float = 0) -> pathlib.Path:

@@ -16,9 +16,9 @@ from imagestream.names import MemoryNames
 from imagestream.oci import MEDIA_OCI_MANIFEST, BlobRecord
 from imagestream.store import MemoryStore
 from imagestream.v1 import images_pb2
-from imagestream_cli.registry import (Reference, RegistryError, credentials, looks_like_reference, parse_challenge,
+from imagestream.ingest.registry import (Reference, RegistryError, credentials, looks_like_reference, parse_challenge,
                                       parse_reference)
-from imagestream_cli.source import _pick_manifest
+from imagestream.ingest.source import _pick_manifest
 
 
 def test_references() -> None:

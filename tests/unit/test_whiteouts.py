@@ -16,9 +16,9 @@ from imagestream.digests import Digest, decompress_verified
 from imagestream.errors import BadImage
 from imagestream.index import Index
 from imagestream.v1 import index_pb2
-from imagestream_cli.convert import convert
+from imagestream.ingest.convert import convert
 from imagestream_cli.pull import write_tree
-from imagestream_cli.source import open_image
+from imagestream.ingest.source import open_image
 from imagestream_dev import imagebuild
 from snapshotter.unpack import unpack
 from tests.conftest import needs_overlayfs

@@ -23,7 +23,7 @@ from aiohttp import web
 
 from chunk_store.distribution.blobs import Distribution
 from chunk_store.mirror import HEADER, tag_name
-from imagestream_cli.registry import RegistryError
+from imagestream.ingest.registry import RegistryError
 from imagestream import tls
 from imagestream.oci import check_digest
 from imagestream.errors import ImagestreamError, InvalidArgument, NotFound, PermissionDenied

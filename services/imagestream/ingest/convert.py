@@ -28,7 +28,7 @@ from typing import IO
 from imagestream.digests import MAX_BLOB_BYTES, Digest, compress
 from imagestream import index_checks, whiteouts
 from imagestream.errors import BadImage
-from imagestream_cli.source import ImageSource
+from imagestream.ingest.source import ImageSource
 from imagestream.v1 import index_pb2
 
 T = index_pb2.Inode

@@ -464,7 +464,7 @@ class RegistrySource(_OciSource):
 
     def __init__(self, reference: str, spool: pathlib.Path, platform: str, ca_file: str | None,
                  plain_http: bool, **access: Any) -> None:
-        from imagestream_cli.registry import RegistryClient, parse_reference
+        from imagestream.ingest.registry import RegistryClient, parse_reference
 
         self.ref = parse_reference(reference)
         super().__init__(pathlib.Path(str(self.ref)))
@@ -512,7 +512,7 @@ def open_image(path: str | pathlib.Path, platform: str | None = None, spool: pat
     RegistryClient's `login` and `ca_pem` (a mirror's, chunk_store/mirror.py)."""
     platform = platform or node_platform()
     parse_platform(platform)
-    from imagestream_cli.registry import looks_like_reference
+    from imagestream.ingest.registry import looks_like_reference
 
     local = pathlib.Path(path)
     if not local.exists() and looks_like_reference(str(path)):
