@@ -151,14 +151,18 @@ class CassandraConnection:
             if span.is_recording():
                 span.set_attributes({"db.system": "cassandra", "db.name": self.keyspace,
                                      "db.statement": statement.query_string})
+            session = self.session
             try:
                 return await self._execute(statement, params, host)
             except NoHostAvailable:
                 pass
-            try:
-                again = await self.reconnect()
-            except Unavailable as e:
-                raise Unavailable(f"cassandra: no node answers, and connecting again failed: {e}") from None
+            if self.session is not session:
+                again = True  # it ran on a session replaced meanwhile (another query reconnected): try the new one
+            else:
+                try:
+                    again = await self.reconnect()
+                except Unavailable as e:
+                    raise Unavailable(f"cassandra: no node answers, and connecting again failed: {e}") from None
             if not again:
                 raise Unavailable("cassandra: no node answers (NoHostAvailable); connecting again shortly")
             try:
