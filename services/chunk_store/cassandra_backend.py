@@ -164,6 +164,14 @@ class CassandraConnection:
                 except Unavailable as e:
                     raise Unavailable(f"cassandra: no node answers, and connecting again failed: {e}") from None
             if not again:
+                # connected again a moment ago, and still no node answers (a Cassandra pod made again accepts
+                # its clients a little after it resolves): wait out the interval once, then connect again
+                await asyncio.sleep(max(0.0, self._last_reconnect + self.RECONNECT_EVERY_S - time.monotonic()))
+                try:
+                    again = await self.reconnect()
+                except Unavailable as e:
+                    raise Unavailable(f"cassandra: no node answers, and connecting again failed: {e}") from None
+            if not again:
                 raise Unavailable("cassandra: no node answers (NoHostAvailable); connecting again shortly")
             try:
                 return await self._execute(statement, params, None)  # a node of the old session means nothing now

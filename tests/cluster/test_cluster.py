@@ -85,15 +85,15 @@ def test_snapshotter_streamed_the_layer_for_the_containers(cluster, pushed) -> N
 
 def test_image_streaming_event_is_on_the_pod(cluster, pushed) -> None:  # type: ignore[no-untyped-def]
     run_pod("streamed-event", pushed["streamed"], True, COMMAND)
+    uid = kubectl("get", "pod", "streamed-event", "-o", "jsonpath={.metadata.uid}").stdout
     deadline = time.monotonic() + 30
-    while True:
+    while True:  # this pod's event: an earlier pod of the same name may have left one (events last an hour)
         events = json.loads(kubectl("get", "events", "-n", "default", "--field-selector",
-                                    "involvedObject.name=streamed-event,reason=ImageStreaming", "-o", "json").stdout)["items"]
+                                    f"involvedObject.uid={uid},reason=ImageStreaming", "-o", "json").stdout)["items"]
         if events or time.monotonic() > deadline:
             break
         time.sleep(0.5)
     assert events, "no ImageStreaming event on the pod"
-    uid = kubectl("get", "pod", "streamed-event", "-o", "jsonpath={.metadata.uid}").stdout
     involved = events[0]["involvedObject"]
     assert (involved["kind"], involved["name"], involved["namespace"], involved["uid"]) == ("Pod", "streamed-event", "default", uid)
     assert STREAMED in events[0]["message"]

@@ -63,7 +63,40 @@ async def test_a_query_failed_on_a_replaced_session_runs_on_the_new_one() -> Non
     assert new.queries == 1
 
 
-async def test_no_node_on_the_current_session_right_after_a_reconnect_is_unavailable() -> None:
+async def test_no_node_right_after_a_reconnect_waits_out_the_interval_and_connects_again() -> None:
     conn = connection(FakeSession())
-    with pytest.raises(Unavailable, match="connecting again shortly"):
+    conn.RECONNECT_EVERY_S = 0.3
+    new = FakeSession(rows=["row"])
+
+    class Cluster:
+        session = new
+
+        class metadata:  # noqa: N801 - the driver's attribute
+            @staticmethod
+            def all_hosts() -> list:  # type: ignore[type-arg]
+                class Host:
+                    endpoint = "cassandra:9042"
+
+                return [Host()]
+
+        def shutdown(self) -> None:
+            pass
+
+    conn.cluster = Cluster()
+    conn._connect = Cluster
+    started = time.monotonic()
+    assert await conn.execute(STATEMENT, ("h", 1)) == ["row"]
+    assert time.monotonic() - started >= 0.25  # not before the interval
+    assert conn.session is new
+
+
+async def test_no_node_and_no_new_connection_is_unavailable() -> None:
+    conn = connection(FakeSession())
+    conn.RECONNECT_EVERY_S = 0.1
+
+    def refused():  # type: ignore[no-untyped-def]
+        raise Unavailable("cassandra cassandra:9042: no node answers")
+
+    conn._connect = refused
+    with pytest.raises(Unavailable, match="connecting again failed"):
         await conn.execute(STATEMENT, ("h", 1))
