@@ -19,7 +19,7 @@ from collections import OrderedDict
 
 from imagestream import config
 from imagestream.digests import Digest
-from imagestream.errors import FailedPrecondition, InvalidArgument
+from imagestream.errors import FailedPrecondition, InvalidArgument, NotFound
 from imagestream.index import Index, load_index
 from imagestream.names import ImageNames
 from imagestream.store.base import ChunkStore
@@ -85,7 +85,18 @@ class NodeImages:
         if held is not None:
             return self.describe(held)
         started = time.monotonic()
-        record = await self.names.resolve(request.image)
+        try:
+            record = await self.names.resolve(request.image)
+        except NotFound:
+            if not request.HasField("index"):
+                raise
+            # The caller names the content it was made of (the snapshotter: a layer snapshot kept on this node)
+            # and the name is gone: removed, or the region started over and the same content came back under
+            # another name, which containerd, having the layer's snapshot, never shows the snapshotter. That
+            # content, checked against its digest, is still the container's image while the region has it.
+            record = images_pb2.Image(name=request.image, index=request.index)
+            log.warning("image %r is no longer a name; attaching its index %s, which a caller on this node was "
+                        "made of", request.image, request.index.hash[:12])
         if record.streaming_disabled:
             raise FailedPrecondition("the image was pushed with streaming disabled (imagestream push --no-streaming)")
         index = Digest.from_proto(record.index)
@@ -103,7 +114,8 @@ class NodeImages:
             if image is None:
                 image = await self._load(record, index)
             self.known.move_to_end(index.hash)
-            if image.fs.reader.touched is None and should_record(profile_mode, record):
+            # a profile belongs to a name: none is recorded for content attached without one (published_at 0)
+            if image.fs.reader.touched is None and record.published_at and should_record(profile_mode, record):
                 image.fs.reader.touched, image.recording_lease = [], request.lease
             if request.record_reads and image.fs.recorded is None:
                 image.fs.recorded, image.record_reads = [], request.record_reads

@@ -124,3 +124,4 @@ async def test_a_caller_cannot_end_another_callers_lease(node) -> None:  # type:
 async def test_the_lease_socket_is_the_owners_alone(node) -> None:  # type: ignore[no-untyped-def,no-redef]
     mode = os.stat(held.socket_path()).st_mode
     assert stat.S_ISSOCK(mode) and stat.S_IMODE(mode) == 0o600
+

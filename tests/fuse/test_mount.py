@@ -274,3 +274,22 @@ async def test_restarting_the_fuse_client_leaves_no_dead_mounts_and_new_mounts_w
         fuse.start()
 
     await asyncio.to_thread(check)
+
+
+async def test_a_caller_that_names_the_index_keeps_the_content_after_the_name_goes(node) -> None:  # type: ignore[no-untyped-def]
+    """The snapshotter's case: a layer snapshot on the node was made of this index; the name was removed (or
+    the region started over and the same content came back under another name)."""
+    _, registry, _, expected = node
+    record = await registry.resolve("sample")
+    index = (record.index.hash, record.index.size_bytes)
+    assert await registry.delete("sample")
+    with pytest.raises(NotFound):  # by name alone: gone
+        await asyncio.to_thread(attach.attach, "sample", "snapshotter:y", False)
+
+    def check() -> None:
+        again = attach.attach("sample", "snapshotter:z", False, index=index)
+        with open(os.path.join(again.path, "etc/multi"), "rb") as f:
+            assert f.read() == expected["etc/multi"]
+        attach.detach("snapshotter:z")
+
+    await asyncio.to_thread(check)
