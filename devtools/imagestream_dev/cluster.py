@@ -307,7 +307,12 @@ def cold_node(log: Callable[[str], None] = lambda _: None) -> None:
     the node in between; Redis is flushed and the zonal cache's pod replaced. No streamed pod may be running."""
     old = node_agent_pod()
     kubectl("delete", "pod", "-n", "imagestream-node", old, "--wait=true", timeout=200)
-    subprocess.run(["rm", "-rf", str(NODE_DISK_CACHE)], check=True)
+    # moved aside first: the DaemonSet's new pod may already be starting, and its node cache making the folder
+    # again, while the old one is removed (an `rm -rf` in place then fails on files appearing under it)
+    gone = NODE_DISK_CACHE.with_name(f"{NODE_DISK_CACHE.name}.cold-{time.monotonic_ns()}")
+    with contextlib.suppress(FileNotFoundError):
+        os.rename(NODE_DISK_CACHE, gone)
+    shutil.rmtree(gone, ignore_errors=True)
     redis = kubectl("get", "pod", "-n", "imagestream", "-l", "app=redis", "-o", "jsonpath={.items[0].metadata.name}").stdout
     kubectl("exec", "-n", "imagestream", redis, "--", "redis-cli", "FLUSHALL")
     kubectl("delete", "pod", "-n", "imagestream", "-l", "app=zonal-cache", "--wait=true", timeout=200)
