@@ -10,6 +10,7 @@ import contextlib
 import os
 import pathlib
 import shutil
+import signal
 import subprocess
 import tempfile
 
@@ -25,6 +26,13 @@ def have_fuse() -> bool:
 
 
 needs_fuse = pytest.mark.skipif(not have_fuse(), reason="needs /dev/fuse, fusermount3 and root")
+
+
+def as_foreground_job() -> None:
+    """A `preexec_fn` for commands a test stops with SIGINT, as Ctrl-C would: SIGINT handled as a terminal's
+    foreground job has it. A test run started in the background of a non-interactive shell inherits SIGINT
+    ignored, and a command started with it ignored rightly keeps ignoring it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def have_overlayfs() -> bool:

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from tests.containerd.conftest import needs_containerd, registry_host
-from tests.service.test_tracing import check_links, services, zipkin
+from tests.service.test_tracing import arrived, check_links, services, zipkin
 
 pytestmark = [pytest.mark.services, needs_containerd]
 
@@ -71,7 +71,8 @@ def test_a_streamed_pull_is_one_trace_from_the_snapshotter_down_the_tiers(contai
     since = int(time.time() * 1000)
     pull(containerd.socket, ref)
     every_tier = {"snapshotter", "fuse_client", "node_cache", "zonal_cache", "chunk_store"}
-    traces = snapshotter_traces(since, lambda ts: (t := pull_trace(ts)) is not None and every_tier <= services(t))
+    traces = snapshotter_traces(since, lambda ts: (t := pull_trace(ts)) is not None and every_tier <= services(t)
+                                and arrived(t))
     trace = pull_trace(traces)
     assert trace is not None, [sorted({s["name"] for s in t}) for t in traces]
     by_id = check_links(trace)

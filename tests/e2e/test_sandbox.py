@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from tests.conftest import needs_fuse, run_cli
+from tests.conftest import as_foreground_job, needs_fuse, run_cli
 
 pytestmark = [pytest.mark.services, needs_fuse]
 
@@ -181,7 +181,7 @@ def test_the_network_is_private_unless_host_is_asked(image) -> None:  # type: ig
 
 def test_ctrl_c_stops_a_command_that_ignores_it_and_cleans_up(image, stack_home) -> None:  # type: ignore[no-untyped-def]
     proc = subprocess.Popen(["imagestream", "run", IMAGE, "--", "sleep", "1000"], start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=as_foreground_job)
     deadline = time.monotonic() + 60
     while "ImageStreaming engaged" not in (line := proc.stderr.readline()) and time.monotonic() < deadline:
         assert line, "run ended before streaming was engaged"

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import as_foreground_job, run_cli
 
 
 def _small_layout(tmp_path: pathlib.Path, name: str = "image", size: int = 300_000) -> pathlib.Path:
@@ -53,7 +53,7 @@ def test_a_push_failing_at_its_manifest_publishes_no_name_and_removes_its_spool(
 
 def _push_in_background(source: pathlib.Path, name: str, tmpdir: pathlib.Path) -> subprocess.Popen:
     return subprocess.Popen(["imagestream", "push", "-q", str(source), name], env={**os.environ, "TMPDIR": str(tmpdir)},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=as_foreground_job)
 
 
 def _wait_for_spooled_chunks(proc: subprocess.Popen, tmpdir: pathlib.Path, count: int = 20) -> pathlib.Path:

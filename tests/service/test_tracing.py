@@ -41,6 +41,13 @@ def services(trace) -> set[str]:  # type: ignore[no-untyped-def]
     return {s["localEndpoint"]["serviceName"] for s in trace}
 
 
+def arrived(trace) -> bool:  # type: ignore[no-untyped-def]
+    """Every span's parent is in the trace: a parent ends after its children and is sent after them, so a
+    trace read too early lacks it."""
+    ids = {s["id"] for s in trace}
+    return all(s["parentId"] in ids for s in trace if "parentId" in s)
+
+
 def check_links(trace) -> dict:  # type: ignore[no-untyped-def]
     """Every parent exists in the trace; a server span's parent is a client span of another service."""
     by_id = {s["id"]: s for s in trace}
@@ -79,8 +86,8 @@ def test_a_cold_read_is_one_trace_through_every_tier_and_a_warm_read_stops_at_th
         mounts.unmount(mnt)
     assert b"JSONDecodeError" in data
     every_tier = {"fuse_client", "node_cache", "zonal_cache", "chunk_store"}
-    traces = read_traces(since, lambda ts: any(every_tier <= services(t) for t in ts))
-    cold = next((t for t in traces if every_tier <= services(t)), None)
+    traces = read_traces(since, lambda ts: any(every_tier <= services(t) and arrived(t) for t in ts))
+    cold = next((t for t in traces if every_tier <= services(t) and arrived(t)), None)
     assert cold is not None, [sorted(services(t)) for t in traces]
     by_id = check_links(cold)
     cassandra = [s for s in cold if s["name"] == "cassandra query"]
