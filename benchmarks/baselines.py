@@ -590,6 +590,11 @@ def measure(setup: Setup, images: list[Cell], port: int, wanted: list[str], fano
             os.environ.pop("IMAGESTREAM_PROFILE", None)
         else:
             os.environ["IMAGESTREAM_PROFILE"] = recording
+        if out["by_image"]:  # the stack's snapshotter, restarted with "never" above, is left as it was found
+            try:
+                fresh_snapshotter()
+            except Exception as e:  # noqa: BLE001 - an error of the run itself, if any, is the one to see
+                log(f"baselines: the stack's snapshotter was not restarted: {e}")
     return out
 
 
