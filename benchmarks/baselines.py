@@ -570,7 +570,13 @@ def measure(setup: Setup, images: list[Cell], port: int, wanted: list[str], fano
             image_peers = list(peers)
             repo = f"{REPO}/{image.label}"
             if registry is not None:
-                info["images_prepared_s"], failed = prepare_images(registry, cell.source, work, peers, repo, image.command)
+                prep = work / f"prepare-{image.label}"  # each image's own: the builder's state, the gzip layout
+                prep.mkdir()
+                try:
+                    info["images_prepared_s"], failed = prepare_images(registry, cell.source, prep, peers, repo,
+                                                                       image.command)
+                finally:
+                    shutil.rmtree(prep, ignore_errors=True)  # the builder's copy of the image is pushed by now
                 info["orig_bytes"] = info["images_prepared_s"].pop("orig_bytes")  # the gzip image containerd pulls
                 info["skipped"].update(failed)
                 image_peers = [p for p in peers if p.key not in failed]
