@@ -89,15 +89,16 @@ class NodeCaches:
             shutil.rmtree(d, ignore_errors=True)
 
 
-def start_all(setup: Setup, image: Image, nodes: NodeCaches, timeout_s: float = 900) -> list[float]:
-    """`imagestream run` the image's command on every node at once; seconds to each first output."""
+def start_all(setup: Setup, image: Image, nodes: NodeCaches, timeout_s: float = 900, name: str = "") -> list[float]:
+    """`imagestream run` the image's command on every node at once (the image's `name`, or the one without a
+    profile); seconds to each first output."""
     procs, errs = [], []
     started = time.perf_counter()
     for i in range(len(nodes.dirs)):
         err = tempfile.TemporaryFile()
         errs.append(err)
         env = {**os.environ, **nodes.env(i), "IMAGESTREAM_PROFILE": "never", "IMAGESTREAM_STREAMING": "auto"}
-        procs.append(subprocess.Popen(setup.cli_args("run", image.name, "--", *image.command),
+        procs.append(subprocess.Popen(setup.cli_args("run", name or image.name, "--", *image.command),
                                       stdout=subprocess.PIPE, stderr=err, env=env, start_new_session=True))
     firsts: dict[int, float] = {}
     try:

@@ -202,7 +202,8 @@ def test_baselines(quick) -> None:  # type: ignore[no-untyped-def]
         assert cells[profiled]["blocking_fetches_median"] < cells[cold]["blocking_fetches_median"], (cold, profiled)
     fo = b["fanout"]
     assert fo["image"] == "base" and fo["n"] == max(r["settings"]["fanout_n"])
-    for key in ("containerd", "estargz", "imagestream_run", "imagestream_containerd"):
+    for key in ("containerd", "estargz", "imagestream_run", "imagestream_profile", "imagestream_containerd",
+                "imagestream_containerd_profile"):
         c = fo["by_path"][key]
         assert len(c["start_seconds"]) == fo["n"], key
         assert c["start_max_s"] >= c["start_median_s"] > 0, key
