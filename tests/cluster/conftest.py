@@ -3,7 +3,8 @@ started for the session, the images of the Dockerfile built with buildah and pus
 the `dev` overlay applied on it (imagestream_dev.cluster.deploy). Every phase's wall time is printed and
 kept in cluster/timings.json.
 
-Opt-in: `tox -e cluster` or IMAGESTREAM_CLUSTER_TIER=1 scripts/test (the default run ignores tests/cluster)."""
+A session of its own: `tox -e cluster`, which scripts/test runs after the main session (the main session's
+pytest ignores tests/cluster; IMAGESTREAM_CLUSTER_TIER=0 scripts/test skips this one)."""
 
 from __future__ import annotations
 
