@@ -11,6 +11,7 @@ import shutil
 import signal
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -119,8 +120,15 @@ def median_of(runs: int, fn: Callable[[], float], before: Callable[[], None] | N
     return {"median": statistics.median(samples), "samples": samples}
 
 
+def imagestream_command() -> str:
+    """The `imagestream` console script of the Python running the benchmark (`.venv/bin/python -m benchmarks...`
+    finds its own without PATH), else whichever is on PATH."""
+    beside = pathlib.Path(sys.executable).parent / "imagestream"
+    return str(beside) if os.access(beside, os.X_OK) else "imagestream"
+
+
 def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run(["imagestream", *args], capture_output=True, text=True)
+    result = subprocess.run([imagestream_command(), *args], capture_output=True, text=True)
     if check and result.returncode != 0:
         raise RuntimeError(f"imagestream {' '.join(args)}: {result.stderr}")
     return result

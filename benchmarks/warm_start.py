@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 
-from benchmarks.harness import CACHE, ROOT, cli, private_stack, write_report
+from benchmarks.harness import CACHE, ROOT, cli, imagestream_command, private_stack, write_report
 
 IMAGE = "bench/warm"
 
@@ -120,7 +120,7 @@ def main() -> None:
     layout = imagebuild.build_debian_python(CACHE, CACHE / "images", fmt="oci")
     with private_stack(args.port_base):
         cli("push", "--quiet", str(layout), IMAGE)
-        command = ["imagestream", "run", IMAGE, "--", "python3", "-c", "print(1)"]
+        command = [imagestream_command(), "run", IMAGE, "--", "python3", "-c", "print(1)"]
         other = None
         if args.against:
             other = {**os.environ, "PYTHONPATH": str(args.against.absolute() / "services")}
