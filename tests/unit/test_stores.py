@@ -282,3 +282,17 @@ async def test_a_large_upload_goes_in_several_streams_each_under_its_own_deadlin
     finally:
         await store.close()
         await server.stop(None)
+
+
+async def test_failover_says_a_finding_every_upstream_repeats_once() -> None:
+    """A name no tier has: the caller reads the region's answer once, not once per tier that passed it on."""
+    from imagestream.store.failover import Failover
+
+    async def answer(upstream: str) -> None:
+        raise NotFound(upstream)
+
+    failover = Failover(["zonal: NOT_FOUND: resolve x: region: NOT_FOUND: image 'x' is not published",
+                         "region: NOT_FOUND: image 'x' is not published"])
+    with pytest.raises(NotFound) as e:
+        await failover.call("resolve x", answer)
+    assert str(e.value) == "resolve x: region: NOT_FOUND: image 'x' is not published"

@@ -58,6 +58,10 @@ class Failover(Generic[U]):
             else:
                 self._down_until.pop(i, None)
                 return result
+        if all(isinstance(e, NotFound) for e in errors):
+            # Every tier says the same thing, each wrapping its own upstream's answer: the shortest is the one that
+            # was found out first-hand (the region's "not published"), the others only repeat it.
+            raise NotFound(f"{what}: {min((str(e) for e in errors), key=len)}")
         detail = "; ".join(str(e) for e in errors)
         if any(isinstance(e, (NotFound, CorruptChunk)) for e in errors):
             raise NotFound(f"{what}: {detail}")
