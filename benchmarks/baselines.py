@@ -668,25 +668,22 @@ def _fan_outs(setup: Setup, image: Image, peers: list[Peer], registry: Registry 
                link_bytes=setup.link.forward_stats(via_link)["down_bytes"] - before)
     # imagestream: N nodes (node cache, FUSE client and, for containerd, the snapshotter and a containerd each)
     # behind the one zonal cache, which is emptied first; cold, then on the name with a startup profile
-    for key, name in (("imagestream_run", image.name), ("imagestream_profile", image.profiled)):
+    def link_bytes() -> int:  # the regional store's link and, for containerd's manifests, the OCI endpoint's
+        return setup.link.stats()["down_bytes"] + setup.link.forward_stats(dist_link)["down_bytes"]
+
+    for key, name, through_containerd in (("imagestream_run", image.name, False),
+                                          ("imagestream_profile", image.profiled, False),
+                                          ("imagestream_containerd", image.name, True),
+                                          ("imagestream_containerd_profile", image.profiled, True)):
         setup.empty_caches()
-        before = setup.link.stats()["down_bytes"]
-        nodes = fanout.NodeCaches(setup.workdir / "fanout", n)
+        nodes = fanout.NodeCaches(setup.workdir / "fanout", n, snapshotter=through_containerd)
+        before = link_bytes()
         try:
-            firsts = fanout.start_all(setup, image, nodes, name=name)
+            firsts = (_imagestream_containerd_fan_out(image, name, dist_link, nodes, work) if through_containerd
+                      else fanout.start_all(setup, image, nodes, name=name))
         finally:
             nodes.close()
-        record(key, firsts, link_bytes=setup.link.stats()["down_bytes"] - before)
-    for key, name in (("imagestream_containerd", image.name), ("imagestream_containerd_profile", image.profiled)):
-        setup.empty_caches()
-        nodes = fanout.NodeCaches(setup.workdir / "fanout", n, snapshotter=True)
-        before = setup.link.stats()["down_bytes"] + setup.link.forward_stats(dist_link)["down_bytes"]
-        try:
-            firsts = _imagestream_containerd_fan_out(image, name, dist_link, nodes, work)
-        finally:
-            nodes.close()
-        record(key, firsts,
-               link_bytes=setup.link.stats()["down_bytes"] + setup.link.forward_stats(dist_link)["down_bytes"] - before)
+        record(key, firsts, link_bytes=link_bytes() - before)
     return fo
 
 

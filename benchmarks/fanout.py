@@ -89,9 +89,10 @@ class NodeCaches:
             shutil.rmtree(d, ignore_errors=True)
 
 
-def start_all(setup: Setup, image: Image, nodes: NodeCaches, timeout_s: float = 900, name: str = "") -> list[float]:
-    """`imagestream run` the image's command on every node at once (the image's `name`, or the one without a
-    profile); seconds to each first output."""
+def start_all(setup: Setup, image: Image, nodes: NodeCaches, timeout_s: float = 900,
+              name: str | None = None) -> list[float]:
+    """`imagestream run` the image's command, under `name` (default: the image's name without a profile), on every
+    node at once; seconds to each first output."""
     procs, errs = [], []
     started = time.perf_counter()
     for i in range(len(nodes.dirs)):
